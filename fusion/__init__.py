@@ -1,0 +1,1 @@
+"""Pure-torch core of the pack: no ComfyUI imports here."""

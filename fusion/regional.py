@@ -1,0 +1,438 @@
+"""Regionally controllable sampling: masks, their per-layer resizing and the blend.
+
+Pure torch (numpy / OpenCV are imported lazily, only by :func:`find_pose_boxes`);
+no ComfyUI import here.
+
+The rule (design doc section 4), applied in every cross-attention layer to the
+rows of one prompt (positive rows with the regions' prompts, unconditional rows
+with the regions' negative prompts):
+
+* ``h``   -- the ordinary cross-attention output against the global context;
+* ``h_r`` -- the output of the *same queries* against region ``r``'s context;
+* per token (pixel of the layer's feature map), with mask values
+  ``m_r in [0, 1]``, ``S = sum_r m_r`` and coverage ``c = min(S, 1)``::
+
+      out = (1 - c) * h + c * (sum_r m_r * h_r) / S        (out = h where S == 0)
+
+  For binary masks this is the reference rule: ``h`` outside every region, the
+  plain average of the covering regions' ``h_r`` inside (overlaps averaged by
+  count).
+
+Boxes follow the reference convention ``[top, left, bottom, right]`` in pixels of
+the output image, ``bottom`` / ``right`` exclusive (a box ``[0, 0, 512, 400]``
+covers rows ``0..511``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "box_to_mask",
+    "boxes_to_masks",
+    "resize_masks",
+    "layer_masks",
+    "feature_hw_for_tokens",
+    "blend_regions",
+    "parse_box_file",
+    "find_pose_boxes",
+]
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def box_to_mask(height: int, width: int, top: int, left: int, bottom: int, right: int) -> Tensor:
+    """A ``[height, width]`` float32 mask, 1 inside ``[top:bottom, left:right]``, 0 elsewhere.
+
+    The box is clamped to the image first; a box that is empty after clamping
+    raises :class:`ValueError` naming the box.
+    """
+    height, width = int(height), int(width)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got height={height}, width={width}")
+    box = [int(top), int(left), int(bottom), int(right)]
+    t = min(max(box[0], 0), height)
+    b = min(max(box[2], 0), height)
+    l_ = min(max(box[1], 0), width)
+    r = min(max(box[3], 0), width)
+    if b <= t or r <= l_:
+        raise ValueError(
+            f"box [top, left, bottom, right] = {box} is empty inside a {height}x{width} image "
+            f"(clamped to [{t}, {l_}, {b}, {r}])"
+        )
+    mask = torch.zeros(height, width, dtype=torch.float32)
+    mask[t:b, l_:r] = 1.0
+    return mask
+
+
+def boxes_to_masks(height: int, width: int, boxes: Sequence[Sequence[int]]) -> Tensor:
+    """Stack :func:`box_to_mask` for several ``[top, left, bottom, right]`` boxes -> ``[R, H, W]``."""
+    if len(boxes) == 0:
+        return torch.zeros(0, int(height), int(width), dtype=torch.float32)
+    return torch.stack([box_to_mask(height, width, *[int(v) for v in b]) for b in boxes])
+
+
+def _resample_matrix(in_size: int, out_size: int) -> Tensor:
+    """1-D resampling operator ``[out_size, in_size]`` (float64).
+
+    * ``out_size <= in_size``: exact area averaging. Output cell ``i`` covers the
+      input interval ``[i*in/out, (i+1)*in/out)``; input pixel ``j`` (interval
+      ``[j, j+1)``) contributes its overlap length divided by the cell length.
+      Rows sum to 1 and columns sum to ``out/in``, so the total mass scales by
+      exactly ``out/in`` (area preservation), and a box aligned to the output
+      grid stays exactly binary. Cell boundaries are computed as ``(i*in)/out``
+      from integers, so they are exact whenever they fall on a pixel border.
+    * ``out_size > in_size``: linear interpolation with half-pixel centres
+      (``align_corners=False``), the same operator as ``F.interpolate(...,
+      mode="bilinear")`` along one axis.
+    """
+    if in_size <= 0 or out_size <= 0:
+        raise ValueError(f"sizes must be positive, got in={in_size}, out={out_size}")
+    if out_size <= in_size:
+        i = torch.arange(out_size, dtype=torch.float64)[:, None]
+        j = torch.arange(in_size, dtype=torch.float64)[None, :]
+        start = (i * in_size) / out_size
+        end = ((i + 1) * in_size) / out_size
+        overlap = (torch.minimum(end, j + 1) - torch.maximum(start, j)).clamp_min(0.0)
+        return overlap * (out_size / in_size)
+    scale = in_size / out_size
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_min(0.0)
+    j0 = src.floor().long().clamp_max(in_size - 1)
+    j1 = (j0 + 1).clamp_max(in_size - 1)
+    lam = src - j0.to(torch.float64)
+    mat = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    mat.index_put_((rows, j0), 1.0 - lam, accumulate=True)
+    mat.index_put_((rows, j1), lam, accumulate=True)
+    return mat
+
+
+def resize_masks(masks: Tensor, height: int, width: int) -> Tensor:
+    """Resize masks ``[R, H, W]`` (or ``[H, W]``) to ``[R, height, width]`` float32 in [0, 1].
+
+    Each axis is resampled separately: by exact area averaging where it shrinks
+    (so grid-aligned boxes stay binary, partly covered cells get their covered
+    fraction, and the mask sum scales by ``height*width / (H*W)``), by linear
+    interpolation (half-pixel centres, as bilinear ``F.interpolate``) where it
+    grows. The result is clamped to [0, 1] and lives on the input's device.
+    """
+    if masks.dim() == 2:
+        masks = masks[None]
+    if masks.dim() != 3:
+        raise ValueError(f"masks must be [R, H, W] or [H, W], got shape {tuple(masks.shape)}")
+    height, width = int(height), int(width)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"target size must be positive, got {height}x{width}")
+    r, in_h, in_w = masks.shape
+    device = masks.device
+    m = masks.to(dtype=torch.float64)
+    if r == 0:
+        return torch.zeros(0, height, width, dtype=torch.float32, device=device)
+    if (in_h, in_w) != (height, width):
+        mh = _resample_matrix(in_h, height).to(device)
+        mw = _resample_matrix(in_w, width).to(device)
+        m = torch.einsum("oh,rhw,pw->rop", mh, m, mw)
+    return m.clamp(0.0, 1.0).to(torch.float32)
+
+
+def layer_masks(masks: Tensor, feature_h: int, feature_w: int) -> Tensor:
+    """Masks resized to a ``feature_h x feature_w`` feature map, flattened to ``[R, feature_h*feature_w]``.
+
+    Flattening is row-major, i.e. the token order of ``b c h w -> b (h w) c``.
+    """
+    resized = resize_masks(masks, feature_h, feature_w)
+    return resized.reshape(resized.shape[0], int(feature_h) * int(feature_w))
+
+
+def feature_hw_for_tokens(n_tokens: int, height: int, width: int) -> tuple[int, int]:
+    """The ``(h, w)`` of a feature map with ``n_tokens`` tokens for an image/mask of ``height x width``.
+
+    Tries the UNet chain first: repeated halving with ceiling (stride-2 convs with
+    padding 1), starting from the given size (pixel or latent size both work).
+    Failing that, the factorisation ``h * w == n_tokens`` whose aspect ratio is
+    closest to ``height / width``.
+    """
+    n_tokens, height, width = int(n_tokens), int(height), int(width)
+    if n_tokens <= 0 or height <= 0 or width <= 0:
+        raise ValueError(f"sizes must be positive, got n_tokens={n_tokens}, {height}x{width}")
+    h, w = height, width
+    for _ in range(32):
+        if h * w == n_tokens:
+            return h, w
+        if h * w < n_tokens or (h == 1 and w == 1):
+            break
+        h, w = (h + 1) // 2, (w + 1) // 2
+    target = math.log(height / width)
+    best: tuple[int, int] | None = None
+    best_err = float("inf")
+    for fh in range(1, n_tokens + 1):
+        if n_tokens % fh:
+            continue
+        fw = n_tokens // fh
+        err = abs(math.log(fh / fw) - target)
+        if err < best_err:
+            best, best_err = (fh, fw), err
+    assert best is not None
+    return best
+
+
+# --------------------------------------------------------------------------- blend
+
+
+def blend_regions(h: Tensor, h_regions: Tensor, masks_flat: Tensor) -> Tensor:
+    """Blend the global attention output with the regions' outputs.
+
+    Args:
+        h: ``[B, N, C]`` cross-attention output against the global context.
+        h_regions: ``[R, B, N, C]`` outputs of the same queries against each region's context.
+        masks_flat: ``[R, N]`` per-token mask values in [0, 1] (see :func:`layer_masks`);
+            ``[R, B, N]`` gives each batch row its own masks.
+
+    Returns:
+        ``[B, N, C]`` in ``h``'s dtype: ``(1 - c) * h + c * sum_r(m_r h_r) / S`` with
+        ``S = sum_r m_r`` and ``c = min(S, 1)``; exactly ``h`` where ``S == 0``.
+        The per-token weights are computed in float32 and cast once to ``h``'s dtype.
+    """
+    if h.dim() != 3:
+        raise ValueError(f"h must be [B, N, C], got shape {tuple(h.shape)}")
+    if h_regions.dim() != 4 or tuple(h_regions.shape[1:]) != tuple(h.shape):
+        raise ValueError(
+            f"h_regions must be [R, B, N, C] with [B, N, C] = {tuple(h.shape)}, "
+            f"got shape {tuple(h_regions.shape)}"
+        )
+    n_regions, batch, n_tokens, _ = h_regions.shape
+    if masks_flat.dim() == 2:
+        if tuple(masks_flat.shape) != (n_regions, n_tokens):
+            raise ValueError(
+                f"masks_flat must be [R, N] = {(n_regions, n_tokens)}, got {tuple(masks_flat.shape)}"
+            )
+        m = masks_flat[:, None, :]  # [R, 1, N]
+    elif masks_flat.dim() == 3:
+        if tuple(masks_flat.shape) != (n_regions, batch, n_tokens):
+            raise ValueError(
+                f"masks_flat must be [R, B, N] = {(n_regions, batch, n_tokens)}, "
+                f"got {tuple(masks_flat.shape)}"
+            )
+        m = masks_flat
+    else:
+        raise ValueError(f"masks_flat must be [R, N] or [R, B, N], got {tuple(masks_flat.shape)}")
+
+    m = m.to(device=h.device, dtype=torch.float32).clamp(0.0, 1.0)
+    s = m.sum(dim=0)  # [1 or B, N]
+    c = s.clamp(max=1.0)
+    # weight of region r: c * m_r / S (0 where S == 0, avoiding 0/0).
+    scale = torch.where(s > 0, c / s.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(s))
+    w_regions = (m * scale[None]).to(h.dtype)  # [R, 1|B, N]
+    w_global = (1.0 - c).to(h.dtype)  # [1|B, N]
+
+    out = h * w_global[..., None]
+    if n_regions:
+        w_regions = w_regions.expand(n_regions, batch, n_tokens)
+        out = out + torch.einsum("rbn,rbnc->bnc", w_regions, h_regions.to(h.dtype))
+    return out
+
+
+# --------------------------------------------------------------------------- box files
+
+_BOX_LINE = re.compile(
+    r"""^\s*([A-Za-z_]\w*)\s*=\s*(['"])\s*\[\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*\]\s*\2\s*$"""
+)
+
+
+def parse_box_file(path: str | os.PathLike[str]) -> list[tuple[str, list[int]]]:
+    """Boxes from a reference ``.txt`` file, in file order.
+
+    Every line of the form ``name='[a, b, c, d]'`` (four integers, single or
+    double quotes) yields ``(name, [a, b, c, d])`` -- ``[top, left, bottom,
+    right]``. Prompt lines (``char1='<x> <y>'``, ``region3='a <dogA1>'``) and
+    anything else are ignored; names may repeat (``region3`` is used for both
+    the prompt and the box in one reference file).
+    """
+    boxes: list[tuple[str, list[int]]] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            match = _BOX_LINE.match(line)
+            if match:
+                boxes.append((match.group(1), [int(match.group(k)) for k in range(3, 7)]))
+    return boxes
+
+
+# --------------------------------------------------------------------------- pose boxes
+
+
+def _to_uint8_image(image: Any) -> Any:
+    """``[H, W, 3]`` (also ``[1, H, W, C]``, ``[H, W]``, ``[H, W, 4]``) numpy/torch -> uint8 numpy ``[H, W, 3]``."""
+    import numpy as np
+
+    if isinstance(image, Tensor):
+        image = image.detach().cpu().float().numpy() if image.is_floating_point() else image.detach().cpu().numpy()
+    arr = np.asarray(image)
+    if arr.ndim == 4:
+        if arr.shape[0] != 1:
+            raise ValueError(f"expected a single image, got a batch of shape {arr.shape}")
+        arr = arr[0]
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be [H, W, 3], got shape {arr.shape}")
+    if arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if np.issubdtype(arr.dtype, np.floating):
+        return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):
+        top = np.iinfo(arr.dtype).max if arr.max() > 255 else 255
+        return np.clip(np.rint(arr.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    raise ValueError(f"unsupported image dtype {arr.dtype}")
+
+
+def find_pose_boxes(
+    image: Any,
+    margin: float = 0.05,
+    min_area_frac: float = 0.002,
+    *,
+    threshold: int = 40,
+    dilate_frac: float = 0.002,
+    overlap_frac: float = 0.5,
+    nest_frac: float = 0.8,
+    gap_frac: float = 0.1,
+) -> list[tuple[int, int, int, int]]:
+    """One ``(top, left, bottom, right)`` box per skeleton / outline in a condition image.
+
+    ``image`` is ``[H, W, 3]`` (numpy or torch; uint8, or float in [0, 1]; a
+    ComfyUI ``[1, H, W, 3]`` IMAGE also works). Meant for OpenPose renderings
+    (coloured limbs on black) and line-art outlines on black.
+
+    Heuristics, in order:
+
+    1. *Foreground*: pixels whose brightest channel exceeds ``threshold`` (of
+       255) -- OpenPose limbs are saturated colours, JPEG noise stays far below.
+    2. *Frame removal*: any of the outermost ``max(2, 1%)`` rows / columns on each
+       side that is more than half foreground is cleared -- it is a border line
+       drawn around the picture (one reference image has one), which would
+       otherwise join everything into one component.
+    3. *Dilation* by ``max(1, dilate_frac * max(H, W))`` pixels (2 px at 1024)
+       to heal JPEG-broken or anti-aliased strokes; kept small because
+       neighbouring people can come within a few pixels (6 px in a reference).
+    4. *Connected components* (8-connectivity, OpenCV). Components with at
+       least ``min_area_frac * H * W`` foreground pixels are *large* (person
+       candidates); smaller ones are *pieces* (a detached keypoint dot or limb,
+       or a speck); fewer than ``max(4, 1e-5 * H * W)`` pixels is noise, ignored.
+    5. *Merging* (repeated until stable) of two large components when their
+       boxes overlap strongly (intersection >= ``overlap_frac`` of the smaller
+       box) or when one is horizontally nested in the other (horizontal overlap
+       >= ``nest_frac`` of the narrower width) with a vertical gap of at most
+       ``gap_frac * H`` -- a head or body part detached from its own body.
+       Then each piece joins the box of the nearest large component when the
+       gap between their boxes is at most ``gap_frac * H``; farther pieces are
+       dropped (specks). Pieces never create a box of their own.
+    6. Each box is grown by ``margin * W`` left/right and ``margin * H``
+       top/bottom, clamped to the image, and the boxes are sorted left to right.
+
+    Boxes are in pixels, ``bottom`` / ``right`` exclusive. An image with no
+    foreground gives ``[]``.
+    """
+    import cv2
+    import numpy as np
+
+    img = _to_uint8_image(image)
+    height, width = img.shape[:2]
+    fg = (img.max(axis=2) > int(threshold)).astype(np.uint8)
+
+    # 2. frame removal
+    for axis_len, along_len, is_row in ((height, width, True), (width, height, False)):
+        k = min(axis_len, max(2, int(math.ceil(0.01 * axis_len))))
+        for idx in list(range(k)) + list(range(axis_len - k, axis_len)):
+            line = fg[idx, :] if is_row else fg[:, idx]
+            if line.sum() > 0.5 * along_len:
+                if is_row:
+                    fg[idx, :] = 0
+                else:
+                    fg[:, idx] = 0
+
+    # 3. dilation
+    radius = max(1, int(round(dilate_frac * max(height, width))))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    grown = cv2.dilate(fg, kernel)
+
+    # 4. components; count original (undilated) foreground pixels per component
+    n_labels, labels = cv2.connectedComponents(grown, connectivity=8)
+    if n_labels <= 1:
+        return []
+    counts = np.bincount(labels[fg > 0].ravel(), minlength=n_labels)
+    min_pixels = float(min_area_frac) * height * width
+    noise_pixels = max(4.0, 1e-5 * height * width)
+    majors: list[list[int]] = []  # [x0, y0, x1, y1) over the original foreground
+    minors: list[list[int]] = []
+    for lab in range(1, n_labels):
+        if counts[lab] < noise_pixels:
+            continue
+        ys, xs = np.nonzero((labels == lab) & (fg > 0))
+        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+        (majors if counts[lab] >= min_pixels else minors).append(box)
+
+    # 5. merging of the large components
+    def should_merge(a: list[int], b: list[int]) -> bool:
+        ix = min(a[2], b[2]) - max(a[0], b[0])
+        iy = min(a[3], b[3]) - max(a[1], b[1])
+        area_a = (a[2] - a[0]) * (a[3] - a[1])
+        area_b = (b[2] - b[0]) * (b[3] - b[1])
+        if ix > 0 and iy > 0 and ix * iy >= overlap_frac * min(area_a, area_b):
+            return True
+        narrow = min(a[2] - a[0], b[2] - b[0])
+        v_gap = max(a[1], b[1]) - min(a[3], b[3])  # <= 0 when they overlap vertically
+        return ix >= nest_frac * narrow and v_gap <= gap_frac * height
+
+    def union(a: list[int], b: list[int]) -> list[int]:
+        return [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+
+    merged = True
+    while merged and len(majors) > 1:
+        merged = False
+        for i in range(len(majors)):
+            for j in range(i + 1, len(majors)):
+                if should_merge(majors[i], majors[j]):
+                    majors[i] = union(majors[i], majors[j])
+                    del majors[j]
+                    merged = True
+                    break
+            if merged:
+                break
+
+    # 5b. small pieces join the nearest large component if close enough, else are dropped
+    def distance(a: list[int], b: list[int]) -> float:
+        dx = max(0, max(a[0], b[0]) - min(a[2], b[2]))
+        dy = max(0, max(a[1], b[1]) - min(a[3], b[3]))
+        return math.hypot(dx, dy)
+
+    grown_boxes = [list(b) for b in majors]
+    for piece in minors:
+        if not majors:
+            break
+        dists = [distance(piece, big) for big in majors]
+        k = int(np.argmin(dists))
+        if dists[k] <= gap_frac * height:
+            grown_boxes[k] = union(grown_boxes[k], piece)
+    comps = grown_boxes
+
+    # 6. margin, clamp, order
+    mx = float(margin) * width
+    my = float(margin) * height
+    boxes = []
+    for x0, y0, x1, y1 in sorted(comps, key=lambda c: (c[0], c[1])):
+        top = max(0, int(math.floor(y0 - my)))
+        left = max(0, int(math.floor(x0 - mx)))
+        bottom = min(height, int(math.ceil(y1 + my)))
+        right = min(width, int(math.ceil(x1 + mx)))
+        boxes.append((top, left, bottom, right))
+    return boxes

@@ -1,0 +1,162 @@
+"""Nodes: Load ED-LoRA, Text Encode with concepts, Convert ED-LoRA to safetensors."""
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+
+from ..fusion.concepts import Concept, ConceptSet
+from ..fusion.edlora import convert_to_safetensors, load_edlora
+from .layerwise import encode_with_concepts, install_layerwise
+from .lora_patch import check_base, clip_patches, unet_patches
+
+log = logging.getLogger("mixofshow")
+CATEGORY = "Mix-of-Show"
+CONCEPTS = "EDLORA_CONCEPTS"
+EDLORA_FOLDER = "edloras"
+_EXTENSIONS = {".pth", ".pt", ".safetensors"}
+
+
+def register_model_folder() -> None:
+    """``models/edloras`` (plus any paths users set in extra_model_paths.yaml under ``edloras``)."""
+    default = os.path.join(folder_paths.models_dir, EDLORA_FOLDER)
+    paths, exts = folder_paths.folder_names_and_paths.get(EDLORA_FOLDER, ([], set()))
+    if default not in paths:
+        paths = list(paths) + [default]
+    folder_paths.folder_names_and_paths[EDLORA_FOLDER] = (paths, set(exts) | _EXTENSIONS)
+
+
+def edlora_choices() -> list[str]:
+    """ED-LoRA files from models/edloras, then .pth/.safetensors from models/loras (prefixed ``loras/``)."""
+    names = list(folder_paths.get_filename_list(EDLORA_FOLDER))
+    names += ["loras/" + n for n in folder_paths.get_filename_list("loras")
+              if os.path.splitext(n)[1].lower() in _EXTENSIONS]
+    return names
+
+
+def edlora_path(name: str) -> str:
+    if name.startswith("loras/") and folder_paths.get_full_path(EDLORA_FOLDER, name) is None:
+        return folder_paths.get_full_path_or_raise("loras", name[len("loras/"):])
+    return folder_paths.get_full_path_or_raise(EDLORA_FOLDER, name)
+
+
+def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encoder_strength: float,
+                 unet_strength: float):
+    """Clone MODEL and CLIP, patch them with one ED-LoRA, and add its concepts to the set.
+
+    Everything is validated before anything is patched, and the inputs are never modified.
+    """
+    edlora = load_edlora(path)
+    check_base(edlora, model, clip)
+    concepts = (concepts or ConceptSet()).add(Concept(edlora, text_encoder_strength, unet_strength))
+    unet = unet_patches(edlora, model)
+    text = clip_patches(edlora, clip)
+    model_out = model.clone()
+    clip_out = clip.clone()
+    if unet and unet_strength != 0:
+        model_out.add_patches(unet, unet_strength)
+    if text and text_encoder_strength != 0:
+        clip_out.add_patches(text, text_encoder_strength)
+    install_layerwise(model_out)
+    log.info("Mix-of-Show: loaded %s (%s) with %d UNet and %d text-encoder LoRA modules", edlora.name,
+             " ".join(edlora.tokens), len(unet), len(text))
+    return model_out, clip_out, concepts
+
+
+class LoadEDLoRA:
+    DESCRIPTION = ("Loads a Mix-of-Show ED-LoRA (.pth or .safetensors) or a kohya XTI (P+) embedding: patches "
+                   "clones of MODEL and CLIP with its LoRA and adds its concept tokens (e.g. <potter1> <potter2>) "
+                   "to the concept set. Chain loaders to use several concepts.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", CONCEPTS)
+    RETURN_NAMES = ("model", "clip", "concepts")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "SD1.x model the ED-LoRA was trained on (or a fine-tune of it)."}),
+                "clip": ("CLIP", {"tooltip": "SD1.x CLIP of the same checkpoint."}),
+                "edlora_name": (edlora_choices(), {"tooltip": "File in models/edloras (or models/loras)."}),
+                "text_encoder_strength": ("FLOAT", {"default": 0.7, "min": -10.0, "max": 10.0, "step": 0.01,
+                                                    "tooltip": "Scale of the text-encoder LoRA (0.7 for "
+                                                               "sampling, 1.0 for fusion)."}),
+                "unet_strength": ("FLOAT", {"default": 0.7, "min": -10.0, "max": 10.0, "step": 0.01,
+                                            "tooltip": "Scale of the UNet LoRA. Both 0 = embeddings only."}),
+            },
+            "optional": {
+                "concepts": (CONCEPTS, {"tooltip": "Concept set from an earlier Load ED-LoRA, to chain."}),
+            },
+        }
+
+    def load(self, model, clip, edlora_name, text_encoder_strength, unet_strength, concepts=None):
+        return apply_edlora(model, clip, concepts, edlora_path(edlora_name), text_encoder_strength, unet_strength)
+
+
+class TextEncodeConcepts:
+    DESCRIPTION = ("CLIP Text Encode that understands ED-LoRA concept tokens: each of the 16 cross-attention "
+                   "layers gets its own context. Everything the stock encoder supports keeps working "
+                   "((word:1.2), long prompts, embedding:name). Without concept tokens it equals the stock node.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The CLIP from Load ED-LoRA (or the fusion node)."}),
+                "concepts": (CONCEPTS, {"tooltip": "Concept set that defines the tokens used in the text."}),
+                "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                    "tooltip": "Prompt; write concepts as their tokens, e.g. a <potter1> <potter2>."}),
+            },
+        }
+
+    def encode(self, clip, concepts, text):
+        if clip is None:
+            raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader "
+                               "node your checkpoint does not contain a valid clip or text encoder model.")
+        return (encode_with_concepts(clip, text, concepts),)
+
+
+class ConvertEDLoRA:
+    DESCRIPTION = ("Converts an ED-LoRA .pth (either key spelling) into the pack's flat .safetensors layout in "
+                   "models/edloras, so it can be shared without pickles.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("filename",)
+    FUNCTION = "convert"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"edlora_name": (edlora_choices(),),
+                             "output_name": ("STRING", {"default": "", "tooltip": "Empty = same name, .safetensors"})}}
+
+    def convert(self, edlora_name, output_name):
+        src = edlora_path(edlora_name)
+        stem = output_name.strip() or os.path.splitext(os.path.basename(src))[0]
+        if not stem.endswith(".safetensors"):
+            stem += ".safetensors"
+        folder = folder_paths.get_folder_paths(EDLORA_FOLDER)[0]
+        dst = os.path.join(folder, os.path.basename(stem))
+        if os.path.abspath(dst) == os.path.abspath(src):
+            raise ValueError(f"Convert ED-LoRA: output would overwrite the input {edlora_name}")
+        os.makedirs(folder, exist_ok=True)
+        edlora = convert_to_safetensors(src, dst)
+        return {"ui": {"text": [f"{os.path.basename(dst)}: {' '.join(edlora.tokens)}"]},
+                "result": (os.path.basename(dst),)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "MixOfShowLoadEDLoRA": LoadEDLoRA,
+    "MixOfShowTextEncode": TextEncodeConcepts,
+    "MixOfShowConvertEDLoRA": ConvertEDLoRA,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MixOfShowLoadEDLoRA": "Load ED-LoRA (Mix-of-Show)",
+    "MixOfShowTextEncode": "Text Encode with Concepts (Mix-of-Show)",
+    "MixOfShowConvertEDLoRA": "Convert ED-LoRA to safetensors (Mix-of-Show)",
+}

@@ -1,0 +1,84 @@
+"""Map an ED-LoRA's diffusers-named LoRA factors onto a ComfyUI MODEL / CLIP (internals §4.2).
+
+UNet modules go through ComfyUI's ``lora_unet_<name with _>`` key map, text-encoder modules through
+its ``text_encoder.<name>`` (diffusers LoRA) map; both are ComfyUI's own maps, so the patches are
+ordinary LoRA patches (``W = W0 + strength · up @ down``, no alpha) that every sampler understands.
+"""
+from __future__ import annotations
+
+import comfy.lora
+import comfy.utils
+
+from ..fusion.edlora import EDLoRA, EDLoRAError
+from ..fusion.layers import CONTEXT_DIM
+
+
+def unet_lora_name(module: str) -> str:
+    return "lora_unet_" + module.replace(".", "_")
+
+
+def text_lora_name(module: str) -> str:
+    return "text_encoder." + module
+
+
+def model_key_map(model) -> dict[str, str]:
+    return comfy.lora.model_lora_keys_unet(model.model, {})
+
+
+def clip_key_map(clip) -> dict[str, str]:
+    return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+
+
+def clip_width(clip) -> int | None:
+    """Width of the SD1.x CLIP-L token embeddings, or None when the CLIP is not SD1-like."""
+    clip_l = getattr(clip.cond_stage_model, "clip_l", None)
+    if clip_l is None:
+        return None
+    return clip_l.transformer.get_input_embeddings().weight.shape[-1]
+
+
+def check_base(edlora: EDLoRA, model, clip) -> None:
+    """Refuse an ED-LoRA for a base the MODEL/CLIP are not (before any patching or sampling)."""
+    if clip is not None:
+        width = clip_width(clip)
+        if width != CONTEXT_DIM:
+            raise EDLoRAError(f"{edlora.name}: ED-LoRA needs an SD1.x CLIP (CLIP-L, {CONTEXT_DIM} wide); "
+                              f"this CLIP is {'not SD1-like' if width is None else f'{width} wide'}")
+    if model is not None:
+        config = getattr(model.model, "model_config", None)
+        context_dim = getattr(config, "unet_config", {}).get("context_dim")
+        if context_dim != CONTEXT_DIM:
+            raise EDLoRAError(f"{edlora.name}: ED-LoRA needs an SD1.x MODEL (cross-attention context "
+                              f"{CONTEXT_DIM}); this MODEL has context_dim {context_dim}")
+
+
+def _to_load(edlora: EDLoRA, part: str, factors: dict, key_map: dict, root, name_of) -> tuple[dict, dict]:
+    lora_sd, to_load = {}, {}
+    for module, (up, down) in factors.items():
+        lora_key = name_of(module)
+        target = key_map.get(lora_key)
+        if target is None:
+            raise EDLoRAError(f"{edlora.name}: {part} module '{module}' does not exist in this "
+                              f"{'MODEL' if part == 'unet' else 'CLIP'} — is it an SD1.x model?")
+        weight = comfy.utils.get_attr(root, target)
+        if weight.shape[0] != up.shape[0] or weight.shape[1] != down.shape[1]:
+            raise EDLoRAError(f"{edlora.name}: {part} module '{module}' is {up.shape[0]}x{down.shape[1]} in the "
+                              f"file but {weight.shape[0]}x{weight.shape[1]} in the model (another base model?)")
+        lora_sd[lora_key + ".lora_up.weight"] = up
+        lora_sd[lora_key + ".lora_down.weight"] = down
+        to_load[lora_key] = target
+    return lora_sd, to_load
+
+
+def unet_patches(edlora: EDLoRA, model, key_map: dict | None = None) -> dict:
+    """ComfyUI patch dict for the ED-LoRA's UNet factors (every module must map)."""
+    lora_sd, to_load = _to_load(edlora, "unet", edlora.unet, key_map or model_key_map(model), model.model,
+                                unet_lora_name)
+    return comfy.lora.load_lora(lora_sd, to_load, log_missing=False) if to_load else {}
+
+
+def clip_patches(edlora: EDLoRA, clip, key_map: dict | None = None) -> dict:
+    """ComfyUI patch dict for the ED-LoRA's text-encoder factors (every module must map)."""
+    lora_sd, to_load = _to_load(edlora, "text_encoder", edlora.text_encoder, key_map or clip_key_map(clip),
+                                clip.cond_stage_model, text_lora_name)
+    return comfy.lora.load_lora(lora_sd, to_load, log_missing=False) if to_load else {}

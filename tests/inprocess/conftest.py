@@ -1,0 +1,41 @@
+import pytest
+
+import comfy_env
+
+if not comfy_env.available():
+    pytest.skip(f"no ComfyUI at {comfy_env.comfy_root()} (run tools/host/setup_host.sh or set MIXOFSHOW_COMFYUI)",
+                allow_module_level=True)
+comfy_env.env()  # ComfyUI must be importable before the test modules are collected
+
+
+@pytest.fixture(scope="session")
+def env():
+    return comfy_env.env()
+
+
+@pytest.fixture(scope="session")
+def tiny(env):
+    """(MODEL, CLIP, VAE) of the tiny SD1.5-layout model (32 channels, 2-layer 768-wide CLIP)."""
+    return env.tiny.build_all("narrow", 0)
+
+
+@pytest.fixture(scope="session")
+def write_edlora(env):
+    """Write a synthetic ED-LoRA for the tiny model into models/edloras; returns its file name."""
+    from fusion.synthetic import make_edlora_state
+    import torch
+
+    def write(name: str, tokens=("<c1>", "<c2>"), seed=0, **kw):
+        kw.setdefault("model_channels", 32)
+        kw.setdefault("text_layers", 2)
+        kw.setdefault("text_intermediate", 512)
+        path = env.base / "models" / "edloras" / name
+        state = make_edlora_state(tuple(tokens), seed=seed, **kw)
+        if name.endswith(".safetensors"):
+            from fusion.edlora import parse_edlora, save_edlora
+            save_edlora(parse_edlora(state, name), str(path))
+        else:
+            torch.save(state, path)
+        return name
+
+    return write

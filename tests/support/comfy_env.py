@@ -1,0 +1,92 @@
+"""A real ComfyUI, in this process, with the pack loaded the way ComfyUI loads custom nodes.
+
+The ComfyUI root is ``$MIXOFSHOW_COMFYUI`` (your own checkout) or the project's host in ``.host/``.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parent / "mixofshow_test_fixtures"
+_ENV: SimpleNamespace | None = None
+
+
+def comfy_root() -> Path:
+    return Path(os.environ.get("MIXOFSHOW_COMFYUI") or REPO / ".host" / "ComfyUI").resolve()
+
+
+def available() -> bool:
+    return (comfy_root() / "main.py").is_file()
+
+
+class _Server:
+    """What PromptExecutor needs of the server: it records the events it is sent."""
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def __init__(self):
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+def env() -> SimpleNamespace:
+    """Import ComfyUI on the CPU with a temporary base directory and load the pack (once)."""
+    global _ENV
+    if _ENV is not None:
+        return _ENV
+    root = comfy_root()
+    sys.path.insert(0, str(root))
+    base = Path(tempfile.mkdtemp(prefix="mixofshow-base-"))
+    for sub in ("models/edloras", "models/loras", "models/checkpoints", "models/controlnet", "input", "output"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    from comfy.cli_args import args  # parsed from [] unless enable_args_parsing() is called
+
+    args.cpu = True
+    args.base_directory = str(base)
+    args.disable_api_nodes = True
+    import execution
+    import folder_paths
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    assert asyncio.run(nodes.load_custom_node(str(REPO))), "the pack failed to load (see the log)"
+    assert asyncio.run(nodes.load_custom_node(str(FIXTURES))), "the test fixture pack failed to load"
+    pack_name = str(REPO).replace(".", "_x_")
+    import importlib
+
+    def pack(module: str):
+        return importlib.import_module(f"{pack_name}.{module}")
+
+    tiny_sd15 = importlib.import_module(str(FIXTURES).replace(".", "_x_") + ".tiny_sd15")
+    _ENV = SimpleNamespace(root=root, base=base, nodes=nodes, execution=execution, folder_paths=folder_paths,
+                           pack=pack, tiny=tiny_sd15, Server=_Server)
+    return _ENV
+
+
+def run_prompt(graph: dict, prompt_id: str = "test"):
+    """Validate and execute an API-format prompt with ComfyUI's own code; returns (executor, server)."""
+    e = env()
+    valid = asyncio.run(e.execution.validate_prompt(prompt_id, graph, None))
+    if not valid[0]:
+        return SimpleNamespace(success=False, validation=valid, history_result={}, status_messages=[]), None
+    server = _Server()
+    executor = e.execution.PromptExecutor(server, cache_type=e.execution.CacheType.CLASSIC,
+                                          cache_args={"lru": 0, "ram": 0})
+    executor.execute(graph, prompt_id, {}, valid[2])
+    executor.validation = valid
+    return executor, server
+
+
+def execution_error(executor) -> str:
+    for event, data in executor.status_messages:
+        if event == "execution_error":
+            return f"{data.get('exception_type')}: {data.get('exception_message')}"
+    return ""
