@@ -9,7 +9,7 @@ log = logging.getLogger("mixofshow")
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 WEB_DIRECTORY = "./js"
-_FAMILIES = ("edlora_nodes",)
+_FAMILIES = ("edlora_nodes", "fusion_nodes", "regional_nodes")
 
 try:
     from .nodes.edlora_nodes import register_model_folder

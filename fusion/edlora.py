@@ -67,6 +67,10 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+
+
 def read_state_dict(path: str) -> tuple[dict, dict[str, str]]:
     """Read a ``.safetensors`` or (safely) a pickled ``.pth``/``.pt`` file; returns (state, metadata)."""
     name = os.path.basename(path)
@@ -85,11 +89,15 @@ def read_state_dict(path: str) -> tuple[dict, dict[str, str]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not re.search(r"Unsupported global|GLOBAL|REDUCE|BUILD|not an allowed", str(e)):
+            raise EDLoRAError(f"{name}: truncated or corrupt .pth file ({_first_line(e)})") from e
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" (it asks for {found[1]})" if found else ""
         raise EDLoRAError(
-            f"{name}: refused — this pickle needs more than plain tensors to load, and .pth files are only "
-            f"read with torch.load(weights_only=True); nothing in it was run. Detail: {str(e).splitlines()[0]}") from e
+            f"{name}: refused — this pickle needs more than plain tensors to load{what}, and .pth files are only "
+            f"read with torch.load(weights_only=True); nothing in it was run") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise EDLoRAError(f"{name}: truncated or corrupt .pth file ({str(e).splitlines()[0]})") from e
+        raise EDLoRAError(f"{name}: truncated or corrupt .pth file ({_first_line(e)})") from e
     if not isinstance(state, dict):
         raise EDLoRAError(f"{name}: expected a dict of tensors, found {type(state).__name__}")
     return state, {}

@@ -92,7 +92,8 @@ class LoadEDLoRA:
         }
 
     def load(self, model, clip, edlora_name, text_encoder_strength, unet_strength, concepts=None):
-        return apply_edlora(model, clip, concepts, edlora_path(edlora_name), text_encoder_strength, unet_strength)
+        result = apply_edlora(model, clip, concepts, edlora_path(edlora_name), text_encoder_strength, unet_strength)
+        return {"ui": {"text": [result[2].describe()]}, "result": result}
 
 
 class TextEncodeConcepts:

@@ -15,7 +15,7 @@ PREFIXES = [f"input_blocks.{n}.1" for n in (1, 2, 4, 5, 7, 8)] + ["middle_block.
 
 def load(env, tiny, name, te=1.0, unet=1.0, concepts=None):
     model, clip, _ = tiny
-    return env.pack("nodes.edlora_nodes").LoadEDLoRA().load(model, clip, name, te, unet, concepts)
+    return env.pack("nodes.edlora_nodes").LoadEDLoRA().load(model, clip, name, te, unet, concepts)["result"]
 
 
 def hand_tokens(clip, before: str, table_rows: list, after: str):
@@ -144,7 +144,7 @@ def test_weights_long_prompts_and_several_concepts(env, tiny, write_edlora):
     a = write_edlora("lw_e1.pth", tokens=("<e1>", "<e2>"), seed=15)
     b = write_edlora("lw_e2.pth", tokens=("<f1>",), seed=16)
     model, clip, concepts = load(env, tiny, a)
-    model, clip, concepts = env.pack("nodes.edlora_nodes").LoadEDLoRA().load(model, clip, b, 1.0, 1.0, concepts)
+    model, clip, concepts = env.pack("nodes.edlora_nodes").LoadEDLoRA().load(model, clip, b, 1.0, 1.0, concepts)["result"]
     enc = env.pack("nodes.edlora_nodes").TextEncodeConcepts().encode
     layerwise_of = env.pack("nodes.layerwise").layerwise_of
     text = "(<e1> <e2>:1.2) and <f1>, " + "tall " * 80 + "end <f1>"

@@ -26,7 +26,7 @@ def available() -> bool:
 
 class _Server:
     """What PromptExecutor needs of the server: it records the events it is sent."""
-    client_id = None
+    client_id = "tests"
     last_node_id = None
     last_prompt_id = None
 
@@ -80,7 +80,7 @@ def run_prompt(graph: dict, prompt_id: str = "test"):
     server = _Server()
     executor = e.execution.PromptExecutor(server, cache_type=e.execution.CacheType.CLASSIC,
                                           cache_args={"lru": 0, "ram": 0})
-    executor.execute(graph, prompt_id, {}, valid[2])
+    executor.execute(graph, prompt_id, {"client_id": "tests"}, valid[2])
     executor.validation = valid
     return executor, server
 

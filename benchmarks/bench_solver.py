@@ -1,0 +1,311 @@
+"""Closed-form gradient fusion vs the reference L-BFGS, per layer, on SD1.5-sized synthetic layers.
+
+    .host/venv/bin/python benchmarks/bench_solver.py            # full (≈10 min on 2 CPU cores)
+    .host/venv/bin/python benchmarks/bench_solver.py --quick    # ≈1-2 min: fewer UNet rows, short L-BFGS budget
+    .host/venv/bin/python benchmarks/bench_solver.py --device cuda
+
+For 3 concepts per layer it synthesises W0 (random), rank-4 deltas and input rows (per-channel scales
+spread over 1.5 decades, a few outlier channels and a common mean, like real activations), then
+measures in one run:
+
+* closed form: Gram accumulation (rows fed in 4096-row chunks, as recorded step by step) and the solve
+  (``solve_closed_form`` with dense deltas, the path it took: cholesky / eigh / lowrank);
+* the reference: ``solve_lbfgs`` from the raw rows (500 iterations for text and cross-attention k/v
+  layers, 50 for other UNet layers). When a full run is projected (from a 2-iteration pilot) to take
+  more than ``--lbfgs-budget`` seconds, a capped number of iterations is timed and the full time is
+  extrapolated linearly per iteration; such rows are marked ``~`` and their L-BFGS objective is the
+  one reached after the capped iterations;
+* both objectives ``Σ_i ‖Xi (W − Wi)ᵀ‖²`` (from the float32 Grams), shown relative to W0's.
+
+Then a whole-model estimate for SD1.5 with whole-block LoRA (see ``whole_model`` for the layer list
+and the scaling assumptions, which are printed too).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fusion.solver import GramAccumulator, layer_objective, solve_closed_form, solve_lbfgs  # noqa: E402
+
+N_CONCEPTS = 3
+RANK = 4
+CHUNK = 4096  # rows per recorded chunk (one UNet step at 64×64)
+
+
+@dataclass
+class Shape:
+    key: str
+    label: str
+    out: int
+    inp: int
+    rows: int  # per concept
+    iters: int
+    note: str = ""
+
+
+@dataclass
+class Result:
+    shape: Shape
+    gram_s: float = 0.0
+    solve_s: float = 0.0
+    path: str = ""
+    lbfgs_s: float = 0.0
+    lbfgs_iters_run: int = 0
+    extrapolated: bool = False
+    obj_w0: float = 0.0
+    obj_cf: float = 0.0
+    obj_lb: float = 0.0
+    lbfgs_per_iter_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def closed_s(self) -> float:
+        return self.gram_s + self.solve_s
+
+
+def shapes(quick: bool) -> list[Shape]:
+    unet_rows = 2 * 4096 if quick else 20 * 4096
+    return [
+        Shape("q_proj", "text q_proj 768x768", 768, 768, 30, 500),
+        Shape("fc1", "text fc1 3072x768", 3072, 768, 30, 500),
+        Shape("fc2", "text fc2 768x3072", 768, 3072, 30, 500, "extra: for the whole-model estimate"),
+        Shape("cross_kv", "attn2.to_k 1280x768", 1280, 768, 14, 500, "extra: cross-attn k/v, text rows"),
+        Shape("to_q", "attn1.to_q 320x320", 320, 320, unet_rows, 50),
+        Shape("ff2_320", "ff.net.2 320x1280", 320, 1280, unet_rows, 50),
+        Shape("ff2_mid", "ff.net.2 1280x5120", 1280, 5120, 20 * 64, 50),
+    ]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device) -> float:
+    sync(device)
+    return time.perf_counter()
+
+
+def make_problem(s: Shape, device: torch.device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w0 = (torch.randn(s.out, s.inp, generator=g) / math.sqrt(s.inp)).to(device)
+    deltas = [((torch.randn(s.out, RANK, generator=g) * 0.05) @ (torch.randn(RANK, s.inp, generator=g) * 0.05)).to(device)
+              for _ in range(N_CONCEPTS)]
+    scale = torch.logspace(0, -1.5, s.inp)[torch.randperm(s.inp, generator=g)]
+    scale[torch.randperm(s.inp, generator=g)[:4]] *= 20.0  # outlier channels
+    xs = []
+    for _ in range(N_CONCEPTS):
+        mean = torch.randn(s.inp, generator=g) * 0.3
+        gd = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+        x = torch.randn(s.rows, s.inp, generator=gd, device=device)
+        x.mul_(scale.to(device)).add_(mean.to(device))
+        xs.append(x)
+    return w0, deltas, xs
+
+
+def run_shape(s: Shape, device: torch.device, budget: float, seed: int) -> Result:
+    res = Result(s)
+    w0, deltas, xs = make_problem(s, device, seed)
+
+    # --- closed form: Gram accumulation, then the solve
+    t = clock(device)
+    accs = []
+    for x in xs:
+        a = GramAccumulator(s.inp, device=device)
+        for start in range(0, x.shape[0], CHUNK):
+            a.add(x[start:start + CHUNK])
+        accs.append(a)
+    res.gram_s = clock(device) - t
+    t = clock(device)
+    wc, info = solve_closed_form(w0, deltas, accs, return_info=True)
+    res.solve_s = clock(device) - t
+    res.path = f"{info['method']} r{info['rank']}"
+    grams = [a.gram for a in accs]
+    res.obj_w0 = layer_objective(w0, w0, deltas, grams)
+    res.obj_cf = layer_objective(wc, w0, deltas, grams)
+
+    # --- reference L-BFGS: setup cost, pilot, then full or capped run
+    t = clock(device)
+    solve_lbfgs(w0, deltas, xs, 0)
+    setup = clock(device) - t
+    t = clock(device)
+    wp, pinfo = solve_lbfgs(w0, deltas, xs, 2, return_info=True)
+    pilot = clock(device) - t
+    per_iter = max(pilot - setup, 1e-9) / max(pinfo["n_iter"], 1)
+    projected = setup + per_iter * s.iters
+    if projected <= budget:
+        iters = s.iters
+    else:
+        iters = max(2, int((budget - setup) / per_iter))
+        res.extrapolated = iters < s.iters
+        iters = min(iters, s.iters)
+    if iters == 2:
+        wl, linfo, took = wp, pinfo, pilot
+    else:
+        t = clock(device)
+        wl, linfo = solve_lbfgs(w0, deltas, xs, iters, return_info=True)
+        took = clock(device) - t
+    res.lbfgs_iters_run = linfo["n_iter"]
+    res.lbfgs_per_iter_s = max(took - setup, 1e-9) / max(linfo["n_iter"], 1)
+    if res.extrapolated:
+        res.lbfgs_s = setup + res.lbfgs_per_iter_s * s.iters
+    else:
+        res.lbfgs_s = took
+    res.obj_lb = layer_objective(wl, w0, deltas, grams)
+    res.extra["setup_s"] = setup
+    del xs
+    return res
+
+
+def solve_only_time(out: int, inp: int, device: torch.device, seed: int = 0) -> tuple[float, str]:
+    """Solve time alone for a full-rank layer (Gram from d+8 random rows' worth of A Aᵀ)."""
+    g = torch.Generator().manual_seed(seed)
+    grams = []
+    for _ in range(N_CONCEPTS):
+        a = torch.randn(inp, inp + 8, generator=g).to(device)
+        grams.append(a @ a.T)
+    w0 = torch.randn(out, inp, generator=g).to(device)
+    deltas = [(torch.randn(out, RANK, generator=g) @ torch.randn(RANK, inp, generator=g) * 0.01).to(device)
+              for _ in range(N_CONCEPTS)]
+    t = clock(device)
+    _, info = solve_closed_form(w0, deltas, grams, return_info=True)
+    return clock(device) - t, info["method"]
+
+
+def whole_model(results: dict[str, Result], device: torch.device, calibrate: bool) -> None:
+    """SD1.5, whole-block LoRA. Text: 12 layers × (q,k,v,out 768×768; fc1 3072×768; fc2 768×3072),
+    ~30 rows per concept, 500 iterations. UNet: 16 transformer blocks — 5 at width 320 (64×64 = 4096
+    pixels), 5 at 640 (1024 px), 5 at 1280 (256 px), 1 mid block at 1280 (64 px); 20 recorded steps
+    per concept. Per block: 8 c×c layers (attn1 q,k,v,out; attn2 q,out; proj_in; proj_out), ff.net.0.proj
+    (8c×c, GEGLU), ff.net.2 (c×4c), at 50 iterations; plus attn2 to_k/to_v (c×768) on ~14 text rows per
+    concept at 500 iterations.
+
+    Scaling: each UNet layer's Gram and L-BFGS time is the measured time of its class (attn1.to_q 320
+    for c×c and ff.net.0.proj, ff.net.2 320×1280 for ff.net.2, the measured mid ff.net.2 for the mid
+    block) multiplied by the FLOP ratio (Gram ∝ rows·in², L-BFGS ∝ rows·in·out); cross k/v L-BFGS ∝ c.
+    The solve time of each distinct layer size is measured on a synthetic full-rank Gram (or, with
+    --quick, the class's measured solve time scaled by in³). A Gram shared by q/k/v (same input) is
+    still counted once per layer (conservative for the closed form)."""
+    to_q, ff2, mid = results["to_q"], results["ff2_320"], results["ff2_mid"]
+    solve_cache: dict[tuple[int, int], float] = {}
+
+    def solve_t(out: int, inp: int, ref: Result) -> float:
+        if not calibrate:
+            return ref.solve_s * (inp / ref.shape.inp) ** 3
+        if (out, inp) not in solve_cache:
+            solve_cache[(out, inp)] = solve_only_time(out, inp, device)[0]
+        return solve_cache[(out, inp)]
+
+    def lbfgs_t(ref: Result, rows: int, out: int, inp: int) -> float:
+        f = (rows * out * inp) / (ref.shape.rows * ref.shape.out * ref.shape.inp)
+        return ref.lbfgs_s * f
+
+    def gram_t(ref: Result, rows: int, inp: int) -> float:
+        return ref.gram_s * (rows * inp * inp) / (ref.shape.rows * ref.shape.inp ** 2)
+
+    lines = []
+    total_cf = total_lb = 0.0
+
+    def add(label: str, count: int, cf: float, lb: float) -> None:
+        nonlocal total_cf, total_lb
+        total_cf += count * cf
+        total_lb += count * lb
+        lines.append((label, count, cf, lb))
+
+    for key, n in (("q_proj", 48), ("fc1", 12), ("fc2", 12)):
+        r = results[key]
+        add(r.shape.label, n, r.closed_s, r.lbfgs_s)
+    ck = results["cross_kv"]
+    for c, blocks in ((320, 5), (640, 5), (1280, 6)):
+        add(f"attn2.to_k/to_v {c}x768", 2 * blocks, ck.closed_s, ck.lbfgs_s * c / 1280)
+    for c, px, blocks in ((320, 4096, 5), (640, 1024, 5), (1280, 256, 5), (1280, 64, 1)):
+        rows = 20 * px  # the reference records 20 steps per concept
+        add(f"{c}-wide c×c ×8 @{px}px", 8 * blocks,
+            gram_t(to_q, rows, c) + solve_t(c, c, to_q), lbfgs_t(to_q, rows, c, c))
+        add(f"ff.net.0.proj {8 * c}x{c} @{px}px", blocks,
+            gram_t(to_q, rows, c) + solve_t(8 * c, c, to_q), lbfgs_t(to_q, rows, 8 * c, c))
+        if px == 64:
+            add(f"ff.net.2 {c}x{4 * c} @{px}px (measured)", blocks, mid.closed_s, mid.lbfgs_s)
+        else:
+            add(f"ff.net.2 {c}x{4 * c} @{px}px", blocks,
+                gram_t(ff2, rows, 4 * c) + solve_t(c, 4 * c, ff2), lbfgs_t(ff2, rows, c, 4 * c))
+
+    print("\nWhole-model estimate (SD1.5, whole-block LoRA, 3 concepts):")
+    print(f"  {'layer class':38s} {'count':>5s} {'closed s/layer':>15s} {'L-BFGS s/layer':>15s}")
+    for label, count, cf, lb in lines:
+        print(f"  {label:38s} {count:5d} {cf:15.3f} {lb:15.1f}")
+    n_layers = sum(c for _, c, _, _ in lines)
+    print(f"  {'TOTAL':38s} {n_layers:5d} {total_cf:14.1f}s {total_lb:14.1f}s"
+          f"   speed-up ×{total_lb / max(total_cf, 1e-9):.0f}")
+    print(f"  (closed-form total = {total_cf / 60:.1f} min, reference L-BFGS total = {total_lb / 60:.1f} min)")
+    print("  Assumptions: " + " ".join(whole_model.__doc__.split("\n\n")[0].split()[1:]))
+    print("  " + " ".join(whole_model.__doc__.split("\n\n")[1].split()))
+    if to_q.shape.rows != 20 * 4096:
+        print(f"  --quick: UNet classes were measured on {to_q.shape.rows} rows per concept and scaled linearly "
+              f"to the reference's 20 steps.")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ap.add_argument("--quick", action="store_true", help="UNet shapes with 2 steps of rows, 10 s L-BFGS budget")
+    ap.add_argument("--lbfgs-budget", type=float, default=None,
+                    help="seconds one L-BFGS run may take before it is capped and extrapolated "
+                         "(default 100, --quick 10)")
+    ap.add_argument("--only", default=None, help="comma-separated shape keys to run (skips the whole-model estimate)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    budget = args.lbfgs_budget if args.lbfgs_budget is not None else (10.0 if args.quick else 100.0)
+    todo = shapes(args.quick)
+    if args.only:
+        keys = set(args.only.split(","))
+        todo = [s for s in todo if s.key in keys]
+
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} concepts={N_CONCEPTS} "
+          f"rank={RANK} L-BFGS budget={budget:.0f}s{' (quick)' if args.quick else ''}", flush=True)
+    results: dict[str, Result] = {}
+    t_all = time.perf_counter()
+    for i, s in enumerate(todo):
+        r = run_shape(s, device, budget, args.seed + i)
+        results[s.key] = r
+        print(f"  done {s.label:24s} closed {r.closed_s:7.2f}s  L-BFGS {'~' if r.extrapolated else ''}"
+              f"{r.lbfgs_s:8.1f}s  ({r.lbfgs_iters_run} it run)", flush=True)
+
+    hdr = (f"{'layer (out x in)':22s} {'rows/c':>7s} {'it':>4s} {'Gram s':>7s} {'solve s':>8s} {'path':>12s} "
+           f"{'closed s':>9s} {'L-BFGS s':>10s} {'obj(W0)':>10s} {'closed/W0':>10s} {'L-BFGS/W0':>10s} {'cf<=lb':>6s} "
+           f"{'speed-up':>9s}")
+    print("\n" + hdr)
+    print("-" * len(hdr))
+    for r in results.values():
+        s = r.shape
+        lb = f"{'~' if r.extrapolated else ''}{r.lbfgs_s:.1f}"
+        ok = r.obj_cf <= r.obj_lb + 1e-9 * r.obj_w0
+        print(f"{s.label:22s} {s.rows:7d} {s.iters:4d} {r.gram_s:7.2f} {r.solve_s:8.3f} {r.path:>12s} "
+              f"{r.closed_s:9.2f} {lb:>10s} {r.obj_w0:10.3e} {r.obj_cf / r.obj_w0:10.3e} {r.obj_lb / r.obj_w0:10.3e} "
+              f"{'yes' if ok else 'NO':>6s} {r.lbfgs_s / max(r.closed_s, 1e-9):8.0f}x")
+    for r in results.values():
+        if r.extrapolated:
+            print(f"  ~ {r.shape.label}: L-BFGS timed for {r.lbfgs_iters_run} of {r.shape.iters} iterations "
+                  f"({r.lbfgs_per_iter_s:.2f} s/iteration + {r.extra['setup_s']:.2f} s setup) and extrapolated; "
+                  f"its objective is the one after {r.lbfgs_iters_run} iterations.")
+        if r.shape.note:
+            print(f"  {r.shape.label}: {r.shape.note}")
+    if not args.only:
+        whole_model(results, device, calibrate=not args.quick)
+    print(f"\nbenchmark wall time {time.perf_counter() - t_all:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

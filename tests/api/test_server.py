@@ -1,0 +1,82 @@
+"""Issue 2 through the HTTP API of a real ComfyUI server (started and stopped here)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools" / "host"))
+from comfy_server import ComfyServer, comfy_root, error_message  # noqa: E402
+
+from fusion.synthetic import make_edlora_state  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (comfy_root() / "main.py").is_file(), reason=f"no ComfyUI at {comfy_root()}")
+FIXTURES = REPO / "tests" / "support" / "mixofshow_test_fixtures"
+TINY = dict(model_channels=32, text_layers=2, text_intermediate=512)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("server-base")
+    (base / "models" / "edloras").mkdir(parents=True)
+    for i, tokens in enumerate([("<s1>", "<s2>"), ("<t1>",)]):
+        torch.save(make_edlora_state(tokens, seed=40 + i, **TINY), base / "models" / "edloras" / f"srv_{i}.pth")
+    (base / "models" / "edloras" / "broken.pth").write_bytes(b"not a zip, not a pickle")
+    with ComfyServer(base, {"mixofshow": REPO, "mixofshow_test_fixtures": FIXTURES}) as srv:
+        yield srv
+
+
+def graph(edlora="srv_0.pth", prompt="a <s1> <s2> on a beach"):
+    return {
+        "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": 0}},
+        "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "edlora_name": edlora,
+                                                              "text_encoder_strength": 0.7, "unet_strength": 0.7}},
+        "3": {"class_type": "MixOfShowTextEncode", "inputs": {"clip": ["2", 1], "concepts": ["2", 2], "text": prompt}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "blurry"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0], "seed": 1, "steps": 2, "cfg": 7.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "api_mos"}},
+    }
+
+
+def test_nodes_are_registered(server):
+    info = server.get("/object_info/MixOfShowLoadEDLoRA")["MixOfShowLoadEDLoRA"]
+    assert info["display_name"] == "Load ED-LoRA (Mix-of-Show)" and info["category"] == "Mix-of-Show"
+    assert {"srv_0.pth", "srv_1.pth"} <= set(info["input"]["required"]["edlora_name"][0])
+    assert "MixOfShowTextEncode" in server.get("/object_info")
+    assert "IMPORT FAILED" not in (server.base / "server.log").read_text(errors="replace").split("mixofshow")[0][-200:]
+
+
+def test_web_extension_is_served(server):
+    assert "/extensions/mixofshow/mixofshow.js" in server.get("/extensions")
+    assert "registerExtension" in server.get("/extensions/mixofshow/mixofshow.js")
+
+
+def test_prompt_returns_an_image(server):
+    entry = server.run(graph())
+    assert entry["status"]["status_str"] == "success", error_message(entry)
+    assert "<s1> <s2>" in entry["outputs"]["2"]["text"][0]  # shown on the loader node by js/mixofshow.js
+    images = entry["outputs"]["8"]["images"]
+    assert images and (server.base / "output" / images[0]["filename"]).is_file()
+
+
+def test_bad_file_is_an_execution_error_naming_it(server):
+    entry = server.run(graph(edlora="broken.pth"))
+    assert entry["status"]["status_str"] == "error"
+    assert "broken.pth" in error_message(entry) and "corrupt" in error_message(entry)
+
+
+def test_unknown_token_is_reported(server):
+    entry = server.run(graph(prompt="a <s1> <zz9>"))
+    assert "<zz9>" in error_message(entry)
+
+
+def test_bad_widget_is_refused_with_http_400(server):
+    g = graph()
+    g["2"]["inputs"]["edlora_name"] = "missing.pth"
+    status, body = server.post("/prompt", {"prompt": g})
+    assert status == 400 and "2" in body.get("node_errors", {})

@@ -1,0 +1,79 @@
+"""Issue 2 §4 on the full-size SD1.5 layout: every LoRA key maps, every patched weight is W0 + s·up@down."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.sd
+
+from fusion.synthetic import make_edlora_state
+
+CKPT = Path(os.environ.get("MIXOFSHOW_SD15_RANDOM",
+                           Path(__file__).resolve().parents[2] / ".host" / "models" / "sd15_random_fp16.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    if not CKPT.is_file():
+        pytest.skip(f"no full-size random SD1.5 at {CKPT} (tools/host/make_sd15_random.py makes it)")
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(CKPT), output_vae=False, output_clip=True)
+    return model, clip
+
+
+def effective_weight(module) -> torch.Tensor:
+    """The weight a forward pass really uses (patches may be applied in place or at cast time)."""
+    w = module.weight
+    eye = torch.eye(w.shape[1], dtype=torch.float32)
+    if w.ndim == 4:
+        eye = eye[:, :, None, None]
+    with torch.no_grad():
+        out = module(eye) - module(torch.zeros_like(eye))
+    return out.reshape(w.shape[1], w.shape[0]).t().reshape(w.shape)
+
+
+@pytest.mark.parametrize("spelling", ["main", "research"])
+def test_every_key_maps_and_patched_weights_are_exact(env, sd15, spelling):
+    model, clip = sd15
+    edlora_mod = env.pack("fusion.edlora")
+    lora_patch = env.pack("nodes.lora_patch")
+    state = make_edlora_state(("<p1>", "<p2>"), seed=7, spelling=spelling)
+    flat_keys = len(state["params"]["unet"]) + len(state["params"]["text_encoder"])
+    edlora = edlora_mod.parse_edlora(state, f"full_{spelling}.pth")
+    assert 2 * (len(edlora.unet) + len(edlora.text_encoder)) == flat_keys
+    unet = lora_patch.unet_patches(edlora, model)
+    text = lora_patch.clip_patches(edlora, clip)
+    assert len(unet) == len(edlora.unet) == 192  # 16 blocks x 12 modules, zero unmapped
+    assert len(text) == len(edlora.text_encoder) == 72  # 12 layers x 6 linears
+
+    s_unet, s_text = 0.7, 0.4
+    patched = model.clone()
+    patched.add_patches(unet, s_unet)
+    w0 = {k: v[0][0].float().clone() for k, v in model.get_key_patches().items() if k in unet}
+    comfy.model_management.load_models_gpu([patched])  # what sampling does
+    try:
+        for module, (up, down) in edlora.unet.items():
+            key = lora_patch.model_key_map(model)[lora_patch.unet_lora_name(module)]
+            expected = w0[key] + s_unet * (up.flatten(1) @ down.flatten(1)).reshape(w0[key].shape)
+            got = effective_weight(patched.model.get_submodule(key[: -len(".weight")]))
+            torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+    finally:
+        comfy.model_management.unload_all_models()
+
+    clip_p = clip.clone()
+    clip_p.add_patches(text, s_text)
+    keymap = lora_patch.clip_key_map(clip)
+    w0 = {k: v[0][0].float().clone() for k, v in clip.get_key_patches().items() if k in text}
+    clip_p.load_model()  # what encoding does
+    try:
+        for module, (up, down) in edlora.text_encoder.items():
+            key = keymap[lora_patch.text_lora_name(module)]
+            expected = w0[key] + s_text * up @ down
+            got = effective_weight(clip_p.cond_stage_model.get_submodule(key[: -len(".weight")]))
+            torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+    finally:
+        comfy.model_management.unload_all_models()
+    # the base weights are back (nothing of the input was changed for good)
+    for key, ((w, _conv), *_) in list(model.get_key_patches().items())[:5]:
+        assert torch.equal(model.model.get_parameter(key), w)

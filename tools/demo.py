@@ -1,0 +1,88 @@
+"""The README's main job: a multi-concept generation on the project's host, through the HTTP API of a
+real ComfyUI server, with demo models (a full-size random-weight SD1.5 checkpoint and three synthetic
+full-size ED-LoRAs). Random weights make a noise image: this shows the plumbing, not the art.
+
+usage: python tools/demo.py [--steps N] [--width W] [--height H]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools" / "host"))
+sys.path.append(str(REPO))
+from comfy_server import ComfyServer, error_message  # noqa: E402
+
+from fusion.synthetic import make_edlora_state  # noqa: E402
+
+CHARACTERS = {"potter": ("<potter1>", "<potter2>"), "hermione": ("<hermione1>", "<hermione2>"),
+              "thanos": ("<thanos1>", "<thanos2>")}
+CKPT = "sd15_random_fp16.safetensors"
+
+
+def prepare(base: Path) -> None:
+    (base / "models" / "edloras").mkdir(parents=True, exist_ok=True)
+    (base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for i, (name, tokens) in enumerate(CHARACTERS.items()):
+        path = base / "models" / "edloras" / f"demo_{name}.pth"
+        if not path.exists():
+            torch.save(make_edlora_state(tokens, seed=100 + i), path)
+    link = base / "models" / "checkpoints" / CKPT
+    if not link.exists():
+        link.symlink_to(REPO / ".host" / "models" / CKPT)
+
+
+def graph(steps: int, width: int, height: int) -> dict:
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}}
+    model, clip, concepts = ["1", 0], ["1", 1], None
+    for i, name in enumerate(CHARACTERS):
+        node = str(10 + i)
+        inputs = {"model": model, "clip": clip, "edlora_name": f"demo_{name}.pth",
+                  "text_encoder_strength": 0.7, "unet_strength": 0.7}
+        if concepts:
+            inputs["concepts"] = concepts
+        g[node] = {"class_type": "MixOfShowLoadEDLoRA", "inputs": inputs}
+        model, clip, concepts = [node, 0], [node, 1], [node, 2]
+    g["20"] = {"class_type": "MixOfShowTextEncode", "inputs": {"clip": clip, "concepts": concepts, "text":
+               "a <potter1> <potter2>, a <hermione1> <hermione2> and a <thanos1> <thanos2> standing in a forest"}}
+    g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "longbody, lowres, bad anatomy"}}
+    g["22"] = {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}}
+    g["23"] = {"class_type": "KSampler", "inputs": {"model": model, "positive": ["20", 0], "negative": ["21", 0],
+                                                    "latent_image": ["22", 0], "seed": 19, "steps": steps, "cfg": 7.5,
+                                                    "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}}
+    g["24"] = {"class_type": "VAEDecode", "inputs": {"samples": ["23", 0], "vae": ["1", 2]}}
+    g["25"] = {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": "mixofshow_demo"}}
+    return g
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--height", type=int, default=256)
+    a = ap.parse_args()
+    base = REPO / ".host" / "demo-base"
+    prepare(base)
+    t0 = time.time()
+    with ComfyServer(base, {"mixofshow": REPO}) as server:
+        entry = server.run(graph(a.steps, a.width, a.height))
+    if entry["status"]["status_str"] != "success":
+        print("demo failed:", error_message(entry))
+        return 1
+    image = entry["outputs"]["25"]["images"][0]
+    out = base / "output" / image.get("subfolder", "") / image["filename"]
+    shutil.copy(out, REPO / ".host" / "demo.png")
+    print(json.dumps({"image": str(out), "copy": str(REPO / ".host" / "demo.png"),
+                      "seconds": round(time.time() - t0, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
