@@ -10,6 +10,11 @@ if [ ! -f "$SD15" ]; then
   mkdir -p "$(dirname "$SD15")"
   (cd /tmp && "$VPY" "$REPO/tools/host/make_sd15_random.py" "$REPO/.host/ComfyUI" "$SD15")
 fi
+# the browser tier drives Debian's Chromium (never a downloaded browser)
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || echo "warning: could not install chromium; the browser tests will be skipped" >&2
+fi
 cd "$REPO"
 export OMP_NUM_THREADS=1
 exec "$VPY" -m pytest -q -p no:cacheprovider "$@"
