@@ -26,7 +26,7 @@ import nodes as comfy_nodes
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..fusion.layers import CROSS_ATTN_BLOCKS, LAYER_OF_BLOCK
-from ..fusion.regional import box_to_mask, layer_masks
+from ..fusion.regional import box_to_mask, find_pose_boxes, layer_masks
 from .layerwise import LayerwiseAttn2Patch, install_layerwise, layerwise_of
 
 CATEGORY = "Mix-of-Show"
@@ -95,15 +95,17 @@ class RegionalAttn2Patch(LayerwiseAttn2Patch):
         chunks = list(extra_options.get("cond_or_uncond", [0]))
         rows = ctx.shape[0]
         b0 = rows // len(chunks)
-        parts = [ctx]
+        pieces = []  # per region: one [1, T, C] context per chunk
         for pos, neg in zip(data.positive, data.negative):
-            per_chunk = []
-            for cu in chunks:
-                c = _layer_context(neg if cu == 1 else pos, layer).to(device=ctx.device, dtype=ctx.dtype)
-                per_chunk.append(c.expand(b0, -1, -1))
-            parts.append(torch.cat(per_chunk))
-        tokens = math.lcm(*[p.shape[1] for p in parts])
-        full = torch.cat([p if p.shape[1] == tokens else p.repeat(1, tokens // p.shape[1], 1) for p in parts], dim=1)
+            pieces.append([_layer_context(neg if cu == 1 else pos, layer).to(device=ctx.device, dtype=ctx.dtype)
+                           for cu in chunks])
+        tokens = math.lcm(ctx.shape[1], *[c.shape[1] for region in pieces for c in region])
+
+        def pad(t):
+            return t if t.shape[1] == tokens else t.repeat(1, tokens // t.shape[1], 1)
+
+        parts = [pad(ctx)] + [torch.cat([pad(c).expand(b0, -1, -1) for c in region]) for region in pieces]
+        full = torch.cat(parts, dim=1)
         extra_options[_TOKENS_KEY] = tokens
         return n, full, full
 
@@ -218,6 +220,32 @@ class BoxMask:
         return (box_to_mask(height, width, top, left, bottom, right)[None],)
 
 
+class PoseBoxMask:
+    DESCRIPTION = ("The box around one person of a pose (OpenPose skeleton on black) or line-art condition image, as "
+                   "a MASK the size of the image. People are numbered left to right from 0; 'count' says how many "
+                   "were found.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MASK", "INT")
+    RETURN_NAMES = ("mask", "count")
+    FUNCTION = "find"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",),
+                             "index": ("INT", {"default": 0, "min": 0, "max": 63,
+                                               "tooltip": "Which person, left to right, from 0."}),
+                             "margin": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 0.5, "step": 0.01,
+                                                  "tooltip": "Grow the box by this fraction of the image size."})}}
+
+    def find(self, image, index, margin):
+        img = image[0] if image.dim() == 4 else image
+        boxes = find_pose_boxes(img.detach().cpu(), margin=margin)
+        if index >= len(boxes):
+            raise ValueError(f"pose box {index} requested but only {len(boxes)} person(s) found in the image")
+        height, width = int(img.shape[0]), int(img.shape[1])
+        return (box_to_mask(height, width, *boxes[index])[None], len(boxes))
+
+
 class RegionalGuider(comfy.samplers.CFGGuider):
     """CFGGuider on a clone of the model patched for the regions."""
 
@@ -266,12 +294,14 @@ class RegionalKSampler:
 NODE_CLASS_MAPPINGS = {
     "MixOfShowRegion": RegionNode,
     "MixOfShowBoxMask": BoxMask,
+    "MixOfShowPoseBoxMask": PoseBoxMask,
     "MixOfShowRegionalGuider": RegionalGuiderNode,
     "MixOfShowRegionalSampler": RegionalKSampler,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MixOfShowRegion": "Region (Mix-of-Show)",
     "MixOfShowBoxMask": "Box to Mask (Mix-of-Show)",
+    "MixOfShowPoseBoxMask": "Pose Box to Mask (Mix-of-Show)",
     "MixOfShowRegionalGuider": "Regional Guider (Mix-of-Show)",
     "MixOfShowRegionalSampler": "Regional KSampler (Mix-of-Show)",
 }

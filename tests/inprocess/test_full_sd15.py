@@ -18,7 +18,10 @@ CKPT = Path(os.environ.get("MIXOFSHOW_SD15_RANDOM",
 def sd15():
     if not CKPT.is_file():
         pytest.skip(f"no full-size random SD1.5 at {CKPT} (tools/host/make_sd15_random.py makes it)")
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(CKPT), output_vae=False, output_clip=True)
+    import folder_paths
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+        str(CKPT), output_vae=False, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
     return model, clip
 
 
@@ -77,3 +80,27 @@ def test_every_key_maps_and_patched_weights_are_exact(env, sd15, spelling):
     # the base weights are back (nothing of the input was changed for good)
     for key, ((w, _conv), *_) in list(model.get_key_patches().items())[:5]:
         assert torch.equal(model.model.get_parameter(key), w)
+
+
+def test_textual_inversion_embeddings_and_concepts_together(env, sd15):
+    """``embedding:`` files keep working next to concept tokens (positions shift correctly)."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    _, clip = sd15
+    folder = folder_paths.get_folder_paths("embeddings")[0]
+    os.makedirs(folder, exist_ok=True)
+    ti = torch.randn(2, 768, generator=torch.Generator().manual_seed(1)) * 0.02
+    save_file({"emb_params": ti}, os.path.join(folder, "mos_ti.safetensors"))
+    concepts = env.pack("fusion.concepts").ConceptSet().add(env.pack("fusion.concepts").Concept(
+        env.pack("fusion.edlora").parse_edlora(make_edlora_state(("<q1>",), seed=9, text_lora=False,
+                                                                 unet_lora=False), "q.pth"), 0.0, 0.0))
+    cond = env.pack("nodes.layerwise").encode_with_concepts(clip, "a embedding:mos_ti <q1> dog", concepts)
+    stack = env.pack("nodes.layerwise").layerwise_of(cond[0][1])[0]
+    tok = clip.tokenizer.clip_l.tokenizer
+    table = concepts.tables["<q1>"][:, 0]
+    for layer in (0, 9):
+        seq = [(49406, 1.0), (tok("a")["input_ids"][1], 1.0), (ti[0], 1.0), (ti[1], 1.0), (table[layer], 1.0),
+               (tok("dog")["input_ids"][1], 1.0), (49407, 1.0)]
+        hand = clip.encode_from_tokens({"l": [seq + [(49407, 1.0)] * (77 - len(seq))]})
+        torch.testing.assert_close(stack[layer], hand[0], atol=1e-4, rtol=1e-4)
