@@ -23,6 +23,10 @@ class Concept:
     unet_strength: float
 
 
+def concept_label(concept: Concept) -> str:
+    return f"{concept.edlora.name} ({concept.edlora.digest[:8] or 'in memory'})"
+
+
 @dataclass(frozen=True)
 class ConceptSet:
     concepts: tuple[Concept, ...] = ()
@@ -37,6 +41,15 @@ class ConceptSet:
 
     def token_owners(self) -> dict[str, str]:
         return {tok: c.edlora.name for c in self.concepts for tok in c.edlora.tokens}
+
+    def labels_for(self, tokens) -> tuple[str, ...]:
+        """Which loaded files (``name (digest)``) define these tokens — provenance for conditionings."""
+        wanted = set(tokens)
+        return tuple(sorted({concept_label(c) for c in self.concepts if wanted & set(c.edlora.tokens)}))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(concept_label(c) for c in self.concepts)
 
     @property
     def tables(self) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import folder_paths
 
 from ..fusion.concepts import Concept, ConceptSet
 from ..fusion.edlora import convert_to_safetensors, load_edlora
-from .layerwise import encode_with_concepts, install_layerwise
+from .layerwise import CONCEPTS_USED_KEY, encode_with_concepts, install_layerwise
 from .lora_patch import check_base, clip_patches, unet_patches
 
 log = logging.getLogger("mixofshow")
@@ -59,6 +59,7 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
     if text and text_encoder_strength != 0:
         clip_out.add_patches(text, text_encoder_strength)
     install_layerwise(model_out)
+    model_out.model_options[CONCEPTS_USED_KEY] = concepts.labels
     log.info("Mix-of-Show: loaded %s (%s) with %d UNet and %d text-encoder LoRA modules", edlora.name,
              " ".join(edlora.tokens), len(unet), len(text))
     return model_out, clip_out, concepts

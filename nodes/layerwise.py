@@ -23,6 +23,9 @@ from ..fusion.concepts import ConceptError, ConceptSet, substitute_concepts
 from ..fusion.layers import LAYER_OF_BLOCK, NUM_LAYERS
 
 LAYERWISE_KEY = "mixofshow_layerwise"
+# Provenance: on a conditioning, the ED-LoRAs whose tokens it uses; on a MODEL's model_options, the
+# ED-LoRAs it was loaded with. The regional sampler compares the two.
+CONCEPTS_USED_KEY = "mixofshow_concepts"
 WRAPPER_KEY = "mixofshow.layerwise"
 _PLACEHOLDERS = ("sks", "olis", "zxq", "qxv")
 _MAX_TOKEN_REPEAT = 4  # same padding limit as ComfyUI's CONDCrossAttn
@@ -98,6 +101,7 @@ def encode_with_concepts(clip, text: str, concepts: ConceptSet) -> list:
     cond = out.pop("cond")  # [1, 16 * sections * 77, C], layer-major
     stack = cond.reshape(NUM_LAYERS, -1, cond.shape[-1]).unsqueeze(0)
     out["model_conds"] = {LAYERWISE_KEY: LayerwiseCond(stack)}
+    out[CONCEPTS_USED_KEY] = concepts.labels_for(tok for tok, _ in vectors)
     return [[stack[:, 0].contiguous(), out]]
 
 

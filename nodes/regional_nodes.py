@@ -26,8 +26,11 @@ import nodes as comfy_nodes
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..fusion.layers import CROSS_ATTN_BLOCKS, LAYER_OF_BLOCK
-from ..fusion.regional import box_to_mask, find_pose_boxes, layer_masks
-from .layerwise import LayerwiseAttn2Patch, install_layerwise, layerwise_of
+import comfy.patcher_extension
+
+from ..fusion.concepts import ConceptSet
+from ..fusion.regional import blend_regions, box_to_mask, feature_hw_for_tokens, find_pose_boxes, layer_masks
+from .layerwise import CONCEPTS_USED_KEY, LayerwiseAttn2Patch, encode_with_concepts, install_layerwise, layerwise_of
 
 CATEGORY = "Mix-of-Show"
 REGIONS = "MIXOFSHOW_REGIONS"
@@ -37,10 +40,12 @@ _TOKENS_KEY = "mixofshow_region_tokens"  # set by the attn2_patch, read by the r
 
 @dataclass(frozen=True)
 class Region:
-    """One region: a ``[H, W]`` float mask in [0, 1] and the CONDITIONING lists used inside it."""
+    """One region: a ``[H, W]`` float mask in [0, 1], the CONDITIONING lists used inside it, and the
+    factor applied to ControlNet/T2I-Adapter residuals inside it."""
     mask: torch.Tensor
     positive: tuple
     negative: tuple
+    control_strength: float = 1.0
 
 
 def _context_stack(conditioning, what: str) -> torch.Tensor:
@@ -63,6 +68,7 @@ class RegionData:
         self.masks = torch.stack([r.mask.to(torch.float32) for r in regions])
         self.positive = [_context_stack(list(r.positive), f"region {i} positive") for i, r in enumerate(regions)]
         self.negative = [_context_stack(list(r.negative), f"region {i} negative") for i, r in enumerate(regions)]
+        self.control_strengths = torch.tensor([float(r.control_strength) for r in regions])
         self._cache = {}
 
     def __len__(self):
@@ -75,6 +81,17 @@ class RegionData:
         key = (fh, fw, str(device))
         if key not in self._cache:
             self._cache[key] = layer_masks(self.masks, fh, fw).to(device)
+        return self._cache[key]
+
+    def control_weights(self, fh: int, fw: int, device) -> torch.Tensor:
+        """``[1, 1, fh, fw]`` factor for control residuals: 1 outside regions, the mask-weighted
+        average of the covering regions' strengths inside (the same blend as the attention)."""
+        key = ("control", fh, fw, str(device))
+        if key not in self._cache:
+            masks = layer_masks(self.masks, fh, fw)
+            ones = torch.ones(1, fh * fw, 1)
+            per_region = self.control_strengths[:, None, None, None].expand(-1, 1, fh * fw, 1)
+            self._cache[key] = blend_regions(ones, per_region, masks).reshape(1, 1, fh, fw).to(device)
         return self._cache[key]
 
 
@@ -120,8 +137,6 @@ class RegionalAttn2Replace:
         tokens = extra_options.get(_TOKENS_KEY)
         if data is None or tokens is None or k.shape[1] != tokens * (len(data) + 1):
             return optimized_attention(q, k, v, heads, **kwargs)
-        from ..fusion.regional import blend_regions
-
         n_regions = len(data)
         b, n_tok, _ = q.shape
         h = optimized_attention(q, k[:, :tokens], v[:, :tokens], heads, **kwargs)
@@ -133,7 +148,6 @@ class RegionalAttn2Replace:
         shape = extra_options.get("activations_shape")
         fh, fw = int(shape[-2]), int(shape[-1])
         if fh * fw != n_tok:
-            from ..fusion.regional import feature_hw_for_tokens
             fh, fw = feature_hw_for_tokens(n_tok, data.masks.shape[1], data.masks.shape[2])
         return blend_regions(h, h_regions, data.flat_masks(fh, fw, q.device))
 
@@ -141,13 +155,45 @@ class RegionalAttn2Replace:
         return self
 
 
+class RegionalControlScale:
+    """DIFFUSION_MODEL wrapper: scale every ControlNet/T2I-Adapter residual per pixel by the regions'
+    control strengths (core ComfyUI has one strength per ControlNet)."""
+
+    def __init__(self, data: RegionData):
+        self.data = data
+
+    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        if control:
+            control = {kind: [None if r is None else r * self.data.control_weights(r.shape[-2], r.shape[-1], r.device)
+                              .to(r.dtype) for r in residuals] for kind, residuals in control.items()}
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+
+def check_concepts(model, regions) -> None:
+    """Refuse regions whose prompts use concepts the MODEL was not loaded with (e.g. encoded with the
+    CLIP of another Load ED-LoRA chain)."""
+    loaded = set(model.model_options.get(CONCEPTS_USED_KEY, ()))
+    for i, region in enumerate(regions):
+        for what, cond in (("prompt", region.positive), ("negative prompt", region.negative)):
+            used = {name for entry in cond for name in entry[1].get(CONCEPTS_USED_KEY, ())}
+            missing = used - loaded
+            if missing:
+                raise ValueError(f"region {i}: its {what} was encoded with ED-LoRA(s) {', '.join(sorted(missing))} "
+                                 f"that the sampler's MODEL was not loaded with — encode every region with the CLIP "
+                                 f"and concepts of the same Load ED-LoRA chain as the MODEL")
+
+
 def install_regions(model, regions):
     """A patched clone of ``model`` (a ModelPatcher) for ``regions``; ``model`` itself when there are none."""
     regions = tuple(regions or ())
     if not regions:
         return model
+    check_concepts(model, regions)
     data = RegionData(regions)
     clone = model.clone()
+    if any(r.control_strength != 1.0 for r in regions):
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "mixofshow.regional_control",
+                                   RegionalControlScale(data))
     install_layerwise(clone)  # wrappers for layer-wise conds (idempotent)
     to = clone.model_options.setdefault("transformer_options", {})
     patches = to.setdefault("patches", {})
@@ -180,10 +226,13 @@ class RegionNode:
                 "negative": ("CONDITIONING", {"tooltip": "Negative prompt for this region."}),
                 "mask": ("MASK", {"tooltip": "Where the region is, at any resolution (resized to every layer)."}),
             },
-            "optional": {"regions": (REGIONS, {"tooltip": "Regions to add this one to."})},
+            "optional": {"regions": (REGIONS, {"tooltip": "Regions to add this one to."}),
+                         "control_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                                                        "tooltip": "Factor on ControlNet/T2I-Adapter residuals "
+                                                                   "inside this region (1 = unchanged)."})},
         }
 
-    def add(self, positive, negative, mask, regions=None):
+    def add(self, positive, negative, mask, regions=None, control_strength=1.0):
         regions = tuple(regions or ())
         index = len(regions)
         m = mask
@@ -198,7 +247,7 @@ class RegionNode:
             raise ValueError(f"region {index}: the mask is all zero (the region covers no pixel)")
         _context_stack(positive, f"region {index} positive")
         _context_stack(negative, f"region {index} negative")
-        return (regions + (Region(m, tuple(positive), tuple(negative)),),)
+        return (regions + (Region(m, tuple(positive), tuple(negative), float(control_strength)),),)
 
 
 class BoxMask:
@@ -244,6 +293,52 @@ class PoseBoxMask:
             raise ValueError(f"pose box {index} requested but only {len(boxes)} person(s) found in the image")
         height, width = int(img.shape[0]), int(img.shape[1])
         return (box_to_mask(height, width, *boxes[index])[None], len(boxes))
+
+
+class PoseRegions:
+    DESCRIPTION = ("Regions straight from a pose image: one region per OpenPose skeleton found (left to right, "
+                   "grown by a margin), each with the prompt on the matching line of 'prompts'. Outputs the "
+                   "regions and their masks (to preview).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (REGIONS, "MASK")
+    RETURN_NAMES = ("regions", "masks")
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "OpenPose skeletons on black, the size of the output image."}),
+                "clip": ("CLIP",),
+                "prompts": ("STRING", {"multiline": True, "tooltip": "One line per person, left to right, e.g. "
+                                                                     "'a <potter1> <potter2>, in a robe'."}),
+                "negative": ("STRING", {"multiline": True, "default": "",
+                                        "tooltip": "Negative prompt used in every region."}),
+                "margin": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 0.5, "step": 0.01,
+                                     "tooltip": "Grow each box by this fraction of the image size."}),
+            },
+            "optional": {
+                "concepts": ("EDLORA_CONCEPTS", {"tooltip": "Concepts the prompts use."}),
+                "regions": (REGIONS, {"tooltip": "Regions to add these to."}),
+                "control_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+            },
+        }
+
+    def build(self, image, clip, prompts, negative, margin, concepts=None, regions=None, control_strength=1.0):
+        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        img = image[0] if image.dim() == 4 else image
+        boxes = find_pose_boxes(img.detach().cpu(), margin=margin)
+        if len(boxes) != len(lines):
+            raise ValueError(f"Pose Regions: found {len(boxes)} skeleton(s) at {boxes} (top, left, bottom, right) but "
+                             f"{len(lines)} prompt line(s); write one line per person, left to right")
+        concepts = concepts or ConceptSet()
+        neg = encode_with_concepts(clip, negative, concepts)
+        height, width = int(img.shape[0]), int(img.shape[1])
+        masks = [box_to_mask(height, width, *b) for b in boxes]
+        for mask, line in zip(masks, lines):
+            pos = encode_with_concepts(clip, line, concepts)
+            (regions,) = RegionNode().add(pos, neg, mask[None], regions, control_strength)
+        return regions, torch.stack(masks)
 
 
 class RegionalGuider(comfy.samplers.CFGGuider):
@@ -295,6 +390,7 @@ NODE_CLASS_MAPPINGS = {
     "MixOfShowRegion": RegionNode,
     "MixOfShowBoxMask": BoxMask,
     "MixOfShowPoseBoxMask": PoseBoxMask,
+    "MixOfShowPoseRegions": PoseRegions,
     "MixOfShowRegionalGuider": RegionalGuiderNode,
     "MixOfShowRegionalSampler": RegionalKSampler,
 }
@@ -302,6 +398,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MixOfShowRegion": "Region (Mix-of-Show)",
     "MixOfShowBoxMask": "Box to Mask (Mix-of-Show)",
     "MixOfShowPoseBoxMask": "Pose Box to Mask (Mix-of-Show)",
+    "MixOfShowPoseRegions": "Regions from Pose (Mix-of-Show)",
     "MixOfShowRegionalGuider": "Regional Guider (Mix-of-Show)",
     "MixOfShowRegionalSampler": "Regional KSampler (Mix-of-Show)",
 }

@@ -1,30 +1,5 @@
 """Issue 2 through the HTTP API of a real ComfyUI server (started and stopped here)."""
-import sys
-from pathlib import Path
-
-import pytest
-import torch
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools" / "host"))
-from comfy_server import ComfyServer, comfy_root, error_message  # noqa: E402
-
-from fusion.synthetic import make_edlora_state  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not (comfy_root() / "main.py").is_file(), reason=f"no ComfyUI at {comfy_root()}")
-FIXTURES = REPO / "tests" / "support" / "mixofshow_test_fixtures"
-TINY = dict(model_channels=32, text_layers=2, text_intermediate=512)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("server-base")
-    (base / "models" / "edloras").mkdir(parents=True)
-    for i, tokens in enumerate([("<s1>", "<s2>"), ("<t1>",)]):
-        torch.save(make_edlora_state(tokens, seed=40 + i, **TINY), base / "models" / "edloras" / f"srv_{i}.pth")
-    (base / "models" / "edloras" / "broken.pth").write_bytes(b"not a zip, not a pickle")
-    with ComfyServer(base, {"mixofshow": REPO, "mixofshow_test_fixtures": FIXTURES}) as srv:
-        yield srv
+from comfy_server import error_message
 
 
 def graph(edlora="srv_0.pth", prompt="a <s1> <s2> on a beach"):

@@ -1,0 +1,32 @@
+"""A real ComfyUI server on 127.0.0.1 for the whole tests/api tier (started and stopped here)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools" / "host"))
+from comfy_server import ComfyServer, comfy_root  # noqa: E402
+
+from fusion.synthetic import make_edlora_state  # noqa: E402
+
+if not (comfy_root() / "main.py").is_file():
+    pytest.skip(f"no ComfyUI at {comfy_root()}", allow_module_level=True)
+FIXTURES = REPO / "tests" / "support" / "mixofshow_test_fixtures"
+TINY = dict(text_layers=2, text_intermediate=512)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("server-base")
+    folder = base / "models" / "edloras"
+    folder.mkdir(parents=True)
+    for i, tokens in enumerate([("<s1>", "<s2>"), ("<t1>",)]):
+        torch.save(make_edlora_state(tokens, seed=40 + i, model_channels=32, **TINY), folder / f"srv_{i}.pth")
+    for i, name in enumerate(("potter", "hermione", "thanos")):  # for the 64-channel "wide" tiny model
+        torch.save(make_edlora_state((f"<{name}1>", f"<{name}2>"), seed=70 + i, model_channels=64, **TINY),
+                   folder / f"wide_{name}.pth")
+    (folder / "broken.pth").write_bytes(b"not a zip, not a pickle")
+    with ComfyServer(base, {"mixofshow": REPO, "mixofshow_test_fixtures": FIXTURES}) as srv:
+        yield srv
