@@ -65,6 +65,7 @@ class GramAccumulator:
     """
 
     _CHUNK_ROWS = 65536  # bounds the temporary up-cast copy of a low-precision input
+    _STRIP = 256  # width of the upper-triangle strips (wide Grams: ~1.6x fewer flops than a full GEMM)
 
     def __init__(self, in_features: int, device=None, dtype: torch.dtype = torch.float32):
         if int(in_features) <= 0:
@@ -76,6 +77,10 @@ class GramAccumulator:
         self.device = torch.device(device) if device is not None else None
         self.count = 0
         self._gram: Optional[Tensor] = None
+        self._lower_stale = False  # only the upper triangle is accumulated; mirrored on read
+        n_strips = min(8, max(1, self.in_features // self._STRIP))
+        step = -(-self.in_features // n_strips)
+        self._strips = [(i, min(i + step, self.in_features)) for i in range(0, self.in_features, step)]
 
     # internal: allocate lazily so that device=None can follow the data
     def _buffer(self, device: torch.device) -> Tensor:
@@ -86,6 +91,16 @@ class GramAccumulator:
             # created under inference_mode, now updated outside it: in-place would be refused
             self._gram = self._gram.clone()
         return self._gram
+
+    def _accumulate(self, cols: Tensor) -> None:
+        """``G += cols @ colsᵀ`` for ``cols [in, n]`` (transposed rows), upper strips only."""
+        g = self._buffer(cols.device)
+        if len(self._strips) == 1:
+            g.addmm_(cols, cols.mT)
+            return
+        for i0, i1 in self._strips:
+            g[i0:i1, i0:].addmm_(cols[i0:i1], cols[i0:].mT)
+        self._lower_stale = True
 
     def add(self, x: Tensor, channels_first: bool = False) -> None:
         """Accumulate the rows of ``x``.
@@ -101,29 +116,31 @@ class GramAccumulator:
             if channels_first and x.ndim >= 3:
                 if x.shape[1] != self.in_features:
                     raise ValueError(f"expected {self.in_features} channels at dim 1, got shape {tuple(x.shape)}")
-                g = self._buffer(target_device)
                 cols = x.reshape(x.shape[0], self.in_features, -1)  # [B, C, P]: no transposed copy
                 for b in range(cols.shape[0]):
-                    xb = cols[b].to(target_device, self.dtype)
-                    g.addmm_(xb, xb.mT)
+                    self._accumulate(cols[b].to(target_device, self.dtype))
                 self.count += cols.shape[0] * cols.shape[2]
                 return
             if x.ndim == 0 or x.shape[-1] != self.in_features:
                 raise ValueError(f"expected last dim {self.in_features}, got shape {tuple(x.shape)}")
             rows = x.reshape(-1, self.in_features)
-            g = self._buffer(target_device)
             for start in range(0, rows.shape[0], self._CHUNK_ROWS):
                 r = rows[start:start + self._CHUNK_ROWS].to(target_device, self.dtype)
-                g.addmm_(r.mT, r)
+                self._accumulate(r.mT)
             self.count += rows.shape[0]
 
     @property
     def gram(self) -> Tensor:
-        """``Σ XᵀX`` so far (``[in, in]``, accumulation dtype; zeros when nothing was added).
-        The live buffer, not a copy."""
+        """``Σ XᵀX`` so far: symmetric ``[in, in]`` in the accumulation dtype (zeros when nothing
+        was added). Treat it as read-only; later ``add`` calls may update it in place."""
         if self._gram is None:
             return torch.zeros(self.in_features, self.in_features, dtype=self.dtype,
                                device=self.device if self.device is not None else "cpu")
+        if self._lower_stale:
+            with torch.no_grad():
+                g = self._gram
+                self._gram = torch.triu(g) + torch.triu(g, 1).mT
+            self._lower_stale = False
         return self._gram
 
     def merge(self, other: "GramAccumulator") -> "GramAccumulator":
@@ -134,9 +151,9 @@ class GramAccumulator:
         if other._gram is None:
             return self
         with torch.no_grad():
-            src = other._gram
+            src = other.gram
             g = self._buffer(self.device if self.device is not None else src.device)
-            g.add_(src.to(g.device, g.dtype))
+            g.add_(src.to(g.device, g.dtype))  # only the upper triangle of g is read later if stale
         self.count += other.count
         return self
 
@@ -242,7 +259,8 @@ def _lambda_max_lower(g: Tensor, iters: int = 20) -> float:
 
 # --------------------------------------------------------------------------- closed form
 
-def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence, rcond: Optional[float] = None,
+def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence[Union[Tensor, GramAccumulator]],
+                      rcond: Optional[float] = None,
                       *, row_counts: Optional[Sequence[int]] = None, compute_dtype: torch.dtype = torch.float64,
                       return_info: bool = False):
     """``W* = W0 + (Σ ΔWi Gi)(Σ Gi)⁺``: the exact minimiser of ``Σ_i ‖Xi Wᵀ − Xi Wiᵀ‖²`` closest
@@ -259,10 +277,11 @@ def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence, 
         rcond: relative eigenvalue cutoff: eigen-directions of ``G = Σ Gi`` with eigenvalue
             ``≤ rcond·λmax(G)`` count as "no data" and get no change. ``None`` (default) sets the cutoff
             at the rounding floor of a Gram summed in the Grams' dtype,
-            ``max(2·eps_G·tr(G)/√in, 10·eps_compute·tr(G))`` -- about 1e-8…5e-7 of λmax for float32
-            Grams of real activations, well under the ~1e-6 that 500 L-BFGS steps can resolve, and
-            above the float32 noise that would otherwise be inverted into O(‖ΔW‖) garbage in
-            directions the data never visits.
+            ``max(2·eps_G·tr(G)/√in, 10·eps_compute·tr(G))`` (eps_G: machine epsilon of the least
+            precise Gram) -- about 1e-8…5e-7 of λmax for float32 Grams of activation-like data: far
+            below what the reference's float32 L-BFGS resolves in its iteration budget, yet above
+            the Gram's own rounding noise, which would otherwise be inverted into O(‖ΔW‖) garbage
+            along directions the data never visits. Pass float64 Grams for a lower floor.
         row_counts: rows behind each Gram (overrides the accumulators' counts); when
             ``Σ rows + 10 ≤ in/2`` (text layers: ~100 rows for 768/3072 inputs) the pseudo-inverse is
             taken in the ≤ Σ rows-dimensional row space, found with a randomised range finder
@@ -306,7 +325,9 @@ def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence, 
             return (w, info) if return_info else w
 
         gs = [g.to(dev, cdt) for g in gram_list]
-        G = gs[0].clone() if len(gs) == 1 else torch.stack(gs).sum(0)
+        G = gs[0].clone()
+        for g in gs[1:]:
+            G += g
         G = 0.5 * (G + G.mT)  # GEMM-accumulated XᵀX is symmetric only up to rounding
         trace = float(G.diagonal().sum())
         if not math.isfinite(trace):
@@ -315,17 +336,32 @@ def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence, 
         if trace <= 0.0 or all(p is None for p in parts):
             return finish(None, {"method": "zero", "rank": 0, "tol": 0.0})
 
-        # Right-hand side B = Σ ΔWi Gi, kept factored as U @ M when every delta is (up, down).
+        # Right-hand side B = Σ ΔWi Gi. When every delta is a pair (up, down) it stays factored,
+        # B = U @ M with M = [down_i Gi] (Σ r rows), and only M is solved against G.
         live = [(p, g) for p, g in zip(parts, gs) if p is not None]
-        if all(p[0] is not None for p, _ in live):
-            U = torch.cat([p[0] for p, _ in live], dim=1)
-            M = torch.cat([p[1] @ g for p, g in live], dim=0)
-        else:
-            U = None
-            M = None
+        U = torch.cat([p[0] for p, _ in live], dim=1) if all(p[0] is not None for p, _ in live) else None
+        rhs_rows = U.shape[1] if U is not None else out_f
+
+        def rhs() -> Tensor:
+            """M (= B when dense): [rhs_rows, in]."""
+            if U is not None:
+                return torch.cat([down @ g for (_, down), g in live], dim=0)
+            m = None
             for (up, down), g in live:
                 term = down @ g if up is None else up @ (down @ g)
-                M = term if M is None else M.add_(term)
+                m = term if m is None else m.add_(term)
+            return m
+
+        def rhs_times(V: Tensor) -> Tensor:
+            """M @ V without forming M when V is thin (few kept directions, many outputs)."""
+            if U is not None or V.shape[1] >= rhs_rows:
+                return rhs() @ V
+            m = None
+            for (up, down), g in live:
+                gv = g @ V
+                term = down @ gv if up is None else up @ (down @ gv)
+                m = term if m is None else m.add_(term)
+            return m
 
         if rcond is None:
             tol_abs = max(2.0 * eps_g * trace / math.sqrt(in_f), 10.0 * eps_c * trace)
@@ -343,12 +379,13 @@ def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence, 
             if rank == 0:
                 return finish(None, info)
             Vk = V[:, keep]
-            Z = ((M @ Vk) / e[keep]) @ Vk.mT
+            Z = (rhs_times(Vk) / e[keep]) @ Vk.mT
             return finish(Z if U is None else U @ Z, info)
 
         # 1) Few rows: the pseudo-inverse lives in a ≤ Σ rows dimensional subspace.
-        if all(c is not None for c in counts):
-            k = sum(counts) + _OVERSAMPLE
+        known_rows = sum(counts) if all(c is not None for c in counts) else None
+        if known_rows is not None:
+            k = known_rows + _OVERSAMPLE
             if k <= _LOWRANK_FRACTION * in_f:
                 Q, _ = torch.linalg.qr(G @ _randn((in_f, k), G, seed=2024))
                 H = Q.mT @ G @ Q
@@ -358,13 +395,14 @@ def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence, 
                 if missed <= (in_f - k) * tol + 10.0 * eps_c * trace:
                     return spectral(e, Q @ Wh, "lowrank", {"subspace": k})
 
-        # 2) Full rank and well conditioned: Cholesky, no inverse, no eigendecomposition.
-        L, status = torch.linalg.cholesky_ex(G)
+        # 2) Full rank and well conditioned: Cholesky, no inverse, no eigendecomposition
+        #    (not even tried when fewer rows than inputs were recorded).
+        L, status = (None, 1) if known_rows is not None and known_rows < in_f else torch.linalg.cholesky_ex(G)
         if int(status) == 0:
             lam_min = _lambda_min_upper(L)
             tol = tol_abs if tol_abs is not None else rcond * _lambda_max_lower(G)
             if lam_min > _CHOL_MARGIN * tol:
-                Z = torch.cholesky_solve(M.mT, L).mT
+                Z = torch.cholesky_solve(rhs().mT, L).mT
                 info = {"method": "cholesky", "rank": in_f, "tol": tol, "lambda_min_est": lam_min}
                 return finish(Z if U is None else U @ Z, info)
 
@@ -375,7 +413,8 @@ def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence, 
 
 # --------------------------------------------------------------------------- objective
 
-def layer_objective(w: Tensor, w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence) -> float:
+def layer_objective(w: Tensor, w0: Tensor, deltas: Sequence[DeltaLike],
+                    grams: Sequence[Union[Tensor, GramAccumulator]]) -> float:
     """``Σ_i tr((W − Wi) Gi (W − Wi)ᵀ)`` in float64: the summed squared output error over every
     recorded row (what both solvers minimise), without needing the rows. ``W − Wi`` is formed as
     ``(W − W0) − ΔWi`` in float64 so that nearly equal weights do not cancel in float32."""

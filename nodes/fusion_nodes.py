@@ -32,6 +32,7 @@ Design decisions (see also fusion/gradient_fusion.py):
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import uuid
 
@@ -48,7 +49,8 @@ from ..fusion.concepts import Concept, ConceptError, ConceptSet
 from ..fusion.edlora import EDLoRA, EDLoRAError
 from ..fusion.layers import layer_of_unet_module
 from .edlora_nodes import CATEGORY, CONCEPTS, EDLORA_FOLDER
-from .layerwise import encode_with_concepts, install_layerwise, layerwise_of, tokenize_with_concepts
+from .layerwise import (CONCEPTS_USED_KEY, encode_with_concepts, install_layerwise, layerwise_of,
+                        tokenize_with_concepts)
 from .lora_patch import check_base, clip_key_map, clip_patches, model_key_map, text_lora_name, unet_lora_name, \
     unet_patches
 
@@ -148,7 +150,7 @@ class _Target:
 def _end_position(tokens: dict, end_token: int) -> int:
     section = next(iter(tokens.values()))[0]
     for j, pair in enumerate(section):
-        if j > 0 and isinstance(pair[0], int) and pair[0] == end_token:
+        if j > 0 and isinstance(pair[0], numbers.Integral) and int(pair[0]) == end_token:
             return j
     return len(section) - 1
 
@@ -432,7 +434,10 @@ class GradientFusion:
         return out
 
     def _outputs(self, text_w, unet_w):
-        return self._model_clone(fused=unet_w), self._clip_clone(fused=text_w), self._fused_concepts()
+        concepts = self._fused_concepts()
+        model = self._model_clone(fused=unet_w)
+        model.model_options[CONCEPTS_USED_KEY] = concepts.labels  # regions encoded with these are accepted
+        return model, self._clip_clone(fused=text_w), concepts
 
     def run(self):
         import time
@@ -600,6 +605,7 @@ def apply_bundle(model, clip, path: str):
     concepts = ConceptSet()
     for e in b.edloras():
         concepts = concepts.add(Concept(e, 0.0, 0.0))
+    m.model_options[CONCEPTS_USED_KEY] = concepts.labels
     base_now = gf._h(base_identity(model, msd, set(b.model)), base_identity(clip.patcher, csd, set(b.clip)))
     if b.base and base_now != b.base:
         log.warning("Mix-of-Show: %s was fused on a different base model (or one with other patches)", name)

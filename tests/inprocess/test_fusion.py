@@ -315,3 +315,23 @@ def test_node_in_a_prompt(env, two):
     }
     executor, _ = run_prompt(graph)
     assert executor.success, execution_error(executor) or executor.validation
+
+
+def test_fused_model_accepts_regions_encoded_with_the_fused_concepts(env, tiny, write_edlora):
+    model, clip, _ = tiny
+    a = write_edlora("fu_reg_a.pth", tokens=("<ra1>",), seed=80)
+    b = write_edlora("fu_reg_b.pth", tokens=("<rb1>",), seed=81)
+    _, _, concepts = load_set(env, tiny, [a, b])
+    fm, fc, fcs, _ = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
+    assert fm.model_options["mixofshow_concepts"] == fcs.labels == concepts.labels
+    enc = env.pack("nodes.layerwise").encode_with_concepts
+    regional = env.pack("nodes.regional_nodes")
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, :32] = 1
+    regions = regional.RegionNode().add(enc(fc, "a <ra1>", fcs), enc(fc, "blurry", fcs), mask)[0]
+    regions = regional.RegionNode().add(enc(fc, "a <rb1>", fcs), enc(fc, "blurry", fcs), 1 - mask, regions)[0]
+    patched = regional.install_regions(fm, regions)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    out = comfy_nodes.common_ksampler(patched, 1, 1, 5.0, "euler", "normal", enc(fc, "two people", fcs),
+                                      enc(fc, "blurry", fcs), latent)[0]["samples"]
+    assert torch.isfinite(out).all()

@@ -261,6 +261,25 @@ def test_gram_accumulator_chunks_and_merge():
         a.merge(GramAccumulator(23))
 
 
+def test_wide_gram_accumulator_upper_strips():
+    """Wide inputs accumulate only upper-triangle strips; the Gram read back is the full XᵀX,
+    also after reading it, adding more rows and merging."""
+    g = torch.Generator().manual_seed(17)
+    d = 700  # > 2 strips
+    x = torch.randn(3, 40, d, generator=g, dtype=torch.float64)
+    acc = GramAccumulator(d, dtype=torch.float64)
+    acc.add(x[0])
+    r0 = x[0]
+    torch.testing.assert_close(acc.gram, r0.T @ r0)
+    acc.add(x[1])
+    other = GramAccumulator(d, dtype=torch.float64)
+    other.add(x[2].T.reshape(1, d, 40, 1), channels_first=True)
+    acc.merge(other)
+    rows = x.reshape(-1, d)
+    torch.testing.assert_close(acc.gram, rows.T @ rows)
+    assert torch.equal(acc.gram, acc.gram.T) and acc.count == 120
+
+
 def test_gram_accumulator_conv_input():
     g = torch.Generator().manual_seed(12)
     x = torch.randn(3, 16, 5, 7, generator=g)  # [B, C, H, W] input of a 1×1 conv
