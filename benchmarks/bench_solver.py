@@ -1,7 +1,7 @@
 """Closed-form gradient fusion vs the reference L-BFGS, per layer, on SD1.5-sized synthetic layers.
 
-    .host/venv/bin/python benchmarks/bench_solver.py            # full (≈10 min on 2 CPU cores)
-    .host/venv/bin/python benchmarks/bench_solver.py --quick    # ≈1-2 min: fewer UNet rows, short L-BFGS budget
+    .host/venv/bin/python benchmarks/bench_solver.py            # full (≈9 min on one CPU thread)
+    .host/venv/bin/python benchmarks/bench_solver.py --quick    # ≈4 min: fewer UNet rows, short L-BFGS budget
     .host/venv/bin/python benchmarks/bench_solver.py --device cuda
 
 For 3 concepts per layer it synthesises W0 (random), rank-4 deltas and input rows (per-channel scales

@@ -6,6 +6,7 @@ import os
 
 import folder_paths
 
+from ..fusion.bundle import is_bundle
 from ..fusion.concepts import Concept, ConceptSet
 from ..fusion.edlora import convert_to_safetensors, load_edlora
 from .layerwise import CONCEPTS_USED_KEY, encode_with_concepts, install_layerwise
@@ -45,8 +46,18 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
                  unet_strength: float):
     """Clone MODEL and CLIP, patch them with one ED-LoRA, and add its concepts to the set.
 
-    Everything is validated before anything is patched, and the inputs are never modified.
+    Everything is validated before anything is patched, and the inputs are never modified. A fused
+    bundle (from Save Fused ED-LoRA Bundle) loads too: its fused weights replace the base weights and
+    its concepts join the set (the strengths do not apply: the bundle is already merged).
     """
+    if path.endswith(".safetensors") and is_bundle(path):
+        from .fusion_nodes import apply_bundle  # only needed for bundles
+
+        model_out, clip_out, fused = apply_bundle(model, clip, path)
+        for concept in fused.concepts:
+            concepts = (concepts or ConceptSet()).add(concept)
+        model_out.model_options[CONCEPTS_USED_KEY] = concepts.labels
+        return model_out, clip_out, concepts
     edlora = load_edlora(path)
     check_base(edlora, model, clip)
     concepts = (concepts or ConceptSet()).add(Concept(edlora, text_encoder_strength, unet_strength))

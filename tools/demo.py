@@ -1,6 +1,8 @@
-"""The README's main job: a multi-concept generation on the project's host, through the HTTP API of a
-real ComfyUI server, with demo models (a full-size random-weight SD1.5 checkpoint and three synthetic
-full-size ED-LoRAs). Random weights make a noise image: this shows the plumbing, not the art.
+"""The README's main job: a multi-concept regional generation on the project's host, through the HTTP
+API of a real ComfyUI server, with demo models: a full-size random-weight SD1.5 checkpoint, three
+synthetic full-size ED-LoRAs, and a random T2I-Adapter with the OpenPose adapter's layout. Three
+regions come from a reference OpenPose image (one per skeleton), each with its own prompt; the pose
+also steers the adapter. Random weights make a noise image: this shows the plumbing, not the art.
 
 usage: python tools/demo.py [--steps N] [--width W] [--height H]
 """
@@ -25,6 +27,8 @@ from fusion.synthetic import make_edlora_state  # noqa: E402
 CHARACTERS = {"potter": ("<potter1>", "<potter2>"), "hermione": ("<hermione1>", "<hermione2>"),
               "thanos": ("<thanos1>", "<thanos2>")}
 CKPT = "sd15_random_fp16.safetensors"
+ADAPTER = "t2iadapter_openpose_random.safetensors"
+POSE = REPO / "assets" / "poses" / "harry_hermione_thanos.png"
 
 
 def prepare(base: Path) -> None:
@@ -34,9 +38,13 @@ def prepare(base: Path) -> None:
         path = base / "models" / "edloras" / f"demo_{name}.pth"
         if not path.exists():
             torch.save(make_edlora_state(tokens, seed=100 + i), path)
-    link = base / "models" / "checkpoints" / CKPT
-    if not link.exists():
-        link.symlink_to(REPO / ".host" / "models" / CKPT)
+    (base / "models" / "controlnet").mkdir(parents=True, exist_ok=True)
+    (base / "input").mkdir(parents=True, exist_ok=True)
+    for folder, name in (("checkpoints", CKPT), ("controlnet", ADAPTER)):
+        link = base / "models" / folder / name
+        if not link.exists():
+            link.symlink_to(REPO / ".host" / "models" / name)
+    shutil.copy(POSE, base / "input" / POSE.name)
 
 
 def graph(steps: int, width: int, height: int) -> dict:
@@ -50,13 +58,25 @@ def graph(steps: int, width: int, height: int) -> dict:
             inputs["concepts"] = concepts
         g[node] = {"class_type": "MixOfShowLoadEDLoRA", "inputs": inputs}
         model, clip, concepts = [node, 0], [node, 1], [node, 2]
+    g["30"] = {"class_type": "LoadImage", "inputs": {"image": POSE.name}}
+    g["31"] = {"class_type": "MixOfShowPoseRegions", "inputs": {
+        "image": ["30", 0], "clip": clip, "concepts": concepts, "margin": 0.05, "control_strength": 1.0,
+        "prompts": "a <potter1> <potter2>, in Hogwarts uniform\na <hermione1> <hermione2>, smiling\n"
+                   "a <thanos1> <thanos2>, in armor",
+        "negative": "longbody, lowres, bad anatomy, bad hands, missing fingers, cropped, worst quality"}}
     g["20"] = {"class_type": "MixOfShowTextEncode", "inputs": {"clip": clip, "concepts": concepts, "text":
-               "a <potter1> <potter2>, a <hermione1> <hermione2> and a <thanos1> <thanos2> standing in a forest"}}
-    g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "longbody, lowres, bad anatomy"}}
+               "three people standing near a lake, 4K, high quality, high resolution, best quality"}}
+    g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "longbody, lowres, bad anatomy, "
+                                                                               "bad hands, worst quality"}}
+    g["32"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": ADAPTER}}
+    g["33"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["20", 0], "negative": ["21", 0], "control_net": ["32", 0], "image": ["30", 0],
+        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
     g["22"] = {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}}
-    g["23"] = {"class_type": "KSampler", "inputs": {"model": model, "positive": ["20", 0], "negative": ["21", 0],
-                                                    "latent_image": ["22", 0], "seed": 19, "steps": steps, "cfg": 7.5,
-                                                    "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}}
+    g["23"] = {"class_type": "MixOfShowRegionalSampler", "inputs": {
+        "model": model, "positive": ["33", 0], "negative": ["33", 1], "latent_image": ["22", 0],
+        "regions": ["31", 0], "seed": 19, "steps": steps, "cfg": 7.5, "sampler_name": "dpmpp_2m",
+        "scheduler": "karras", "denoise": 1.0}}
     g["24"] = {"class_type": "VAEDecode", "inputs": {"samples": ["23", 0], "vae": ["1", 2]}}
     g["25"] = {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": "mixofshow_demo"}}
     return g

@@ -32,8 +32,8 @@ def main() -> int:
                 return app.graph.serialize();
             }""", [make(), name])
             for node in ui["nodes"]:  # examples should reproduce: fixed seeds
-                if node["type"] == "KSampler":
-                    node["widgets_values"][1] = "fixed"
+                values = node.get("widgets_values") or []
+                node["widgets_values"] = ["fixed" if v == "randomize" else v for v in values] or values
             (out_dir / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
             print("wrote", out_dir / f"{name}.json", len(ui["nodes"]), "nodes")
         if errors:

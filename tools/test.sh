@@ -5,11 +5,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 bash "$REPO/tools/host/setup_host.sh" >/dev/null
 VPY="$REPO/.host/venv/bin/python"
-SD15="$REPO/.host/models/sd15_random_fp16.safetensors"
-if [ ! -f "$SD15" ]; then
-  mkdir -p "$(dirname "$SD15")"
-  (cd /tmp && "$VPY" "$REPO/tools/host/make_sd15_random.py" "$REPO/.host/ComfyUI" "$SD15")
-fi
+bash "$REPO/tools/host/make_models.sh"
 # the browser tier drives Debian's Chromium (never a downloaded browser)
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \

@@ -262,7 +262,10 @@ def test_bundle_round_trip_and_checkpoint_save(env, tiny, two):
     name = out["result"][0]
     assert name in fn(env).bundle_choices()
     lm, lc, lcs = fn(env).LoadFusedBundle().load(model, clip, name)
-    for a, b in ((fm, lm), (fc.patcher, lc.patcher)):
+    # the plain Load ED-LoRA node loads bundles too (strengths do not apply)
+    em, ec, ecs = env.pack("nodes.edlora_nodes").LoadEDLoRA().load(model, clip, name, 0.3, 0.3)["result"]
+    assert ecs.labels == lcs.labels and em.model_options["mixofshow_concepts"] == ecs.labels
+    for a, b in ((fm, lm), (fc.patcher, lc.patcher), (fm, em), (fc.patcher, ec.patcher)):
         wa, wb = fn(env).fused_weights_of(a)[0], fn(env).fused_weights_of(b)[0]
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [c.edlora.tokens for c in lcs.concepts] == [c.edlora.tokens for c in fcs.concepts]
