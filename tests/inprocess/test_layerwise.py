@@ -155,3 +155,15 @@ def test_weights_long_prompts_and_several_concepts(env, tiny, write_edlora):
     neg = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
     out = sample(model, enc(clip, concepts, text)[0], neg)
     assert torch.isfinite(out).all()
+
+
+def test_pure_module_map_agrees_with_comfyui(tiny):
+    """fusion.layers.diffusers_unet_to_ldm (pure) vs ComfyUI's own unet_to_diffusers, every LoRA module."""
+    import comfy.utils
+    from fusion.layers import diffusers_unet_to_ldm
+    from fusion.synthetic import unet_module_shapes
+
+    model, _, _ = tiny
+    comfy_map = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    for module in unet_module_shapes(32):
+        assert comfy_map[module + ".weight"] == diffusers_unet_to_ldm(module) + ".weight", module
