@@ -145,3 +145,14 @@ def test_bad_input_gets_a_clear_error_before_sampling(env, write_edlora, case):
     msg = _error_of(env, base_graph(good, other, prompt))
     for piece in expect:
         assert piece in msg, msg
+
+
+def test_convert_node_then_load_the_converted_file(env, write_edlora):
+    src = write_edlora("conv_src.pth", tokens=("<cv1>",), seed=33, spelling="research")
+    ex, _ = run_prompt({"1": {"class_type": "MixOfShowConvertEDLoRA",
+                              "inputs": {"edlora_name": src, "output_name": "conv_out"}}}, "convert")
+    assert ex.success, execution_error(ex)
+    assert (env.base / "models" / "edloras" / "conv_out.safetensors").is_file()
+    other = write_edlora("conv_other.pth", tokens=("<cv2>",), seed=34)
+    ex, _ = run_prompt(base_graph("conv_out.safetensors", other, "a <cv1> and <cv2>"), "load-converted")
+    assert ex.success, execution_error(ex)
