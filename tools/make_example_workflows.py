@@ -27,10 +27,12 @@ def main() -> int:
     out_dir.mkdir(exist_ok=True)
     with ComfyServer(base, {"mixofshow": REPO}) as server, comfy_page(server.url) as (page, errors):
         for name, make in EXAMPLES.items():
-            ui = page.evaluate("""async ([g, name]) => {
+            # JSON.stringify drops `undefined` fields (they would come back as null and fail the
+            # frontend's workflow schema)
+            ui = json.loads(page.evaluate("""async ([g, name]) => {
                 await app.loadApiJson(g, name);
-                return app.graph.serialize();
-            }""", [make(), name])
+                return JSON.stringify(app.graph.serialize());
+            }""", [make(), name]))
             for node in ui["nodes"]:  # examples should reproduce: fixed seeds
                 values = node.get("widgets_values") or []
                 node["widgets_values"] = ["fixed" if v == "randomize" else v for v in values] or values

@@ -115,6 +115,8 @@ def test_example_workflow_loads_and_matches_the_demo_graph(ui):
         await app.loadGraphData(wf);
         return (await app.graphToPrompt()).output;
     }""", example)
+    page.wait_for_timeout(500)
+    assert "Invalid workflow" not in page.inner_text("body"), "the frontend's schema check refused the example"
     expected = demo.graph(20, 1024, 512)
     assert {k: v["class_type"] for k, v in prompt.items()} == {k: v["class_type"] for k, v in expected.items()}
     for node_id, node in expected.items():
