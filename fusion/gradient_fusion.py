@@ -7,7 +7,9 @@ Conventions
 -----------
 * A module's concept target is always ``W_i = W0 + α_i · ΔW_i`` with ``ΔW_i = up @ down`` computed
   from the raw LoRA factors (4-D 1×1-conv factors are squeezed to 2-D), never from module outputs
-  or ``module.weight``. A concept that has no LoRA on a fused module contributes ``ΔW_i = 0``: its
+  or ``module.weight``. The fusion passes it to the solver *factored*, as the pair
+  ``(α_i · up, down)`` (:func:`lora_factors`): the right-hand side ``Σ ΔW_i G_i`` then costs
+  ``r·in²`` instead of ``out·in²`` and only ``r``-row systems are solved (much faster on wide layers). A concept that has no LoRA on a fused module contributes ``ΔW_i = 0``: its
   recorded inputs still count, so the fused layer keeps behaving like ``W0`` on that concept.
 * Weights are solved as 2-D ``[out, in]`` float32; :func:`restore_shape` puts conv shapes back.
 * Modules that always receive the same input share one recording ("input groups"): attn1
@@ -69,6 +71,35 @@ def lora_delta(up: torch.Tensor, down: torch.Tensor, strength: float = 1.0) -> t
     return float(strength) * (up.float() @ down.float())
 
 
+def lora_factors(up: torch.Tensor, down: torch.Tensor, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(strength · up, down)`` as 2-D float32 ``[out, r]``, ``[r, in]`` (1×1-conv factors squeezed):
+    the factored form of :func:`lora_delta` that the solvers take directly."""
+    if up.ndim == 4:
+        up = up.reshape(up.shape[0], up.shape[1])
+        down = down.reshape(down.shape[0], down.shape[1])
+    return float(strength) * up.float(), down.float()
+
+
+def dense_delta(delta) -> torch.Tensor | None:
+    """A concept's ``ΔW`` as a dense 2-D float32 matrix: ``None`` stays ``None``, a pair
+    ``(up, down)`` is multiplied out, a tensor is flattened to ``[out, in]``."""
+    if delta is None:
+        return None
+    if isinstance(delta, (tuple, list)):
+        up, down = delta
+        return lora_delta(up, down)
+    return as_matrix(delta)
+
+
+def _delta_to(delta, device):
+    if delta is None:
+        return None
+    if isinstance(delta, (tuple, list)):
+        up, down = lora_factors(*delta)
+        return up.to(device), down.to(device)
+    return as_matrix(delta).to(device)
+
+
 def as_matrix(w: torch.Tensor) -> torch.Tensor:
     """A weight as 2-D float32 ``[out, in]`` (``[out, in, 1, 1]`` convs are flattened)."""
     return w.reshape(w.shape[0], -1).float() if w.ndim != 2 else w.float()
@@ -114,8 +145,10 @@ def gram_sqrt(gram: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LayerProblem:
-    """One module to fuse: its original weight, each concept's ``α_i ΔW_i`` (None = no LoRA there),
-    and each concept's recorded inputs as a Gram matrix or raw rows (exactly one per concept)."""
+    """One module to fuse: its original weight, each concept's ``α_i ΔW_i`` (dense, a factored pair
+    ``(α_i·up, down)``, or None = no LoRA there), and each concept's recorded inputs as a Gram matrix
+    / :class:`fusion.solver.GramAccumulator` or raw rows (exactly one per concept). An accumulator
+    carries its row count, which lets the closed form use its few-rows (row-space) path."""
     name: str
     w0: torch.Tensor
     deltas: list
@@ -132,7 +165,7 @@ def solve_layer(problem: LayerProblem, solver: str = "closed_form", device=None,
 
     device = device if device is not None else problem.w0.device
     w0 = as_matrix(problem.w0).to(device)
-    deltas = [None if d is None else as_matrix(d).to(device) for d in problem.deltas]
+    deltas = [_delta_to(d, device) for d in problem.deltas]
     if solver == "closed_form":
         if problem.grams is not None:
             grams = [g if hasattr(g, "gram") else g.to(device) for g in problem.grams]
@@ -155,21 +188,70 @@ def exact_merge(w0: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     """One concept: the fused weight is simply its merged weight ``W0 + α ΔW`` (objective 0)."""
     if delta is None:
         return w0.clone()
-    return restore_shape(as_matrix(w0) + as_matrix(delta).to(w0.device), w0).to(w0.dtype)
+    return restore_shape(as_matrix(w0) + dense_delta(delta).to(w0.device), w0).to(w0.dtype)
+
+
+def _inputs_key(p: LayerProblem):
+    """Identity of a problem's recorded inputs (the same Gram / row objects, per concept) and width."""
+    xs = p.grams if p.grams is not None else p.rows
+    return None if xs is None else (tuple(id(x) for x in xs), as_matrix(p.w0).shape[1])
+
+
+def _stacked(members: Sequence[LayerProblem]) -> LayerProblem:
+    """Modules sharing one input group solved as one: ``[W0_a; W0_b; …]`` against the same Grams.
+    The closed form treats every output row independently with the same ``G``, so stacking gives
+    exactly the per-module solutions, with one factorisation of ``G`` instead of one per module.
+    Factored deltas stack as ``(blockdiag(up_a, up_b, …), [down_a; down_b; …])``; a member without a
+    LoRA for a concept contributes a zero block (``ΔW = 0``, same as ``None``)."""
+    w0s = [as_matrix(m.w0) for m in members]
+    in_f = w0s[0].shape[1]
+    deltas = []
+    for i in range(len(members[0].deltas)):
+        ds = [m.deltas[i] for m in members]
+        if all(d is None for d in ds):
+            deltas.append(None)
+        elif all(d is None or isinstance(d, (tuple, list)) for d in ds):
+            ups, downs = [], []
+            for d, w in zip(ds, w0s):
+                u, v = lora_factors(*d) if d is not None else (torch.zeros(w.shape[0], 1), torch.zeros(1, in_f))
+                ups.append(u)
+                downs.append(v)
+            deltas.append((torch.block_diag(*ups), torch.cat(downs)))
+        else:
+            deltas.append(torch.cat([torch.zeros_like(w) if d is None else dense_delta(d) for d, w in zip(ds, w0s)]))
+    m0 = members[0]
+    return LayerProblem("+".join(m.name for m in members), torch.cat(w0s), deltas, grams=m0.grams, rows=m0.rows,
+                        kind=m0.kind)
 
 
 def solve_layers(problems: Sequence[LayerProblem], solver: str = "closed_form", device=None,
                  on_layer: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
-    """Solve a list of modules; ``on_layer(name)`` runs after each (progress / interrupt checks)."""
-    out = {}
+    """Solve a list of modules; ``on_layer(name)`` runs after each (progress / interrupt checks).
+
+    With the closed form, modules that share their recorded inputs (the same Gram / row objects:
+    q/k/v of one attention, k/v of one cross-attention) are solved together (:func:`_stacked`)."""
+    batches: dict = {}
     for p in problems:
+        key = _inputs_key(p) if solver == "closed_form" and len(p.deltas) > 1 else None
+        batches.setdefault(key if key is not None else ("single", id(p)), []).append(p)
+    out = {}
+    for members in batches.values():
+        p = members[0]
         if len(p.deltas) == 1:
             out[p.name] = exact_merge(p.w0, p.deltas[0])
-        else:
+        elif len(members) == 1:
             out[p.name] = solve_layer(p, solver, device)
+        else:
+            w = solve_layer(_stacked(members), solver, device)
+            start = 0
+            for m in members:
+                rows = m.w0.shape[0]
+                out[m.name] = restore_shape(w[start:start + rows], m.w0).to(m.w0.dtype)
+                start += rows
         if on_layer is not None:
-            on_layer(p.name)
-    return out
+            for m in members:
+                on_layer(m.name)
+    return {p.name: out[p.name] for p in problems}
 
 
 def objective(w: torch.Tensor, problem: LayerProblem) -> float:
@@ -179,7 +261,7 @@ def objective(w: torch.Tensor, problem: LayerProblem) -> float:
     total = 0.0
     grams = problem.grams or [gram_of_rows(r) for r in problem.rows]
     for d, g in zip(problem.deltas, map(gram_tensor, grams)):
-        e = w - w0 - (0 if d is None else as_matrix(d).double().to(w.device))
+        e = w - w0 - (0 if d is None else dense_delta(d).double().to(w.device))
         total += float(((e @ g.double().to(w.device)) * e).sum())
     return total
 

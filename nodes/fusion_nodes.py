@@ -15,6 +15,13 @@ Design decisions (see also fusion/gradient_fusion.py):
   ``photo of a <c1> <c2>`` with the base UNet + that concept's whole UNet LoRA (its own attn2 k/v
   included, as in the spec) and the fused CLIP, at cfg 1.0 with ``dpmpp_2m``/``normal`` (ComfyUI's
   multistep DPM-Solver++, the closest to the reference's DPM-Solver), recording Gram matrices.
+* **Solving**: each concept's ``α_i ΔW_i`` goes to the solver factored, ``(α_i·up, down)``; the inputs
+  go as :class:`fusion.solver.GramAccumulator` objects (stage 1: one per input group and concept,
+  built once from the distinct rows, duplicates weighted) or rows, so the row counts are known and the few-rows layers (text
+  encoder, cross-attention k/v) use the closed form's row-space path instead of a d×d
+  eigendecomposition; modules of one input group (q/k/v) are solved together. The lbfgs mode keeps
+  the raw rows where they exist (stages 1-2). ``stats["seconds"]`` has, per stage, the total and
+  ``<stage>_record`` / ``<stage>_solve``.
 * One concept: nothing is recorded; the result is its merged model (``W0 + α ΔW``, objective 0).
 * **Caching** (folder ``models/edloras/.fusion_cache``, or ``$MIXOFSHOW_FUSION_CACHE``; file
   extensions ``.fused`` / ``.rows`` so they never show up in the ED-LoRA lists):
@@ -44,7 +51,7 @@ import comfy.utils
 import folder_paths
 
 from ..fusion import gradient_fusion as gf
-from ..fusion.bundle import FusedBundle, is_bundle, load_bundle, save_bundle
+from ..fusion.bundle import FusedBundle, load_bundle, save_bundle
 from ..fusion.concepts import Concept, ConceptError, ConceptSet
 from ..fusion.edlora import EDLoRA, EDLoRAError
 from ..fusion.layers import layer_of_unet_module
@@ -234,7 +241,7 @@ class GradientFusion:
         if target.module not in factors:
             return None
         alpha = self._alpha(i, "text" if target.kind == "text" else "unet")
-        return gf.lora_delta(*factors[target.module], alpha)
+        return gf.lora_factors(*factors[target.module], alpha)  # (α·up, down): the solver stays low-rank
 
     def _clip_clone(self, i=None, fused=None):
         c = self.clip.clone()
@@ -329,12 +336,44 @@ class GradientFusion:
             for i in range(n):
                 per_concept.append(self._text_rows(i))
                 pbar.update(1)
+        inputs = per_concept
+        if not single and self.settings.solver == "closed_form":
+            inputs = [{g: self._gram_of(r) for g, r in rows.items()} for rows in per_concept]
+        self._lap("text", "record")
         problems = []
         for t in targets:
             g = gf.input_group(t.path)
+            recorded = None if single else [r[g] for r in inputs]
             problems.append(gf.LayerProblem(t.key, self._w0(t), [self._delta(i, t) for i in range(n)],
-                                            rows=None if single else [r[g] for r in per_concept], kind="text"))
-        return gf.solve_layers(problems, self.settings.solver, self.device, on_layer=lambda _: self._tick(pbar))
+                                            grams=recorded if recorded and not torch.is_tensor(recorded[0]) else None,
+                                            rows=recorded if recorded and torch.is_tensor(recorded[0]) else None,
+                                            kind="text"))
+        out = gf.solve_layers(problems, self.settings.solver, self.device, on_layer=lambda _: self._tick(pbar))
+        self._lap("text", "solve")
+        return out
+
+    def _gram_of(self, rows):
+        """Gram accumulator of recorded rows, built from the *distinct* rows: the 16 layer-wise copies
+        of a prompt give bit-identical rows before the concept tokens (causal attention), and ``m``
+        copies of a row ``r`` add ``m·r rᵀ = (√m r)(√m r)ᵀ`` — same Gram, fewer rows. The count is then
+        the number of distinct rows (a bound on the Gram's rank, which is what the solver uses it for),
+        so most text layers fit the closed form's row-space path."""
+        from ..fusion.solver import GramAccumulator
+
+        rows = rows.reshape(-1, rows.shape[-1]).float()
+        uniq, mult = torch.unique(rows, dim=0, return_counts=True)
+        acc = GramAccumulator(rows.shape[-1], device=self.device)
+        acc.add(uniq * mult.to(uniq.dtype).sqrt()[:, None])
+        return acc
+
+    def _lap(self, stage, part):
+        """Adds the time since the previous lap to ``stats["seconds"][f"{stage}_{part}"]``."""
+        import time
+
+        now = time.perf_counter()
+        key = f"{stage}_{part}"
+        self.stats["seconds"][key] = self.stats["seconds"].get(key, 0.0) + now - self._t
+        self._t = now
 
     def _tick(self, pbar):
         pbar.update(1)
@@ -365,13 +404,16 @@ class GradientFusion:
                     self.stats["recorded"]["cross_kv"] += 1
                 per_concept.append([torch.cat(r) for r in layer_rows])
                 pbar.update(1)
+        self._lap("cross_kv", "record")
         problems = []
         for t in targets:
             layer = layer_of_unet_module(t.module)
             problems.append(gf.LayerProblem(t.key, self._w0(t), [self._delta(i, t) for i in range(n)],
                                             rows=None if single else [pc[layer] for pc in per_concept],
                                             kind="cross_kv"))
-        return gf.solve_layers(problems, self.settings.solver, self.device, on_layer=lambda _: self._tick(pbar))
+        out = gf.solve_layers(problems, self.settings.solver, self.device, on_layer=lambda _: self._tick(pbar))
+        self._lap("cross_kv", "solve")
+        return out
 
     # ---- stage 3
     def _stage_unet(self, fused_clip):
@@ -418,12 +460,15 @@ class GradientFusion:
                                         latent, callback=callback, disable_pbar=True, seed=s.seed)
                 per_concept.append(accs)
                 del model_i
+        self._lap("unet", "record")
         problems = []
         for t in targets:
             g = gf.input_group(t.path)
             problems.append(gf.LayerProblem(t.key, self._w0(t), [self._delta(i, t) for i in range(n)],
                                             grams=None if single else [pc[g] for pc in per_concept], kind="unet"))
-        return gf.solve_layers(problems, self.settings.solver, self.device, on_layer=lambda _: self._tick(pbar))
+        out = gf.solve_layers(problems, self.settings.solver, self.device, on_layer=lambda _: self._tick(pbar))
+        self._lap("unet", "solve")
+        return out
 
     # ---- outputs
     def _fused_concepts(self) -> ConceptSet:
@@ -452,14 +497,14 @@ class GradientFusion:
                 self.stats["cache"] = "hit"
                 return self._outputs(b.clip, b.model)
         _check_interrupt()
-        t = time.perf_counter()
+        t = self._t = time.perf_counter()
         text_w = self._stage_text()
         self.stats["seconds"]["text"] = time.perf_counter() - t
         fused_clip = self._clip_clone(fused=text_w) if text_w else self._clip_clone()
-        t = time.perf_counter()
+        t = self._t = time.perf_counter()
         kv_w = self._stage_kv(fused_clip)
         self.stats["seconds"]["cross_kv"] = time.perf_counter() - t
-        t = time.perf_counter()
+        t = self._t = time.perf_counter()
         unet_w = self._stage_unet(fused_clip)
         self.stats["seconds"]["unet"] = time.perf_counter() - t
         unet_w.update(kv_w)
@@ -580,10 +625,6 @@ class SaveFusedBundle:
         return {"ui": {"text": [f"{name}: {concepts.describe()}"]}, "result": (name,)}
 
 
-def bundle_choices() -> list[str]:
-    return [n for n in folder_paths.get_filename_list(EDLORA_FOLDER) if n.lower().endswith(".safetensors")]
-
-
 def apply_bundle(model, clip, path: str):
     """Clones of the base MODEL/CLIP with a bundle's fused weights, plus its (embeddings-only) concept set."""
     b = load_bundle(path)
@@ -612,36 +653,11 @@ def apply_bundle(model, clip, path: str):
     return m, c, concepts
 
 
-class LoadFusedBundle:
-    DESCRIPTION = ("Loads a fused ED-LoRA bundle (from Save Fused ED-LoRA Bundle) onto the base checkpoint's "
-                   "MODEL and CLIP and returns its concept set (embeddings only; the LoRAs are in the weights).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "CLIP", CONCEPTS)
-    RETURN_NAMES = ("model", "clip", "concepts")
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The base checkpoint's MODEL the bundle was fused on."}),
-            "clip": ("CLIP", {"tooltip": "The base checkpoint's CLIP."}),
-            "bundle_name": (bundle_choices(), {"tooltip": "Fused bundle in models/edloras."}),
-        }}
-
-    def load(self, model, clip, bundle_name):
-        path = folder_paths.get_full_path_or_raise(EDLORA_FOLDER, bundle_name)
-        if not is_bundle(path):
-            raise EDLoRAError(f"{bundle_name}: not a fused ED-LoRA bundle (single ED-LoRAs load with Load ED-LoRA)")
-        return apply_bundle(model, clip, path)
-
-
 NODE_CLASS_MAPPINGS = {
     "MixOfShowGradientFusion": GradientFusionNode,
     "MixOfShowSaveFusedBundle": SaveFusedBundle,
-    "MixOfShowLoadFusedBundle": LoadFusedBundle,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MixOfShowGradientFusion": "Gradient Fusion (Mix-of-Show)",
     "MixOfShowSaveFusedBundle": "Save Fused ED-LoRA Bundle (Mix-of-Show)",
-    "MixOfShowLoadFusedBundle": "Load Fused ED-LoRA Bundle (Mix-of-Show)",
 }

@@ -260,12 +260,12 @@ def test_bundle_round_trip_and_checkpoint_save(env, tiny, two):
     fm, fc, fcs, _ = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
     out = fn(env).SaveFusedBundle().save(fm, fc, fcs, "fu_bundle")
     name = out["result"][0]
-    assert name in fn(env).bundle_choices()
-    lm, lc, lcs = fn(env).LoadFusedBundle().load(model, clip, name)
-    # the plain Load ED-LoRA node loads bundles too (strengths do not apply)
-    em, ec, ecs = env.pack("nodes.edlora_nodes").LoadEDLoRA().load(model, clip, name, 0.3, 0.3)["result"]
-    assert ecs.labels == lcs.labels and em.model_options["mixofshow_concepts"] == ecs.labels
-    for a, b in ((fm, lm), (fc.patcher, lc.patcher), (fm, em), (fc.patcher, ec.patcher)):
+    loader = env.pack("nodes.edlora_nodes")
+    assert name in loader.edlora_choices()
+    # Load ED-LoRA loads bundles (its strengths do not apply: the bundle is already merged)
+    lm, lc, lcs = loader.LoadEDLoRA().load(model, clip, name, 0.3, 0.3)["result"]
+    assert lm.model_options["mixofshow_concepts"] == lcs.labels
+    for a, b in ((fm, lm), (fc.patcher, lc.patcher)):
         wa, wb = fn(env).fused_weights_of(a)[0], fn(env).fused_weights_of(b)[0]
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [c.edlora.tokens for c in lcs.concepts] == [c.edlora.tokens for c in fcs.concepts]
@@ -274,8 +274,8 @@ def test_bundle_round_trip_and_checkpoint_save(env, tiny, two):
     enc = env.pack("nodes.layerwise")
     torch.testing.assert_close(enc.layerwise_of(enc.encode_with_concepts(lc, "a <fa1>", lcs)[0][1]),
                                enc.layerwise_of(enc.encode_with_concepts(fc, "a <fa1>", fcs)[0][1]))
-    with pytest.raises(ValueError, match="not a fused"):
-        fn(env).LoadFusedBundle().load(model, clip, two[2])
+    with pytest.raises(ValueError, match="another base model"):  # a bundle on a base it was not fused on
+        loader.LoadEDLoRA().load(*env.tiny.build_all("wide", 0)[:2], name, 1.0, 1.0)
 
     # stock Checkpoint Save on the fused MODEL/CLIP
     import comfy_extras.nodes_model_merging as merging

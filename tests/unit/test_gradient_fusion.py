@@ -140,3 +140,66 @@ def test_bundle_round_trip(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "n.safetensors"), metadata={"format": "other"})
     with pytest.raises(EDLoRAError, match="not a fused"):
         load_bundle(str(tmp_path / "n.safetensors"))
+
+
+def _factored_problem(n_concepts=3, out=5, d=12, rows=3, seed=1, missing=()):
+    g = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(out, d, generator=g)
+    deltas = [None if i in missing else (torch.randn(out, 2, generator=g), torch.randn(2, d, generator=g))
+              for i in range(n_concepts)]
+    xs = [torch.randn(rows, d, generator=g) for _ in range(n_concepts)]
+    return gf.LayerProblem("m", w0, deltas, rows=xs)
+
+
+def test_factored_deltas_match_dense():
+    pytest.importorskip("fusion.solver")
+    from fusion.solver import GramAccumulator
+
+    p = _factored_problem(missing=(1,))
+    dense = gf.LayerProblem("m", p.w0, [gf.dense_delta(d) for d in p.deltas], rows=p.rows)
+    assert dense.deltas[1] is None
+    torch.testing.assert_close(gf.dense_delta(p.deltas[0]), p.deltas[0][0] @ p.deltas[0][1])
+    up4, down4 = p.deltas[0][0][:, :, None, None], p.deltas[0][1][:, :, None, None]
+    torch.testing.assert_close(gf.lora_factors(up4, down4, 0.5)[0], 0.5 * p.deltas[0][0])
+    w = gf.solve_layers([p])["m"]
+    torch.testing.assert_close(w, gf.solve_layers([dense])["m"], atol=1e-5, rtol=1e-5)
+    assert abs(gf.objective(w, p) - gf.objective(w, dense)) <= 1e-6 * gf.objective(p.w0, p)
+    # Gram accumulators (row counts known) give the same answer
+    accs = []
+    for x in p.rows:
+        a = GramAccumulator(x.shape[1])
+        a.add(x)
+        accs.append(a)
+    q = gf.LayerProblem("m", p.w0, p.deltas, grams=accs)
+    torch.testing.assert_close(gf.solve_layers([q])["m"], w, atol=1e-5, rtol=1e-5)
+    # one concept: its merged weight, also from factors
+    one = gf.LayerProblem("m", p.w0, [p.deltas[0]], rows=p.rows[:1])
+    torch.testing.assert_close(gf.solve_layers([one])["m"], p.w0 + gf.dense_delta(p.deltas[0]))
+
+
+def test_modules_sharing_inputs_are_solved_together_with_the_same_result():
+    pytest.importorskip("fusion.solver")
+    a = _factored_problem(seed=2, missing=(2,))
+    b = _factored_problem(seed=3, out=7)
+    c = _factored_problem(seed=4, out=4, missing=(0, 1, 2))
+    d = _factored_problem(seed=5, out=3)  # dense deltas in the group
+    d.deltas = [gf.dense_delta(x) for x in d.deltas]
+    for q, name in ((b, "b"), (c, "c"), (d, "d")):
+        q.rows, q.name = a.rows, name  # same recorded inputs as a
+    a.name = "a"
+    other = _factored_problem(seed=6)
+    other.name = "other"
+    alone = {p.name: gf.solve_layers([p])[p.name] for p in (a, b, c, d, other)}
+    seen = []
+    together = gf.solve_layers([a, other, b, c, d], on_layer=seen.append)
+    assert list(together) == ["a", "other", "b", "c", "d"] and sorted(seen) == sorted(together)
+    for name, w in alone.items():
+        assert together[name].shape == w.shape and together[name].dtype == w.dtype
+        torch.testing.assert_close(together[name], w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together["c"], c.w0)  # no LoRA anywhere: unchanged
+    # factored pairs only: stacked as (block-diagonal ups, stacked downs)
+    stacked = gf._stacked([a, b, c])
+    assert isinstance(stacked.deltas[0], tuple) and stacked.deltas[0][0].shape == (16, 5)
+    pairs = gf.solve_layers([a, b, c])
+    for name in "abc":
+        torch.testing.assert_close(pairs[name], alone[name], atol=1e-5, rtol=1e-5)
