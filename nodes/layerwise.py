@@ -173,8 +173,3 @@ def install_layerwise(model) -> None:
                                _uniform_layerwise_conds)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
                                _move_to_transformer_options)
-
-
-def has_layerwise(model) -> bool:
-    patches = model.model_options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", [])
-    return any(isinstance(p, LayerwiseAttn2Patch) for p in patches)
