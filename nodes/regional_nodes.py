@@ -269,6 +269,25 @@ class BoxMask:
         return (box_to_mask(height, width, top, left, bottom, right)[None],)
 
 
+class BoxMaskXYWH:
+    DESCRIPTION = "A rectangular MASK [1, height, width]: 1 inside the box at (x, y) of size box_width × box_height."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("mask",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        size = {"default": 512, "min": 8, "max": 16384, "step": 8}
+        pos = {"default": 0, "min": 0, "max": 16384, "step": 1}
+        return {"required": {"width": ("INT", size), "height": ("INT", size), "x": ("INT", pos), "y": ("INT", pos),
+                             "box_width": ("INT", dict(pos, default=256, min=1)),
+                             "box_height": ("INT", dict(pos, default=512, min=1))}}
+
+    def make(self, width, height, x, y, box_width, box_height):
+        return (box_to_mask(height, width, y, x, y + box_height, x + box_width)[None],)
+
+
 class PoseBoxMask:
     DESCRIPTION = ("The box around one person of a pose (OpenPose skeleton on black) or line-art condition image, as "
                    "a MASK the size of the image. People are numbered left to right from 0; 'count' says how many "
@@ -389,6 +408,7 @@ class RegionalKSampler:
 NODE_CLASS_MAPPINGS = {
     "MixOfShowRegion": RegionNode,
     "MixOfShowBoxMask": BoxMask,
+    "MixOfShowBoxMaskXYWH": BoxMaskXYWH,
     "MixOfShowPoseBoxMask": PoseBoxMask,
     "MixOfShowPoseRegions": PoseRegions,
     "MixOfShowRegionalGuider": RegionalGuiderNode,
@@ -397,6 +417,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MixOfShowRegion": "Region (Mix-of-Show)",
     "MixOfShowBoxMask": "Box to Mask (Mix-of-Show)",
+    "MixOfShowBoxMaskXYWH": "Box to Mask, x/y/width/height (Mix-of-Show)",
     "MixOfShowPoseBoxMask": "Pose Box to Mask (Mix-of-Show)",
     "MixOfShowPoseRegions": "Regions from Pose (Mix-of-Show)",
     "MixOfShowRegionalGuider": "Regional Guider (Mix-of-Show)",

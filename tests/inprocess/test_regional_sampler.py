@@ -240,3 +240,18 @@ def test_api_prompt_two_edloras_two_regions(env, write_edlora):
     ex, _ = run_prompt(g, "regional")
     assert ex.success, execution_error(ex) or ex.validation
     assert len(ex.history_result["outputs"]["15"]["images"]) == 2
+
+
+def test_xywh_box_equals_tlbr_box_and_denoise_below_one(env, tiny):
+    a = rn(env).BoxMask().make(W, H, 8, 16, 40, 72)[0]
+    b = rn(env).BoxMaskXYWH().make(W, H, 16, 8, 56, 32)[0]
+    assert torch.equal(a, b) and a.shape == (1, H, W) and a.sum() == 32 * 56
+    model, clip, _ = tiny
+    pos, neg = encode(clip, "two people"), encode(clip, "blurry")
+    regions = rn(env).RegionNode().add(encode(clip, "a knight"), neg, a)[0]
+    start = {"samples": torch.randn(2, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(0))}
+    out = rn(env).RegionalKSampler().sample(model, 4, 4, 6.0, "dpmpp_2m", "karras", pos, neg, start, 0.5,
+                                            regions=regions)[0]["samples"]
+    stock = comfy_nodes.KSampler().sample(model, 4, 4, 6.0, "dpmpp_2m", "karras", pos, neg, start, 0.5)[0]["samples"]
+    assert out.shape == start["samples"].shape and torch.isfinite(out).all()
+    assert 0 < (out - stock).abs().max() < (start["samples"] - stock).abs().max()  # img2img, regions act
