@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from comfy_server import error_message
 
-POSES = Path(__file__).resolve().parents[3] / "shared" / "data" / "mixofshow-poses"
+POSES = Path(__file__).resolve().parents[2] / "assets" / "poses"  # in the repo (Apache-2.0, see NOTICE)
 
 
 def test_multi_concept_regional_graph_with_controlnet(server):

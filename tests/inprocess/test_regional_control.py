@@ -14,7 +14,7 @@ import comfy.patcher_extension
 import comfy.sample
 import nodes as comfy_nodes
 
-POSES = Path(__file__).resolve().parents[3] / "shared" / "data" / "mixofshow-poses"
+POSES = Path(__file__).resolve().parents[2] / "assets" / "poses"  # in the repo (Apache-2.0, see NOTICE)
 H, W = 64, 128
 
 
