@@ -138,7 +138,8 @@ def test_fusion_reproduces_each_concept_and_leaves_inputs_alone(env, tiny, two, 
     text_w, _ = fn(env).fused_weights_of(fc.patcher)
     assert len(unet_w) == 192 and len(text_w) == 2 * 6
     assert all(len(v) == 1 for k, v in fm.patches.items() if k in unet_w)
-    assert env.pack("nodes.layerwise").has_layerwise(fm)
+    patches = fm.model_options["transformer_options"]["patches"]["attn2_patch"]
+    assert any(isinstance(p, env.pack("nodes.layerwise").LayerwiseAttn2Patch) for p in patches)
     assert [c.edlora.tokens for c in fcs.concepts] == [["<fa1>", "<fa2>"], ["<fb1>"]]
     assert all(c.text_encoder_strength == 0 and c.unet_strength == 0 and not c.edlora.unet
                for c in fcs.concepts)
