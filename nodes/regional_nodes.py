@@ -250,6 +250,10 @@ class RegionNode:
         return (regions + (Region(m, tuple(positive), tuple(negative), float(control_strength)),),)
 
 
+_IMAGE_SIZE = {"default": 512, "min": 8, "max": 16384, "step": 8}
+_PIXEL = {"default": 0, "min": 0, "max": 16384, "step": 1}
+
+
 class BoxMask:
     DESCRIPTION = "A rectangular MASK [1, height, width]: 1 inside [top:bottom, left:right] (pixels), 0 outside."
     CATEGORY = CATEGORY
@@ -259,30 +263,23 @@ class BoxMask:
 
     @classmethod
     def INPUT_TYPES(cls):
-        size = {"default": 512, "min": 8, "max": 16384, "step": 8}
-        pos = {"default": 0, "min": 0, "max": 16384, "step": 1}
-        return {"required": {"width": ("INT", size), "height": ("INT", size),
-                             "top": ("INT", pos), "left": ("INT", pos),
-                             "bottom": ("INT", dict(pos, default=512)), "right": ("INT", dict(pos, default=256))}}
+        return {"required": {"width": ("INT", _IMAGE_SIZE), "height": ("INT", _IMAGE_SIZE),
+                             "top": ("INT", _PIXEL), "left": ("INT", _PIXEL),
+                             "bottom": ("INT", dict(_PIXEL, default=512)), "right": ("INT", dict(_PIXEL, default=256))}}
 
     def make(self, width, height, top, left, bottom, right):
         return (box_to_mask(height, width, top, left, bottom, right)[None],)
 
 
-class BoxMaskXYWH:
+class BoxMaskXYWH(BoxMask):
     DESCRIPTION = "A rectangular MASK [1, height, width]: 1 inside the box at (x, y) of size box_width × box_height."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MASK",)
-    RETURN_NAMES = ("mask",)
-    FUNCTION = "make"
 
     @classmethod
     def INPUT_TYPES(cls):
-        size = {"default": 512, "min": 8, "max": 16384, "step": 8}
-        pos = {"default": 0, "min": 0, "max": 16384, "step": 1}
-        return {"required": {"width": ("INT", size), "height": ("INT", size), "x": ("INT", pos), "y": ("INT", pos),
-                             "box_width": ("INT", dict(pos, default=256, min=1)),
-                             "box_height": ("INT", dict(pos, default=512, min=1))}}
+        return {"required": {"width": ("INT", _IMAGE_SIZE), "height": ("INT", _IMAGE_SIZE),
+                             "x": ("INT", _PIXEL), "y": ("INT", _PIXEL),
+                             "box_width": ("INT", dict(_PIXEL, default=256, min=1)),
+                             "box_height": ("INT", dict(_PIXEL, default=512, min=1))}}
 
     def make(self, width, height, x, y, box_width, box_height):
         return (box_to_mask(height, width, y, x, y + box_height, x + box_width)[None],)
