@@ -47,17 +47,25 @@ def prepare(base: Path) -> None:
     shutil.copy(POSE, base / "input" / POSE.name)
 
 
-def graph(steps: int, width: int, height: int) -> dict:
+def graph(steps: int, width: int, height: int, fused: bool = False) -> dict:
+    """The demo graph; ``fused``: the three ED-LoRAs go through Gradient Fusion first (strengths 1.0,
+    the paper's fusion setting) and the regions sample the one fused model."""
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}}
     model, clip, concepts = ["1", 0], ["1", 1], None
+    strength = 1.0 if fused else 0.7
     for i, name in enumerate(CHARACTERS):
         node = str(10 + i)
         inputs = {"model": model, "clip": clip, "edlora_name": f"demo_{name}.pth",
-                  "text_encoder_strength": 0.7, "unet_strength": 0.7}
+                  "text_encoder_strength": strength, "unet_strength": strength}
         if concepts:
             inputs["concepts"] = concepts
         g[node] = {"class_type": "MixOfShowLoadEDLoRA", "inputs": inputs}
         model, clip, concepts = [node, 0], [node, 1], [node, 2]
+    if fused:
+        g["40"] = {"class_type": "MixOfShowGradientFusion", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "concepts": concepts, "steps": steps, "width": 512, "height": 512,
+            "seed": 0, "solver": "closed_form", "cache": True}}
+        model, clip, concepts = ["40", 0], ["40", 1], ["40", 2]
     g["30"] = {"class_type": "LoadImage", "inputs": {"image": POSE.name}}
     g["31"] = {"class_type": "MixOfShowPoseRegions", "inputs": {
         "image": ["30", 0], "clip": clip, "concepts": concepts, "margin": 0.05, "control_strength": 1.0,
@@ -87,12 +95,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--fused", action="store_true", help="fuse the three ED-LoRAs first (Gradient Fusion)")
     a = ap.parse_args()
     base = REPO / ".host" / "demo-base"
     prepare(base)
     t0 = time.time()
     with ComfyServer(base, {"mixofshow": REPO}) as server:
-        entry = server.run(graph(a.steps, a.width, a.height))
+        entry = server.run(graph(a.steps, a.width, a.height, a.fused))
     if entry["status"]["status_str"] != "success":
         print("demo failed:", error_message(entry))
         return 1

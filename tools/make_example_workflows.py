@@ -17,7 +17,8 @@ from browser import comfy_page  # noqa: E402
 from comfy_server import ComfyServer  # noqa: E402
 import demo  # noqa: E402
 
-EXAMPLES = {"mixofshow_multi_concept": lambda: demo.graph(20, 1024, 512)}
+EXAMPLES = {"mixofshow_multi_concept": lambda: demo.graph(20, 1024, 512),
+            "mixofshow_fusion_regional": lambda: demo.graph(20, 1024, 512, fused=True)}
 
 
 def main() -> int:

@@ -104,20 +104,21 @@ def test_graph_queued_from_the_ui_runs_and_shows_tokens(ui):
     assert shot.stat().st_size > 10000 and not errors
 
 
-def test_example_workflow_loads_and_matches_the_demo_graph(ui):
-    import demo
+@pytest.mark.parametrize("name", ["mixofshow_multi_concept", "mixofshow_fusion_regional"])
+def test_example_workflow_loads_and_matches_the_demo_graph(ui, name):
+    from make_example_workflows import EXAMPLES
 
     server, page, errors = ui
     listed = server.get("/workflow_templates")
-    assert "mixofshow_multi_concept" in json.dumps(listed)
-    example = json.loads((REPO / "example_workflows" / "mixofshow_multi_concept.json").read_text())
+    assert name in json.dumps(listed)
+    example = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
     prompt = page.evaluate("""async (wf) => {
         await app.loadGraphData(wf);
         return (await app.graphToPrompt()).output;
     }""", example)
     page.wait_for_timeout(500)
     assert "Invalid workflow" not in page.inner_text("body"), "the frontend's schema check refused the example"
-    expected = demo.graph(20, 1024, 512)
+    expected = EXAMPLES[name]()
     assert {k: v["class_type"] for k, v in prompt.items()} == {k: v["class_type"] for k, v in expected.items()}
     for node_id, node in expected.items():
         for name, value in node["inputs"].items():
