@@ -1,4 +1,4 @@
-"""Nodes: Gradient Fusion (design §3), Save / Load Fused ED-LoRA Bundle.
+"""Nodes: Gradient Fusion (design §3), Save Fused ED-LoRA Bundle; `apply_bundle` lets Load ED-LoRA load bundles.
 
 Design decisions (see also fusion/gradient_fusion.py):
 
@@ -586,7 +586,7 @@ def _output_path(prefix: str) -> str:
 class SaveFusedBundle:
     DESCRIPTION = ("Saves the fused weights (only the changed ones), every concept's embeddings and metadata "
                    "(base model, concepts, settings) as one .safetensors in models/edloras. Load it with "
-                   "Load Fused ED-LoRA Bundle on the same base checkpoint.")
+                   "Load ED-LoRA on the same base checkpoint.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("filename",)
