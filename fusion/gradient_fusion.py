@@ -26,6 +26,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from . import solver as S
+
 CACHE_FORMAT_VERSION = "1"
 SOLVERS = ("closed_form", "lbfgs")
 # Reference L-BFGS iteration counts (design §3): text encoder and cross-attention k/v, other UNet layers.
@@ -161,8 +163,6 @@ def solve_layer(problem: LayerProblem, solver: str = "closed_form", device=None,
                 iterations: int | None = None) -> torch.Tensor:
     """Fused weight for one module, same shape and dtype as ``problem.w0``; solved in float32 on
     ``device`` (default: where ``w0`` is)."""
-    from . import solver as S
-
     device = device if device is not None else problem.w0.device
     w0 = as_matrix(problem.w0).to(device)
     deltas = [_delta_to(d, device) for d in problem.deltas]

@@ -41,9 +41,11 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import time
 import uuid
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import comfy.model_management as mm
 import comfy.sample
@@ -55,6 +57,7 @@ from ..fusion.bundle import FusedBundle, load_bundle, save_bundle
 from ..fusion.concepts import Concept, ConceptError, ConceptSet
 from ..fusion.edlora import EDLoRA, EDLoRAError
 from ..fusion.layers import layer_of_unet_module
+from ..fusion.solver import GramAccumulator
 from .edlora_nodes import CATEGORY, CONCEPTS, EDLORA_FOLDER
 from .layerwise import (CONCEPTS_USED_KEY, encode_with_concepts, install_layerwise, layerwise_of,
                         tokenize_with_concepts)
@@ -289,7 +292,6 @@ class GradientFusion:
         path = os.path.join(cache_dir(), "text-" + gf.text_stats_key(
             self.clip_identity, c.edlora.digest or gf._h(c.edlora.name), c.text_encoder_strength) + ".rows")
         if self.use_cache and os.path.isfile(path):
-            from safetensors.torch import load_file
             cached = load_file(path)
             if all(g in cached for g in groups):
                 return cached
@@ -319,7 +321,6 @@ class GradientFusion:
         if missing:
             raise FusionError(f"text-encoder modules never ran while recording: {missing[:3]}")
         if self.use_cache:
-            from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in out.items()}, path + ".part")
             os.replace(path + ".part", path)
         return out
@@ -358,8 +359,6 @@ class GradientFusion:
         copies of a row ``r`` add ``m·r rᵀ = (√m r)(√m r)ᵀ`` — same Gram, fewer rows. The count is then
         the number of distinct rows (a bound on the Gram's rank, which is what the solver uses it for),
         so most text layers fit the closed form's row-space path."""
-        from ..fusion.solver import GramAccumulator
-
         rows = rows.reshape(-1, rows.shape[-1]).float()
         uniq, mult = torch.unique(rows, dim=0, return_counts=True)
         acc = GramAccumulator(rows.shape[-1], device=self.device)
@@ -368,8 +367,6 @@ class GradientFusion:
 
     def _lap(self, stage, part):
         """Adds the time since the previous lap to ``stats["seconds"][f"{stage}_{part}"]``."""
-        import time
-
         now = time.perf_counter()
         key = f"{stage}_{part}"
         self.stats["seconds"][key] = self.stats["seconds"].get(key, 0.0) + now - self._t
@@ -394,7 +391,7 @@ class GradientFusion:
                 layer_rows = [[] for _ in range(16)]
                 for prompt in gf.concept_prompts(c.edlora.tokens):
                     _check_interrupt()
-                    tokens, _pid, positions, _v = tokenize_with_concepts(fused_clip, prompt, self.concepts)
+                    tokens, positions, _ = tokenize_with_concepts(fused_clip, prompt, self.concepts)
                     width = len(next(iter(tokens.values()))[0])
                     idx = [s * width + j for s, j in next(iter(positions.values()))]
                     idx.append(_end_position(tokens, end))
@@ -417,8 +414,6 @@ class GradientFusion:
 
     # ---- stage 3
     def _stage_unet(self, fused_clip):
-        from ..fusion.solver import GramAccumulator
-
         n = len(self.concepts.concepts)
         targets = self.unet_targets
         if not targets:
@@ -485,8 +480,6 @@ class GradientFusion:
         return model, self._clip_clone(fused=text_w), concepts
 
     def run(self):
-        import time
-
         t0 = time.perf_counter()
         self._identities()
         self.stats["seconds"]["identity"] = time.perf_counter() - t0

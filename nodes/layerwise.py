@@ -59,13 +59,14 @@ def _placeholder_positions(tokens: dict, placeholder_id: int) -> dict[str, list[
 
 def tokenize_with_concepts(clip, text: str, concepts: ConceptSet):
     """Tokenize with ComfyUI's own tokenizer (weights, long prompts, ``embedding:``), concept tokens
-    replaced by a placeholder word. Returns (tokens, placeholder id, positions, vectors)."""
+    replaced by a placeholder word. Returns (tokens, placeholder positions per tokenizer key, vectors):
+    the k-th position takes ``vectors[k]`` = (token, vector index)."""
     tables = concepts.tables
     last_error = None
     for word in _PLACEHOLDERS:
         sub = substitute_concepts(text, tables, word)
         if not sub.vectors:
-            return clip.tokenize(text), None, {}, ()
+            return clip.tokenize(text), {}, ()
         probe = clip.tokenize(word)
         ids = [int(p[0]) for sec in next(iter(probe.values())) for p in sec
                if isinstance(p[0], numbers.Integral)]
@@ -75,7 +76,7 @@ def tokenize_with_concepts(clip, text: str, concepts: ConceptSet):
         tokens = clip.tokenize(sub.text)
         positions = _placeholder_positions(tokens, content[0])
         if all(len(p) == len(sub.vectors) for p in positions.values()):
-            return tokens, content[0], positions, sub.vectors
+            return tokens, positions, sub.vectors
         last_error = f"placeholder '{word}' also occurs in the prompt"
     raise ConceptError(f"could not place concept tokens in this prompt ({last_error or 'no single-token placeholder'})")
 
@@ -83,7 +84,7 @@ def tokenize_with_concepts(clip, text: str, concepts: ConceptSet):
 def encode_with_concepts(clip, text: str, concepts: ConceptSet) -> list:
     """CONDITIONING for ``text``: identical to the stock CLIP Text Encode when no concept token is
     present (one text-encoder pass); otherwise 16 layer-wise contexts from one batched pass."""
-    tokens, _pid, positions, vectors = tokenize_with_concepts(clip, text, concepts)
+    tokens, positions, vectors = tokenize_with_concepts(clip, text, concepts)
     if not vectors:
         return clip.encode_from_tokens_scheduled(tokens)
     tables = concepts.tables

@@ -22,8 +22,8 @@ def test_nodes_are_registered(server):
     info = server.get("/object_info/MixOfShowLoadEDLoRA")["MixOfShowLoadEDLoRA"]
     assert info["display_name"] == "Load ED-LoRA (Mix-of-Show)" and info["category"] == "Mix-of-Show"
     assert {"srv_0.pth", "srv_1.pth"} <= set(info["input"]["required"]["edlora_name"][0])
-    assert "MixOfShowTextEncode" in server.get("/object_info")
-    assert "IMPORT FAILED" not in (server.base / "server.log").read_text(errors="replace").split("mixofshow")[0][-200:]
+    every_family = {"MixOfShowTextEncode", "MixOfShowGradientFusion", "MixOfShowRegionalSampler"}
+    assert every_family <= set(server.get("/object_info"))  # no node family failed to import
 
 
 def test_web_extension_is_served(server):

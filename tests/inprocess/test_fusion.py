@@ -17,14 +17,6 @@ def fusion_cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def needs_solver(env):
-    try:
-        env.pack("fusion.solver")
-    except ImportError:
-        pytest.skip("fusion/solver.py is not there yet")
-
-
 def fn(env):
     return env.pack("nodes.fusion_nodes")
 

@@ -91,7 +91,6 @@ def test_single_concept_is_its_merged_weight():
 
 
 def test_closed_form_through_helpers():
-    pytest.importorskip("fusion.solver")
     p = _problem(3, rows=4, d=10)  # 12 rows for 10 inputs: full rank, nonzero objective
     w = gf.solve_layers([p], "closed_form")["m"]
     assert gf.objective(w, p) < gf.objective(p.w0, p)
@@ -109,7 +108,6 @@ def test_closed_form_through_helpers():
 
 
 def test_lbfgs_mode_on_grams_reaches_the_closed_form_objective():
-    pytest.importorskip("fusion.solver")
     p = _problem(2, rows=3, d=8)  # rank-deficient: 6 rows for 8 inputs
     q = gf.LayerProblem("m", p.w0, p.deltas, grams=[gf.gram_of_rows(x) for x in p.rows])
     cf = gf.solve_layer(q, "closed_form")
@@ -152,7 +150,6 @@ def _factored_problem(n_concepts=3, out=5, d=12, rows=3, seed=1, missing=()):
 
 
 def test_factored_deltas_match_dense():
-    pytest.importorskip("fusion.solver")
     from fusion.solver import GramAccumulator
 
     p = _factored_problem(missing=(1,))
@@ -178,7 +175,6 @@ def test_factored_deltas_match_dense():
 
 
 def test_modules_sharing_inputs_are_solved_together_with_the_same_result():
-    pytest.importorskip("fusion.solver")
     a = _factored_problem(seed=2, missing=(2,))
     b = _factored_problem(seed=3, out=7)
     c = _factored_problem(seed=4, out=4, missing=(0, 1, 2))

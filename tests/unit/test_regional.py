@@ -321,7 +321,7 @@ def test_parse_box_file_formats(tmp_path):
 
 
 def _load_rgb(name):
-    cv2 = pytest.importorskip("cv2")
+    import cv2
     img = cv2.imread(str(POSES / name), cv2.IMREAD_COLOR)
     assert img is not None, name
     return img[:, :, ::-1].copy()
@@ -359,8 +359,8 @@ def test_find_pose_boxes_single_person():
 
 def test_find_pose_boxes_synthetic():
     """Two stick figures, one with a detached forearm and head, a frame line, and specks."""
-    cv2 = pytest.importorskip("cv2")
-    np = pytest.importorskip("numpy")
+    import cv2
+    import numpy as np
     img = np.zeros((256, 512, 3), np.uint8)
     cv2.rectangle(img, (0, 0), (511, 255), (80, 120, 200), 2)  # frame touching the figures
     for cx, detached in ((120, False), (360, True)):
