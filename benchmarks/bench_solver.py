@@ -4,18 +4,21 @@
     .host/venv/bin/python benchmarks/bench_solver.py --quick    # ≈4 min: fewer UNet rows, short L-BFGS budget
     .host/venv/bin/python benchmarks/bench_solver.py --device cuda
 
-For 3 concepts per layer it synthesises W0 (random), rank-4 deltas and input rows (per-channel scales
+For 3 concepts per layer it synthesises W0 (random), rank-4 LoRA deltas and input rows (per-channel scales
 spread over 1.5 decades, a few outlier channels and a common mean, like real activations), then
 measures in one run:
 
-* closed form: Gram accumulation (rows fed in 4096-row chunks, as recorded step by step) and the solve
-  (``solve_closed_form`` with dense deltas, the path it took: cholesky / eigh / lowrank);
+* closed form: Gram accumulation (rows fed in 4096-row chunks, as recorded step by step; a
+  ``GramAccumulator`` keeps the rows instead while there are at most ``in`` of them) and the solve
+  (``solve_closed_form`` with the deltas factored as ``(up, down)``, as the fusion node passes them;
+  the path it took: ``rows``/``inputs`` space, ``cholesky``/``eigh``);
 * the reference: ``solve_lbfgs`` from the raw rows (500 iterations for text and cross-attention k/v
   layers, 50 for other UNet layers). When a full run is projected (from a 2-iteration pilot) to take
   more than ``--lbfgs-budget`` seconds, a capped number of iterations is timed and the full time is
   extrapolated linearly per iteration; such rows are marked ``~`` and their L-BFGS objective is the
   one reached after the capped iterations;
-* both objectives ``Σ_i ‖Xi (W − Wi)ᵀ‖²`` (from the float32 Grams), shown relative to W0's.
+* both objectives ``Σ_i ‖Xi (W − Wi)ᵀ‖²`` (from the float32 Grams, or float64 ones where the rows were
+  kept), shown relative to W0's.
 
 Then a whole-model estimate for SD1.5 with whole-block LoRA (see ``whole_model`` for the layer list
 and the scaling assumptions, which are printed too).
@@ -101,8 +104,8 @@ def clock(device: torch.device) -> float:
 def make_problem(s: Shape, device: torch.device, seed: int):
     g = torch.Generator().manual_seed(seed)
     w0 = (torch.randn(s.out, s.inp, generator=g) / math.sqrt(s.inp)).to(device)
-    deltas = [((torch.randn(s.out, RANK, generator=g) * 0.05) @ (torch.randn(RANK, s.inp, generator=g) * 0.05))
-              .to(device) for _ in range(N_CONCEPTS)]
+    deltas = [((torch.randn(s.out, RANK, generator=g) * 0.05).to(device), (torch.randn(RANK, s.inp, generator=g) * 0.05)
+               .to(device)) for _ in range(N_CONCEPTS)]  # (up, down): ΔW = up @ down
     scale = torch.logspace(0, -1.5, s.inp)[torch.randperm(s.inp, generator=g)]
     scale[torch.randperm(s.inp, generator=g)[:4]] *= 20.0  # outlier channels
     xs = []
@@ -131,8 +134,10 @@ def run_shape(s: Shape, device: torch.device, budget: float, seed: int) -> Resul
     t = clock(device)
     wc, info = solve_closed_form(w0, deltas, accs, return_info=True)
     res.solve_s = clock(device) - t
-    res.path = f"{info['method']} r{info['rank']}"
-    grams = [a.gram for a in accs]
+    res.path = f"{info['space']}/{info['method']} r{info['rank']}"
+    # objectives from exact float64 Grams where the rows were kept (their optimum is ~0, below the
+    # rounding of a float32 Gram), else from the float32 Grams the solver used
+    grams = [a.gram if a.rows is None else a.rows.double().T @ a.rows.double() for a in accs]
     res.obj_w0 = layer_objective(w0, w0, deltas, grams)
     res.obj_cf = layer_objective(wc, w0, deltas, grams)
 
@@ -185,7 +190,7 @@ def solve_only_time(out: int, inp: int, device: torch.device, seed: int = 0) -> 
         a = torch.randn(inp, 32, generator=g).to(device)
         grams.append(a @ a.T + torch.diag(torch.rand(inp, generator=g).to(device) + 1.0) * inp)
     w0 = torch.randn(out, inp, generator=g).to(device)
-    deltas = [(torch.randn(out, RANK, generator=g) @ torch.randn(RANK, inp, generator=g) * 0.01).to(device)
+    deltas = [(torch.randn(out, RANK, generator=g).to(device), (torch.randn(RANK, inp, generator=g) * 0.01).to(device))
               for _ in range(N_CONCEPTS)]
     t = clock(device)
     _, info = solve_closed_form(w0, deltas, grams, return_info=True)
@@ -298,7 +303,7 @@ def main(argv=None) -> int:
         print(f"  done {s.label:24s} closed {r.closed_s:7.2f}s  L-BFGS {'~' if r.extrapolated else ''}"
               f"{r.lbfgs_s:8.1f}s  ({r.lbfgs_iters_run} it run)", flush=True)
 
-    hdr = (f"{'layer (out x in)':22s} {'rows/c':>7s} {'it':>4s} {'Gram s':>7s} {'solve s':>8s} {'path':>12s} "
+    hdr = (f"{'layer (out x in)':22s} {'rows/c':>7s} {'it':>4s} {'Gram s':>7s} {'solve s':>8s} {'path':>20s} "
            f"{'closed s':>9s} {'L-BFGS s':>10s} {'obj(W0)':>10s} {'closed/W0':>10s} {'L-BFGS/W0':>10s} {'cf<=lb':>6s} "
            f"{'speed-up':>9s}")
     print("\n" + hdr)
@@ -307,7 +312,7 @@ def main(argv=None) -> int:
         s = r.shape
         lb = f"{'~' if r.extrapolated else ''}{r.lbfgs_s:.1f}"
         ok = r.obj_cf <= r.obj_lb + 1e-9 * r.obj_w0
-        print(f"{s.label:22s} {s.rows:7d} {s.iters:4d} {r.gram_s:7.2f} {r.solve_s:8.3f} {r.path:>12s} "
+        print(f"{s.label:22s} {s.rows:7d} {s.iters:4d} {r.gram_s:7.2f} {r.solve_s:8.3f} {r.path:>20s} "
               f"{r.closed_s:9.2f} {lb:>10s} {r.obj_w0:10.3e} {r.obj_cf / r.obj_w0:10.3e} {r.obj_lb / r.obj_w0:10.3e} "
               f"{'yes' if ok else 'NO':>6s} {r.lbfgs_s / max(r.closed_s, 1e-9):8.0f}x")
     for r in results.values():

@@ -133,6 +133,13 @@ def gram_of_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows.T @ rows
 
 
+def accumulate(rows: torch.Tensor, device=None) -> S.GramAccumulator:
+    """A :class:`fusion.solver.GramAccumulator` holding ``rows`` (``[..., in]``)."""
+    acc = S.GramAccumulator(rows.shape[-1], device=device)
+    acc.add(rows)
+    return acc
+
+
 def gram_tensor(g) -> torch.Tensor:
     """A Gram matrix given as a tensor or as a :class:`fusion.solver.GramAccumulator`."""
     return g.gram if hasattr(g, "gram") else g
@@ -149,8 +156,9 @@ def gram_sqrt(gram: torch.Tensor) -> torch.Tensor:
 class LayerProblem:
     """One module to fuse: its original weight, each concept's ``α_i ΔW_i`` (dense, a factored pair
     ``(α_i·up, down)``, or None = no LoRA there), and each concept's recorded inputs as a Gram matrix
-    / :class:`fusion.solver.GramAccumulator` or raw rows (exactly one per concept). An accumulator
-    carries its row count, which lets the closed form use its few-rows (row-space) path."""
+    / :class:`fusion.solver.GramAccumulator` or raw rows (exactly one per concept). Accumulators keep
+    their rows while they have few (at most ``in``), which lets the closed form solve in the row
+    space."""
     name: str
     w0: torch.Tensor
     deltas: list
@@ -169,15 +177,15 @@ def solve_layer(problem: LayerProblem, solver: str = "closed_form", device=None,
     if solver == "closed_form":
         if problem.grams is not None:
             grams = [g if hasattr(g, "gram") else g.to(device) for g in problem.grams]
-            w = S.solve_closed_form(w0, deltas, grams)
         else:
-            rows = [r.reshape(-1, w0.shape[1]).to(device).float() for r in problem.rows]
-            w = S.solve_closed_form(w0, deltas, [r.T @ r for r in rows], row_counts=[r.shape[0] for r in rows])
+            grams = [accumulate(r, device) for r in problem.rows]
+        w = S.solve_closed_form(w0, deltas, grams)
     elif solver == "lbfgs":
         if problem.rows is not None:
             inputs = [r.to(device).float().reshape(-1, w0.shape[1]) for r in problem.rows]
-        else:
-            inputs = [gram_sqrt(gram_tensor(g).to(device).float()) for g in problem.grams]
+        else:  # the rows where an accumulator still has them, else a square root of the Gram
+            inputs = [g.rows.to(device).float() if getattr(g, "rows", None) is not None
+                      else gram_sqrt(gram_tensor(g).to(device).float()) for g in problem.grams]
         w = S.solve_lbfgs(w0, deltas, inputs, iterations or LBFGS_ITERATIONS.get(problem.kind, 50))
     else:
         raise ValueError(f"unknown solver {solver!r}")

@@ -16,6 +16,13 @@ combinations of gradients, whose rows lie in the row space of the data) is
 
     W* = W0 + B G⁺.
 
+With few rows (``n = Σ n_i ≤ in``) the same solution lives in the row space: with ``X`` the stacked
+rows, ``K = X Xᵀ`` (``n × n``) and ``T`` the stacked targets ``Xi ΔWiᵀ``,
+
+    W* = W0 + Tᵀ K⁺ X,
+
+which needs only ``n²·in`` work and lies exactly in the span of the rows.
+
 :func:`solve_closed_form` computes that; :func:`solve_lbfgs` is the reference optimiser, run on the
 raw rows, kept as an independent check and for users who want the published behaviour;
 :func:`layer_objective` scores any candidate with the Gram matrices.
@@ -44,11 +51,6 @@ DeltaLike = Union[Tensor, "tuple[Tensor, Tensor]", None]
 # Safety margin between the estimated smallest eigenvalue and the cutoff before the Cholesky
 # path is trusted (the inverse-iteration estimate can only over-estimate λmin).
 _CHOL_MARGIN = 10.0
-# Oversampling of the randomised range finder used when the total row count is small.
-_OVERSAMPLE = 10
-# Use the range finder only when Σ rows + oversampling is at most this fraction of `in`: above it a
-# full eigendecomposition costs about the same.
-_LOWRANK_FRACTION = 0.5
 
 
 # --------------------------------------------------------------------------- Gram accumulation
@@ -58,6 +60,11 @@ class GramAccumulator:
 
     Why: the closed form only needs ``Gi = XiᵀXi``; for UNet layers the recorded rows are huge
     (20 steps × 4096 pixels per concept), the Gram matrix is only ``in × in``.
+
+    While at most ``in`` rows have been added (text-encoder layers, low-resolution UNet blocks) the
+    rows themselves are kept instead -- no more memory than the Gram -- so that
+    :func:`solve_closed_form` can solve in the row space: exactly, with no Gram rounding, and in
+    ``n²·in`` instead of ``in³`` work. The first add beyond ``in`` rows folds them into the Gram.
 
     ``dtype`` is the accumulation precision: float32 (default; rounding floor of the Gram about
     1e-8 of its largest eigenvalue, which :func:`solve_closed_form` knows about) or float64.
@@ -77,6 +84,7 @@ class GramAccumulator:
         self.device = torch.device(device) if device is not None else None
         self.count = 0
         self._gram: Optional[Tensor] = None
+        self._kept: Optional[list[Tensor]] = []  # rows while count <= in_features; None once folded
         self._lower_stale = False  # only the upper triangle is accumulated; mirrored on read
         n_strips = min(8, max(1, self.in_features // self._STRIP))
         step = -(-self.in_features // n_strips)
@@ -102,6 +110,25 @@ class GramAccumulator:
             g[i0:i1, i0:].addmm_(cols[i0:i1], cols[i0:].mT)
         self._lower_stale = True
 
+    def _fold_kept(self) -> None:
+        """Leave row mode: the kept rows go into the Gram."""
+        if self._kept is None:
+            return
+        kept, self._kept = self._kept, None
+        for r in kept:
+            self._accumulate(r.mT)
+
+    def _take(self, cols: Tensor) -> None:
+        """Record ``cols [in, n]`` (rows transposed, already in the accumulation dtype/device)."""
+        n = cols.shape[1]
+        if self._kept is not None and self.count + n <= self.in_features:
+            self.device = self.device if self.device is not None else cols.device
+            self._kept.append(cols.mT.clone(memory_format=torch.contiguous_format))
+        else:
+            self._fold_kept()
+            self._accumulate(cols)
+        self.count += n
+
     def add(self, x: Tensor, channels_first: bool = False) -> None:
         """Accumulate the rows of ``x``.
 
@@ -118,24 +145,35 @@ class GramAccumulator:
                     raise ValueError(f"expected {self.in_features} channels at dim 1, got shape {tuple(x.shape)}")
                 cols = x.reshape(x.shape[0], self.in_features, -1)  # [B, C, P]: no transposed copy
                 for b in range(cols.shape[0]):
-                    self._accumulate(cols[b].to(target_device, self.dtype))
-                self.count += cols.shape[0] * cols.shape[2]
+                    self._take(cols[b].to(target_device, self.dtype))
                 return
             if x.ndim == 0 or x.shape[-1] != self.in_features:
                 raise ValueError(f"expected last dim {self.in_features}, got shape {tuple(x.shape)}")
             rows = x.reshape(-1, self.in_features)
             for start in range(0, rows.shape[0], self._CHUNK_ROWS):
-                r = rows[start:start + self._CHUNK_ROWS].to(target_device, self.dtype)
-                self._accumulate(r.mT)
-            self.count += rows.shape[0]
+                self._take(rows[start:start + self._CHUNK_ROWS].to(target_device, self.dtype).mT)
+
+    @property
+    def rows(self) -> Optional[Tensor]:
+        """The recorded rows ``[count, in]`` while they are still kept (at most ``in`` of them),
+        else None (they are in the Gram)."""
+        if self._kept is None:
+            return None
+        if not self._kept:
+            return torch.zeros(0, self.in_features, dtype=self.dtype,
+                               device=self.device if self.device is not None else "cpu")
+        if len(self._kept) > 1:
+            self._kept = [torch.cat(self._kept)]
+        return self._kept[0]
 
     @property
     def gram(self) -> Tensor:
         """``Σ XᵀX`` so far: symmetric ``[in, in]`` in the accumulation dtype (zeros when nothing
         was added). Treat it as read-only; later ``add`` calls may update it in place."""
-        if self._gram is None:
-            return torch.zeros(self.in_features, self.in_features, dtype=self.dtype,
-                               device=self.device if self.device is not None else "cpu")
+        kept = self.rows
+        if kept is not None:
+            g = kept.mT @ kept
+            return torch.triu(g) + torch.triu(g, 1).mT  # exactly symmetric, as in Gram mode
         if self._lower_stale:
             with torch.no_grad():
                 g = self._gram
@@ -148,9 +186,14 @@ class GramAccumulator:
         returns ``self``."""
         if other.in_features != self.in_features:
             raise ValueError(f"cannot merge in_features {other.in_features} into {self.in_features}")
-        if other._gram is None:
+        if other.count == 0:
             return self
         with torch.no_grad():
+            rows = other.rows
+            if rows is not None:
+                self._take(rows.to(self.device if self.device is not None else rows.device, self.dtype).mT)
+                return self
+            self._fold_kept()
             src = other.gram
             g = self._buffer(self.device if self.device is not None else src.device)
             g.add_(src.to(g.device, g.dtype))  # only the upper triangle of g is read later if stale
@@ -158,7 +201,8 @@ class GramAccumulator:
         return self
 
     def __repr__(self) -> str:
-        return (f"GramAccumulator(in_features={self.in_features}, count={self.count}, "
+        mode = "rows" if self._kept is not None else "gram"
+        return (f"GramAccumulator(in_features={self.in_features}, count={self.count}, {mode}, "
                 f"dtype={self.dtype}, device={self.device})")
 
 
@@ -206,19 +250,29 @@ def _dense(part) -> Optional[Tensor]:
     return down if up is None else up @ down
 
 
-def _unpack_grams(grams, in_f: int):
-    tensors, counts = [], []
+def _unpack_grams(grams, in_f: int) -> list[Tensor]:
+    tensors = []
     for g in grams:
         if isinstance(g, GramAccumulator):
-            counts.append(g.count)
+            if g.in_features != in_f:
+                raise ValueError(f"Gram matrices must be [{in_f}, {in_f}], got an accumulator of width {g.in_features}")
             g = g.gram
-        else:
-            counts.append(None)
         if not isinstance(g, Tensor) or tuple(g.shape) != (in_f, in_f):
             shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
             raise ValueError(f"Gram matrices must be [{in_f}, {in_f}], got {shape}")
         tensors.append(g)
-    return tensors, counts
+    return tensors
+
+
+def _kept_rows(grams, in_f: int) -> Optional[list[Tensor]]:
+    """Every concept's rows when all of them were kept (accumulators in row mode) and there are at
+    most ``in_f`` in all -- the row-space path -- else None."""
+    if not all(isinstance(g, GramAccumulator) and g.in_features == in_f for g in grams):
+        return None
+    rows = [g.rows for g in grams]
+    if any(r is None for r in rows) or sum(r.shape[0] for r in rows) > in_f:
+        return None
+    return rows
 
 
 def _randn(shape, like: Tensor, seed: int) -> Tensor:
@@ -261,8 +315,7 @@ def _lambda_max_lower(g: Tensor, iters: int = 20) -> float:
 
 def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence[Union[Tensor, GramAccumulator]],
                       rcond: Optional[float] = None,
-                      *, row_counts: Optional[Sequence[int]] = None, compute_dtype: torch.dtype = torch.float64,
-                      return_info: bool = False):
+                      *, compute_dtype: torch.dtype = torch.float64, return_info: bool = False):
     """``W* = W0 + (Σ ΔWi Gi)(Σ Gi)⁺``: the exact minimiser of ``Σ_i ‖Xi Wᵀ − Xi Wiᵀ‖²`` closest
     to ``W0`` (what the reference L-BFGS converges to), in one linear solve instead of hundreds of
     optimiser passes over the rows.
@@ -272,143 +325,155 @@ def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence[U
         deltas: per concept ``ΔWi`` (strength included): dense ``[out, in]`` / ``[out, in, 1, 1]``,
             a pair ``(up, down)`` (cheaper for wide layers), or ``None`` for ΔWi = 0.
         grams: per concept ``Gi = XiᵀXi`` ``[in, in]`` (any float dtype), or :class:`GramAccumulator`
-            objects (their row counts then enable the few-rows fast path). A zero Gram (concept with
-            no rows) contributes nothing.
+            objects. When every accumulator still holds its rows and there are at most ``in`` of
+            them in all, the solve runs in the row space (``W0 + Tᵀ K⁺ X``, see the module text).
+            A zero Gram (concept with no rows) contributes nothing.
         rcond: relative eigenvalue cutoff: eigen-directions of ``G = Σ Gi`` with eigenvalue
             ``≤ rcond·λmax(G)`` count as "no data" and get no change. ``None`` (default) sets the cutoff
-            at the rounding floor of a Gram summed in the Grams' dtype,
+            at the rounding floor of a Gram summed in the inputs' dtype,
             ``max(2·eps_G·tr(G)/√in, 10·eps_compute·tr(G))`` (eps_G: machine epsilon of the least
-            precise Gram) -- about 1e-8…5e-7 of λmax for float32 Grams of activation-like data: far
-            below what the reference's float32 L-BFGS resolves in its iteration budget, yet above
-            the Gram's own rounding noise, which would otherwise be inverted into O(‖ΔW‖) garbage
-            along directions the data never visits. Pass float64 Grams for a lower floor.
-        row_counts: rows behind each Gram (overrides the accumulators' counts); when
-            ``Σ rows + 10 ≤ in/2`` (text layers: ~100 rows for 768/3072 inputs) the pseudo-inverse is
-            taken in the ≤ Σ rows-dimensional row space, found with a randomised range finder
-            (checked against the trace; falls back to the full eigendecomposition).
+            precise Gram or rows) -- about 1e-8…5e-7 of λmax for float32 data: far below what the
+            reference's float32 L-BFGS resolves in its iteration budget, yet above the Gram's own
+            rounding noise, which would otherwise be inverted into O(‖ΔW‖) garbage along directions
+            the data never visits. Pass float64 Grams for a lower floor. The row-space path uses the
+            same cutoff (``K`` has the nonzero eigenvalues of ``G``), so both paths agree.
         compute_dtype: precision of the solve (float64 default; the result is float32 anyway).
-        return_info: also return a dict (``method``: ``cholesky`` | ``eigh`` | ``lowrank`` | ``zero``,
-            ``rank``, ``tol``, ...).
+        return_info: also return a dict (``method``: ``cholesky`` | ``eigh`` | ``zero``; ``space``:
+            ``rows`` (``K = X Xᵀ``) | ``inputs`` (``G``); ``rank``, ``tol``, ...).
 
     Returns:
         ``W*`` as float32, same shape and device as ``w0`` (the caller casts back).
 
-    Method: full-rank, well-conditioned ``G`` (UNet layers with thousands of rows) → Cholesky
-    solve, no inverse formed; the estimated λmin (inverse iteration on the factor) must clear the
-    cutoff by 10×. Otherwise → eigendecomposition of the symmetric PSD ``G`` with the cutoff.
+    Method: the matrix to invert (``K`` for few rows, else ``G``) is Cholesky-factored when it is
+    well conditioned -- its estimated λmin (inverse iteration on the factor) must clear the cutoff
+    by 10× -- with no inverse formed; otherwise it is eigendecomposed and the cutoff applied.
     """
     if len(deltas) == 0 or len(grams) == 0:
         raise ValueError("gradient fusion needs at least one concept")
     if len(deltas) != len(grams):
         raise ValueError(f"{len(deltas)} deltas but {len(grams)} Gram matrices")
+    if rcond is not None and not (rcond >= 0.0):
+        raise ValueError(f"rcond must be >= 0, got {rcond}")
     w0_2d = _as_2d(w0, "w0")
     out_f, in_f = w0_2d.shape
-    gram_list, counts = _unpack_grams(grams, in_f)
-    if row_counts is not None:
-        if len(row_counts) != len(gram_list):
-            raise ValueError("row_counts must have one entry per concept")
-        counts = [int(c) for c in row_counts]
-    if not all(g.is_floating_point() for g in gram_list):
+    kept = _kept_rows(grams, in_f)
+    data = kept if kept is not None else _unpack_grams(grams, in_f)
+    if not all(t.is_floating_point() for t in data):
         raise ValueError("Gram matrices must be floating point")
 
     dev = _work_device(w0.device)
     cdt = compute_dtype
     eps_c = torch.finfo(cdt).eps
-    eps_g = max(max(torch.finfo(g.dtype).eps for g in gram_list), eps_c)
+    eps_g = max(max(torch.finfo(t.dtype).eps for t in data), eps_c)
 
     with torch.no_grad():
         w0c = w0_2d.to(dev, cdt)
+        parts = [_split_delta(d, out_f, in_f, dev, cdt) for d in deltas]
+        space = "rows" if kept is not None else "inputs"
 
         def finish(delta: Optional[Tensor], info: dict):
             w = w0c if delta is None else w0c + delta
             w = w.to(torch.float32).reshape(w0.shape).to(w0.device)
+            info = {**info, "space": space}
             return (w, info) if return_info else w
 
-        gs = [g.to(dev, cdt) for g in gram_list]
-        G = gs[0].clone()
-        for g in gs[1:]:
-            G += g
-        G = 0.5 * (G + G.mT)  # GEMM-accumulated XᵀX is symmetric only up to rounding
-        trace = float(G.diagonal().sum())
-        if not math.isfinite(trace):
-            raise ValueError("non-finite values in the Gram matrices")
-        parts = [_split_delta(d, out_f, in_f, dev, cdt) for d in deltas]
-        if trace <= 0.0 or all(p is None for p in parts):
-            return finish(None, {"method": "zero", "rank": 0, "tol": 0.0})
+        # When every delta is a pair (up, down) the right-hand side stays factored, B = U @ M with
+        # M = [down_i Gi] (Σ r rows): only M is solved against G (or K).
+        live = [i for i, p in enumerate(parts) if p is not None]
+        U = torch.cat([parts[i][0] for i in live], dim=1) if live and all(parts[i][0] is not None for i in live) \
+            else None
+        outer = (lambda z: z) if U is None else (lambda z: U @ z)
 
-        # Right-hand side B = Σ ΔWi Gi. When every delta is a pair (up, down) it stays factored,
-        # B = U @ M with M = [down_i Gi] (Σ r rows), and only M is solved against G.
-        live = [(p, g) for p, g in zip(parts, gs) if p is not None]
-        U = torch.cat([p[0] for p, _ in live], dim=1) if all(p[0] is not None for p, _ in live) else None
-        rhs_rows = U.shape[1] if U is not None else out_f
-
-        def rhs() -> Tensor:
-            """M (= B when dense): [rhs_rows, in]."""
-            if U is not None:
-                return torch.cat([down @ g for (_, down), g in live], dim=0)
-            m = None
-            for (up, down), g in live:
-                term = down @ g if up is None else up @ (down @ g)
-                m = term if m is None else m.add_(term)
-            return m
-
-        def rhs_times(V: Tensor) -> Tensor:
-            """M @ V without forming M when V is thin (few kept directions, many outputs)."""
-            if U is not None or V.shape[1] >= rhs_rows:
-                return rhs() @ V
-            m = None
-            for (up, down), g in live:
-                gv = g @ V
-                term = down @ gv if up is None else up @ (down @ gv)
-                m = term if m is None else m.add_(term)
-            return m
-
-        if rcond is None:
-            tol_abs = max(2.0 * eps_g * trace / math.sqrt(in_f), 10.0 * eps_c * trace)
+        xs = [t.to(dev, cdt) for t in data]  # rows [n_i, in], or Grams [in, in]
+        if kept is not None:
+            X = torch.cat(xs)
+            A = X @ X.mT  # K = X Xᵀ, [n, n]
         else:
-            if not (rcond >= 0.0):
-                raise ValueError(f"rcond must be >= 0, got {rcond}")
-            tol_abs = None
+            A = xs[0].clone()
+            for g in xs[1:]:
+                A += g
+            A = 0.5 * (A + A.mT)  # GEMM-accumulated XᵀX is symmetric only up to rounding
+        trace = float(A.diagonal().sum())
+        if not math.isfinite(trace):
+            raise ValueError("non-finite values in the recorded inputs")
+        if trace <= 0.0 or not live:
+            return finish(None, {"method": "zero", "rank": 0, "tol": 0.0})
+        tol_abs = max(2.0 * eps_g * trace / math.sqrt(in_f), 10.0 * eps_c * trace) if rcond is None else None
 
-        def spectral(e: Tensor, V: Tensor, method: str, extra: dict):
-            lam_max = float(e[-1])
-            tol = tol_abs if tol_abs is not None else rcond * lam_max
-            keep = e > tol
-            rank = int(keep.sum())
-            info = {"method": method, "rank": rank, "tol": tol, "lambda_max": lam_max, **extra}
-            if rank == 0:
-                return finish(None, info)
-            Vk = V[:, keep]
-            Z = (rhs_times(Vk) / e[keep]) @ Vk.mT
-            return finish(Z if U is None else U @ Z, info)
+        if kept is not None:
+            # Row space: Z = the targets Tᵀ ([Σr or out, n]); the change is outer(Z K⁺ X).
+            Z = torch.zeros((U.shape[1] if U is not None else out_f), X.shape[0], dtype=cdt, device=dev)
+            r0, c0 = 0, 0
+            for p, x in zip(parts, xs):
+                if p is not None:
+                    up, down = p
+                    if U is not None:
+                        Z[r0:r0 + down.shape[0], c0:c0 + x.shape[0]] = down @ x.mT
+                        r0 += down.shape[0]
+                    else:
+                        Z[:, c0:c0 + x.shape[0]] = down @ x.mT if up is None else up @ (down @ x.mT)
+                c0 += x.shape[0]
 
-        # 1) Few rows: the pseudo-inverse lives in a ≤ Σ rows dimensional subspace.
-        known_rows = sum(counts) if all(c is not None for c in counts) else None
-        if known_rows is not None:
-            k = known_rows + _OVERSAMPLE
-            if k <= _LOWRANK_FRACTION * in_f:
-                Q, _ = torch.linalg.qr(G @ _randn((in_f, k), G, seed=2024))
-                H = Q.mT @ G @ Q
-                e, Wh = torch.linalg.eigh(0.5 * (H + H.mT))
-                tol = tol_abs if tol_abs is not None else rcond * float(e[-1])
-                missed = trace - float(e.sum())  # Gram mass outside the captured subspace
-                if missed <= (in_f - k) * tol + 10.0 * eps_c * trace:
-                    return spectral(e, Q @ Wh, "lowrank", {"subspace": k})
+            def rhs() -> Tensor:
+                return Z
 
-        # 2) Full rank and well conditioned: Cholesky, no inverse, no eigendecomposition
-        #    (not even tried when fewer rows than inputs were recorded).
-        L, status = (None, 1) if known_rows is not None and known_rows < in_f else torch.linalg.cholesky_ex(G)
-        if int(status) == 0:
-            lam_min = _lambda_min_upper(L)
-            tol = tol_abs if tol_abs is not None else rcond * _lambda_max_lower(G)
-            if lam_min > _CHOL_MARGIN * tol:
-                Z = torch.cholesky_solve(rhs().mT, L).mT
-                info = {"method": "cholesky", "rank": in_f, "tol": tol, "lambda_min_est": lam_min}
-                return finish(Z if U is None else U @ Z, info)
+            rhs_times = None
+            to_change = lambda c: outer(c @ X)  # noqa: E731
+        else:
+            gs = xs
 
-        # 3) Rank-deficient or ill-conditioned: eigendecomposition with the cutoff.
-        e, V = torch.linalg.eigh(G)
-        return spectral(e, V, "eigh", {})
+            def rhs() -> Tensor:
+                """M (= B when dense): [Σr or out, in]."""
+                if U is not None:
+                    return torch.cat([parts[i][1] @ gs[i] for i in live], dim=0)
+                m = None
+                for i in live:
+                    up, down = parts[i]
+                    term = down @ gs[i] if up is None else up @ (down @ gs[i])
+                    m = term if m is None else m.add_(term)
+                return m
+
+            def rhs_times(V: Tensor) -> Tensor:
+                """M @ V without forming M when V is thin (few kept directions, many outputs)."""
+                if U is not None or V.shape[1] >= out_f:
+                    return rhs() @ V
+                m = None
+                for i in live:
+                    up, down = parts[i]
+                    gv = gs[i] @ V
+                    term = down @ gv if up is None else up @ (down @ gv)
+                    m = term if m is None else m.add_(term)
+                return m
+
+            to_change = outer
+        return finish(*_apply_pinv(A, rhs, rhs_times, to_change, tol_abs, rcond))
+
+
+def _apply_pinv(A: Tensor, rhs, rhs_times, to_change, tol_abs: Optional[float], rcond: Optional[float]):
+    """``to_change(M A⁺)`` for the symmetric PSD ``A`` (``M = rhs()``), with eigen-directions at or
+    below the cutoff (``tol_abs``, or ``rcond·λmax``) left out; returns (change, info).
+
+    Well conditioned ``A`` → Cholesky solve, provided the estimated λmin clears the cutoff by 10×;
+    otherwise → eigendecomposition. ``rhs_times(V)`` (optional) computes ``M @ V`` more cheaply for
+    a thin ``V``."""
+    L, status = torch.linalg.cholesky_ex(A)
+    if int(status) == 0:
+        lam_min = _lambda_min_upper(L)
+        tol = tol_abs if tol_abs is not None else rcond * _lambda_max_lower(A)
+        if lam_min > _CHOL_MARGIN * tol:
+            C = torch.cholesky_solve(rhs().mT, L).mT
+            return to_change(C), {"method": "cholesky", "rank": A.shape[0], "tol": tol, "lambda_min_est": lam_min}
+    e, V = torch.linalg.eigh(A)
+    lam_max = float(e[-1])
+    tol = tol_abs if tol_abs is not None else rcond * lam_max
+    keep = e > tol
+    rank = int(keep.sum())
+    info = {"method": "eigh", "rank": rank, "tol": tol, "lambda_max": lam_max}
+    if rank == 0:
+        return None, info
+    Vk = V[:, keep]
+    MV = rhs_times(Vk) if rhs_times is not None else rhs() @ Vk
+    return to_change((MV / e[keep]) @ Vk.mT), info
 
 
 # --------------------------------------------------------------------------- objective
@@ -416,24 +481,27 @@ def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence[U
 def layer_objective(w: Tensor, w0: Tensor, deltas: Sequence[DeltaLike],
                     grams: Sequence[Union[Tensor, GramAccumulator]]) -> float:
     """``Σ_i tr((W − Wi) Gi (W − Wi)ᵀ)`` in float64: the summed squared output error over every
-    recorded row (what both solvers minimise), without needing the rows. ``W − Wi`` is formed as
-    ``(W − W0) − ΔWi`` in float64 so that nearly equal weights do not cancel in float32."""
+    recorded row (what both solvers minimise), without needing the rows; from the rows themselves,
+    ``Σ_i ‖Xi (W − Wi)ᵀ‖²``, where an accumulator kept them (exact, no Gram rounding). ``W − Wi``
+    is formed as ``(W − W0) − ΔWi`` in float64 so that nearly equal weights do not cancel in float32."""
     if len(deltas) != len(grams):
         raise ValueError(f"{len(deltas)} deltas but {len(grams)} Gram matrices")
     w2, w02 = _as_2d(w, "w"), _as_2d(w0, "w0")
     if w2.shape != w02.shape:
         raise ValueError(f"w {tuple(w.shape)} and w0 {tuple(w0.shape)} differ")
     out_f, in_f = w02.shape
-    gram_list, _ = _unpack_grams(grams, in_f)
+    kept = [g.rows if isinstance(g, GramAccumulator) and g.in_features == in_f else None for g in grams]
+    data = [r if r is not None else _unpack_grams([g], in_f)[0] for r, g in zip(kept, grams)]
     dev = _work_device(w0.device)
     f64 = torch.float64
     with torch.no_grad():
         change = w2.to(dev, f64) - w02.to(dev, f64)
         total = torch.zeros((), dtype=f64, device=dev)
-        for d, g in zip(deltas, gram_list):
+        for d, x, rows in zip(deltas, data, kept):
             dense = _dense(_split_delta(d, out_f, in_f, dev, f64))
             e = change if dense is None else change - dense
-            total += ((e @ g.to(dev, f64)) * e).sum()
+            x = x.to(dev, f64)
+            total += (x @ e.mT).square().sum() if rows is not None else ((e @ x) * e).sum()
         return float(total)
 
 

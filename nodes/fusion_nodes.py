@@ -17,10 +17,11 @@ Design decisions (see also fusion/gradient_fusion.py):
   multistep DPM-Solver++, the closest to the reference's DPM-Solver), recording Gram matrices.
 * **Solving**: each concept's ``α_i ΔW_i`` goes to the solver factored, ``(α_i·up, down)``; the inputs
   go as :class:`fusion.solver.GramAccumulator` objects (stage 1: one per input group and concept,
-  built once from the distinct rows, duplicates weighted) or rows, so the row counts are known and the few-rows layers (text
-  encoder, cross-attention k/v) use the closed form's row-space path instead of a d×d
-  eigendecomposition; modules of one input group (q/k/v) are solved together. The lbfgs mode keeps
-  the raw rows where they exist (stages 1-2). ``stats["seconds"]`` has, per stage, the total and
+  built once from the distinct rows, duplicates weighted) or rows. Accumulators keep the rows while
+  there are at most ``in`` of them, so the few-rows layers (text encoder, cross-attention k/v, UNet
+  blocks recorded at low resolution, the mid block's 5120-wide ff.net.2) are solved in the row
+  space (``n × n``) instead of through a d×d eigendecomposition; modules of one input group
+  (q/k/v) are solved together. The lbfgs mode runs on raw rows where they exist. ``stats["seconds"]`` has, per stage, the total and
   ``<stage>_record`` / ``<stage>_solve``.
 * One concept: nothing is recorded; the result is its merged model (``W0 + α ΔW``, objective 0).
 * **Caching** (folder ``models/edloras/.fusion_cache``, or ``$MIXOFSHOW_FUSION_CACHE``; file
@@ -357,13 +358,10 @@ class GradientFusion:
         """Gram accumulator of recorded rows, built from the *distinct* rows: the 16 layer-wise copies
         of a prompt give bit-identical rows before the concept tokens (causal attention), and ``m``
         copies of a row ``r`` add ``m·r rᵀ = (√m r)(√m r)ᵀ`` — same Gram, fewer rows. The count is then
-        the number of distinct rows (a bound on the Gram's rank, which is what the solver uses it for),
-        so most text layers fit the closed form's row-space path."""
+        the number of distinct rows, so most text layers fit the closed form's row-space path."""
         rows = rows.reshape(-1, rows.shape[-1]).float()
         uniq, mult = torch.unique(rows, dim=0, return_counts=True)
-        acc = GramAccumulator(rows.shape[-1], device=self.device)
-        acc.add(uniq * mult.to(uniq.dtype).sqrt()[:, None])
-        return acc
+        return gf.accumulate(uniq * mult.to(uniq.dtype).sqrt()[:, None], self.device)
 
     def _lap(self, stage, part):
         """Adds the time since the previous lap to ``stats["seconds"][f"{stage}_{part}"]``."""

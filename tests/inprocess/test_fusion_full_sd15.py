@@ -1,16 +1,18 @@
 """Issue 4 on the full-size SD1.5 layout: gradient fusion of three synthetic ED-LoRAs, and on a sample of
 layers per stage the fused layer's objective is at most the reference L-BFGS objective.
 
-Approach (the node keeps Gram matrices, not all rows): the test wraps ``gradient_fusion.solve_layers``
+Approach (the node keeps Gram matrices, or the rows while there are few): the test wraps ``gradient_fusion.solve_layers``
 as the node calls it and keeps the :class:`~fusion.gradient_fusion.LayerProblem` objects, i.e. exactly
 the recorded inputs the fused weights were solved from — Grams (``GramAccumulator``) for the text encoder
 and the other UNet layers, raw rows for cross-attention k/v. For each sampled layer:
 
 * the node's fused weight must be the closed form of that problem (cast to the checkpoint's dtype);
-* the objective ``Σ_i tr((W − W_i) G_i (W − W_i)ᵀ)`` (``solver.layer_objective``, float64) of the closed
+* the objective ``Σ_i tr((W − W_i) G_i (W − W_i)ᵀ)`` (``solver.layer_objective``, float64; from the rows
+  where they were kept) of the closed
   form is compared with that of the reference L-BFGS solution. L-BFGS runs as the node's ``lbfgs`` mode
   does (``gradient_fusion.solve_layer(..., "lbfgs")``): on the raw rows where the problem has them
-  (k/v), otherwise on the symmetric square root of the Gram (``gram_sqrt``: same objective). Both are
+  (k/v, and accumulators that kept their rows), otherwise on the symmetric square root of the Gram
+  (``gram_sqrt``: same objective). Both are
   solved from a float32 copy of W0 so that neither pays the fp16 rounding of the stored weight.
 
 Tolerance: ``obj(closed form) ≤ obj(L-BFGS)·(1 + 1e-6) + 1e-9·obj(W0)`` — the second term is an

@@ -87,22 +87,83 @@ def test_rank_deficient_is_lbfgs_from_w0_and_minimum_change():
     assert oc < 1e-8 * o0  # 15 rows < 64 inputs: every concept can be met exactly
 
 
-def test_lowrank_path_matches_full_eigendecomposition():
-    w0, deltas, xs = _problem(out=12, d=256, rows=(10, 12, 8), seed=2)
+def _accumulators(xs, d):
     accs = []
     for x in xs:
-        a = GramAccumulator(256)
+        a = GramAccumulator(d)
         a.add(x)
         accs.append(a)
-    wr, ir = solve_closed_form(w0, deltas, accs, return_info=True)  # row counts known
-    we, ie = solve_closed_form(w0, deltas, [a.gram for a in accs], return_info=True)
-    assert ir["method"] == "lowrank" and ie["method"] == "eigh"
-    assert ir["rank"] == ie["rank"] == 30
+    return accs
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_row_space_path_equals_the_gram_path(factored):
+    """Few rows (30 for 256 inputs): accumulators keep them and the solve runs on K = X Xᵀ; the
+    result is the Gram path's eigendecomposition result and the float64 pseudo-inverse solution."""
+    w0, deltas, xs = _problem(out=12, d=256, rows=(10, 12, 8), seed=2)
+    if factored:
+        g = torch.Generator().manual_seed(20)
+        deltas = [(torch.randn(12, 3, generator=g) * 0.2, torch.randn(3, 256, generator=g) / 16) for _ in xs]
+    wr, ir = solve_closed_form(w0, deltas, _accumulators(xs, 256), return_info=True)
+    we, ie = solve_closed_form(w0, deltas, [x.T @ x for x in xs], return_info=True)
+    assert (ir["space"], ir["method"]) == ("rows", "cholesky") and (ie["space"], ie["method"]) == ("inputs", "eigh")
+    assert ie["rank"] == 30
     torch.testing.assert_close(wr, we, atol=1e-5, rtol=0)
-    # a wrong (too small) row count is caught by the trace check and falls back
-    wf, iff = solve_closed_form(w0, deltas, [a.gram for a in accs], row_counts=[2, 2, 2], return_info=True)
-    assert iff["method"] == "eigh"
-    torch.testing.assert_close(wf, we)
+    g64 = _grams64(xs)
+    dense = [d if torch.is_tensor(d) else d[0] @ d[1] for d in deltas]
+    b = sum(d.double() @ g for d, g in zip(dense, g64))
+    ref = w0.double() + b @ torch.linalg.pinv(sum(g64), hermitian=True, rtol=1e-10)
+    torch.testing.assert_close(wr.double(), ref, atol=1e-6, rtol=0)
+    # the change lies in the span of the rows (up to the float32 rounding of the returned weight)
+    change = (wr - w0).double()
+    assert (change @ _null_basis(xs)).abs().max() < 1e-6 * change.abs().max()
+
+
+def test_row_space_path_with_dependent_rows():
+    """Concepts recorded on the same rows (K singular): the eigendecomposition of K with the cutoff,
+    same result as the Gram path; one concept's rows repeated = its Gram doubled."""
+    w0, deltas, xs = _problem(out=6, d=64, rows=(9, 9, 9), seed=21)
+    xs = [xs[0], xs[0].clone(), torch.cat([xs[1][:4], xs[0][:5]])]
+    wr, ir = solve_closed_form(w0, deltas, _accumulators(xs, 64), return_info=True)
+    we, ie = solve_closed_form(w0, deltas, [x.T @ x for x in xs], return_info=True)
+    assert (ir["space"], ir["method"], ir["rank"]) == ("rows", "eigh", 13) and ie["rank"] == 13
+    torch.testing.assert_close(wr, we, atol=1e-5, rtol=0)
+    oc, o0 = _objectives(w0, deltas, xs, wr, w0)
+    assert oc < o0
+
+
+def test_rows_are_folded_into_the_gram_beyond_in_features():
+    """An accumulator keeps rows up to `in` of them; more rows (one add, or several, or a merge) fold
+    them into the Gram; a solve with more than `in` rows in all uses the Gram even if each concept
+    still has its rows."""
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(70, 32, generator=g, dtype=torch.float64)
+    acc = GramAccumulator(32, dtype=torch.float64)
+    acc.add(x[:20])
+    acc.add(x[20:32])
+    assert acc.rows is not None and acc.rows.shape == (32, 32)
+    torch.testing.assert_close(acc.gram, x[:32].T @ x[:32])
+    acc.add(x[32:33])
+    assert acc.rows is None and acc.count == 33
+    acc.add(x[33:])
+    torch.testing.assert_close(acc.gram, x.T @ x)
+
+    a, b = GramAccumulator(32, dtype=torch.float64), GramAccumulator(32, dtype=torch.float64)
+    a.add(x[:10])
+    b.add(x[10:30])
+    a.merge(b)
+    assert a.rows is not None and a.count == 30
+    torch.testing.assert_close(a.rows, x[:30])
+    c = GramAccumulator(32, dtype=torch.float64)
+    c.add(x[30:])  # 40 rows: a Gram from the start
+    assert c.rows is None
+    a.merge(c)
+    assert a.rows is None and a.count == 70
+    torch.testing.assert_close(a.gram, x.T @ x)
+
+    w0, deltas, xs = _problem(out=5, d=32, rows=(20, 20), seed=23)
+    _, info = solve_closed_form(w0, deltas, _accumulators(xs, 32), return_info=True)
+    assert info["space"] == "inputs" and info["method"] == "cholesky"
 
 
 def test_float32_gram_noise_is_not_inverted():
@@ -126,6 +187,8 @@ def test_float32_gram_noise_is_not_inverted():
     assert info["rank"] == 40 and leak32 < 1e-3
     leak64, info = leak(_grams64(xs))
     assert info["rank"] == 40 and leak64 < 1e-5
+    leak_rows, info = leak(_accumulators(xs, d))  # 90 rows ≤ 96 inputs: the row-space path, no Gram noise
+    assert info["space"] == "rows" and info["rank"] == 40 and leak_rows < 1e-5
     no_cutoff, info = leak([x.T @ x for x in xs], rcond=1e-16)
     assert info["rank"] > 40 and no_cutoff > 0.1  # what the cutoff prevents
 
@@ -212,6 +275,12 @@ def test_objective_is_sum_of_squared_output_errors():
     direct = sum(((x.double() @ (w.double() - w0.double() - d.double()).T) ** 2).sum() for x, d in zip(xs, deltas))
     assert layer_objective(w, w0, deltas, _grams64(xs)) == pytest.approx(float(direct), rel=1e-10)
     assert layer_objective(w, w0, deltas, [x.T @ x for x in xs]) == pytest.approx(float(direct), rel=1e-5)
+    accs = _accumulators(xs, 9)  # 7 rows kept, 11 rows folded into a Gram
+    assert accs[0].rows is not None and accs[1].rows is None
+    assert layer_objective(w, w0, deltas, accs) == pytest.approx(float(direct), rel=1e-5)
+    only_rows = _accumulators([xs[0]], 9)
+    assert layer_objective(w, w0, deltas[:1], only_rows) == pytest.approx(
+        float(((xs[0].double() @ (w.double() - w0.double() - deltas[0].double()).T) ** 2).sum()), rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -266,18 +335,20 @@ def test_wide_gram_accumulator_upper_strips():
     also after reading it, adding more rows and merging."""
     g = torch.Generator().manual_seed(17)
     d = 700  # > 2 strips
-    x = torch.randn(3, 40, d, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 300, d, generator=g, dtype=torch.float64)
     acc = GramAccumulator(d, dtype=torch.float64)
     acc.add(x[0])
-    r0 = x[0]
+    acc.add(x[1])  # 600 rows: still kept
+    r0 = x[:2].reshape(-1, d)
     torch.testing.assert_close(acc.gram, r0.T @ r0)
-    acc.add(x[1])
+    assert torch.equal(acc.gram, acc.gram.T)
     other = GramAccumulator(d, dtype=torch.float64)
-    other.add(x[2].T.reshape(1, d, 40, 1), channels_first=True)
-    acc.merge(other)
+    other.add(x[2].T.reshape(1, d, 300, 1), channels_first=True)
+    acc.merge(other)  # 900 rows: folded into the strips
+    assert acc.rows is None
     rows = x.reshape(-1, d)
     torch.testing.assert_close(acc.gram, rows.T @ rows)
-    assert torch.equal(acc.gram, acc.gram.T) and acc.count == 120
+    assert torch.equal(acc.gram, acc.gram.T) and acc.count == 900
 
 
 def test_gram_accumulator_conv_input():
