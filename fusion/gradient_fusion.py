@@ -142,7 +142,7 @@ def accumulate(rows: torch.Tensor, device=None) -> S.GramAccumulator:
 
 def gram_tensor(g) -> torch.Tensor:
     """A Gram matrix given as a tensor or as a :class:`fusion.solver.GramAccumulator`."""
-    return g.gram if hasattr(g, "gram") else g
+    return g.gram if isinstance(g, S.GramAccumulator) else g
 
 
 def gram_sqrt(gram: torch.Tensor) -> torch.Tensor:
@@ -176,7 +176,7 @@ def solve_layer(problem: LayerProblem, solver: str = "closed_form", device=None,
     deltas = [_delta_to(d, device) for d in problem.deltas]
     if solver == "closed_form":
         if problem.grams is not None:
-            grams = [g if hasattr(g, "gram") else g.to(device) for g in problem.grams]
+            grams = [g if isinstance(g, S.GramAccumulator) else g.to(device) for g in problem.grams]
         else:
             grams = [accumulate(r, device) for r in problem.rows]
         w = S.solve_closed_form(w0, deltas, grams)
@@ -184,7 +184,7 @@ def solve_layer(problem: LayerProblem, solver: str = "closed_form", device=None,
         if problem.rows is not None:
             inputs = [r.to(device).float().reshape(-1, w0.shape[1]) for r in problem.rows]
         else:  # the rows where an accumulator still has them, else a square root of the Gram
-            inputs = [g.rows.to(device).float() if getattr(g, "rows", None) is not None
+            inputs = [g.rows.to(device).float() if isinstance(g, S.GramAccumulator) and g.rows is not None
                       else gram_sqrt(gram_tensor(g).to(device).float()) for g in problem.grams]
         w = S.solve_lbfgs(w0, deltas, inputs, iterations or LBFGS_ITERATIONS.get(problem.kind, 50))
     else:
