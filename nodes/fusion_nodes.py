@@ -21,8 +21,8 @@ Design decisions (see also fusion/gradient_fusion.py):
   there are at most ``in`` of them, so the few-rows layers (text encoder, cross-attention k/v, UNet
   blocks recorded at low resolution, the mid block's 5120-wide ff.net.2) are solved in the row
   space (``n × n``) instead of through a d×d eigendecomposition; modules of one input group
-  (q/k/v) are solved together. The lbfgs mode runs on raw rows where they exist. ``stats["seconds"]`` has, per stage, the total and
-  ``<stage>_record`` / ``<stage>_solve``.
+  (q/k/v) are solved together. The lbfgs mode runs on raw rows where they exist.
+  ``stats["seconds"]`` has, per stage, the total and ``<stage>_record`` / ``<stage>_solve``.
 * One concept: nothing is recorded; the result is its merged model (``W0 + α ΔW``, objective 0).
 * **Caching** (folder ``models/edloras/.fusion_cache``, or ``$MIXOFSHOW_FUSION_CACHE``; file
   extensions ``.fused`` / ``.rows`` so they never show up in the ED-LoRA lists):

@@ -461,5 +461,10 @@ def test_cuda_tensors_stay_on_device():
     assert wc.device.type == "cuda"
     ref = solve_closed_form(w0, deltas, [x.T @ x for x in xs])
     torch.testing.assert_close(wc.cpu(), ref, atol=1e-4, rtol=0)
+    few = [xs[0][:20], xs[1][:20], xs[2]]  # 45 rows ≤ 64 inputs: the row-space path, on the GPU
+    wr, info = solve_closed_form(w0.to(dev), [d.to(dev) for d in deltas], _accumulators([x.to(dev) for x in few], 64),
+                                 return_info=True)
+    assert info["space"] == "rows" and wr.device.type == "cuda"
+    torch.testing.assert_close(wr.cpu(), solve_closed_form(w0, deltas, [x.T @ x for x in few]), atol=1e-4, rtol=0)
     wl = solve_lbfgs(w0.to(dev), [d.to(dev) for d in deltas], [x.to(dev) for x in xs], 100)
     assert wl.device.type == "cuda"
