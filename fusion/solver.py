@@ -100,15 +100,21 @@ class GramAccumulator:
             self._gram = self._gram.clone()
         return self._gram
 
-    def _accumulate(self, cols: Tensor) -> None:
-        """``G += cols @ colsᵀ`` for ``cols [in, n]`` (transposed rows), upper strips only."""
-        g = self._buffer(cols.device)
+    def _add_upper(self, g: Tensor, cols: Tensor) -> None:
+        """``g += cols @ colsᵀ`` for ``cols [in, n]`` (transposed rows): upper strips only when there
+        are several (the lower triangle is then stale, see :meth:`_mirrored`)."""
         if len(self._strips) == 1:
             g.addmm_(cols, cols.mT)
             return
         for i0, i1 in self._strips:
             g[i0:i1, i0:].addmm_(cols[i0:i1], cols[i0:].mT)
-        self._lower_stale = True
+
+    def _mirrored(self, g: Tensor) -> Tensor:
+        return g if len(self._strips) == 1 else torch.triu(g) + torch.triu(g, 1).mT
+
+    def _accumulate(self, cols: Tensor) -> None:
+        self._add_upper(self._buffer(cols.device), cols)
+        self._lower_stale = len(self._strips) > 1
 
     def _fold_kept(self) -> None:
         """Leave row mode: the kept rows go into the Gram."""
@@ -171,14 +177,14 @@ class GramAccumulator:
         """``Σ XᵀX`` so far: symmetric ``[in, in]`` in the accumulation dtype (zeros when nothing
         was added). Treat it as read-only; later ``add`` calls may update it in place."""
         kept = self.rows
-        if kept is not None:
-            g = kept.mT @ kept
-            return torch.triu(g) + torch.triu(g, 1).mT  # exactly symmetric, as in Gram mode
-        if self._lower_stale:
-            with torch.no_grad():
-                g = self._gram
-                self._gram = torch.triu(g) + torch.triu(g, 1).mT
-            self._lower_stale = False
+        with torch.no_grad():
+            if kept is not None:  # computed on demand: the rows stay kept
+                g = torch.zeros(self.in_features, self.in_features, dtype=kept.dtype, device=kept.device)
+                self._add_upper(g, kept.mT)
+                return self._mirrored(g)
+            if self._lower_stale:
+                self._gram = self._mirrored(self._gram)
+                self._lower_stale = False
         return self._gram
 
     def merge(self, other: "GramAccumulator") -> "GramAccumulator":
