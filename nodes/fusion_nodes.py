@@ -326,7 +326,7 @@ class GradientFusion:
             os.replace(path + ".part", path)
         return out
 
-    def _stage_text(self, pbar_total_extra=0):
+    def _stage_text(self):
         n = len(self.concepts.concepts)
         targets = self.text_targets
         if not targets:
