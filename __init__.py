@@ -1,30 +1,46 @@
 """Mix-of-Show for ComfyUI: ED-LoRA loading, layer-wise (P+) conditioning, gradient fusion and
-regional multi-concept sampling. Each node family lives in one module of ``nodes/``; a family whose
-import fails is logged and skipped so the rest of the pack still loads."""
+regional multi-concept sampling, as ComfyUI V3 nodes.
+
+Each node family lives in one module of ``nodes/`` and lists its nodes in ``NODES``; a family whose
+import fails is logged and skipped so the rest of the pack (and ComfyUI) still loads. No
+``NODE_CLASS_MAPPINGS`` here: ComfyUI would then ignore ``comfy_entrypoint``."""
 import importlib
 import logging
 
 log = logging.getLogger("mixofshow")
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
 WEB_DIRECTORY = "./js"
-_FAMILIES = ("edlora_nodes", "fusion_nodes", "regional_nodes")
+FAMILIES = ("edlora_nodes", "fusion_nodes", "region_nodes", "sampling_nodes")
 
-try:
-    from .nodes.edlora_nodes import register_model_folder
 
-    register_model_folder()
-except Exception:  # noqa: BLE001 - never take ComfyUI down with us
-    log.exception("Mix-of-Show: could not register the models/edloras folder")
-
-for _family in _FAMILIES:
+def _load_families() -> list:
+    nodes = []
     try:
-        _module = importlib.import_module(f".nodes.{_family}", __name__)
-    except Exception:  # noqa: BLE001
-        log.exception("Mix-of-Show: node family %s failed to import and is skipped", _family)
-        continue
-    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
-    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+        from .nodes.edlora_nodes import register_model_folder
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+        register_model_folder()
+    except Exception:  # noqa: BLE001 - never take ComfyUI down with us
+        log.exception("Mix-of-Show: could not register the models/edloras folder")
+    for family in FAMILIES:
+        try:
+            module = importlib.import_module(f".nodes.{family}", __name__)
+        except Exception:  # noqa: BLE001
+            log.exception("Mix-of-Show: node family %s failed to import and is skipped", family)
+            continue
+        nodes.extend(module.NODES)
+    return nodes
+
+
+async def comfy_entrypoint():
+    """The pack's ``ComfyExtension`` (imported here: the package is also imported outside ComfyUI, e.g.
+    by pytest, where ``comfy_api`` does not exist)."""
+    from comfy_api.latest import ComfyExtension
+
+    class MixOfShowExtension(ComfyExtension):
+        async def get_node_list(self) -> list:
+            return _load_families()
+
+    return MixOfShowExtension()
+
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -35,9 +35,11 @@ from torch import Tensor
 
 __all__ = [
     "box_to_mask",
+    "box_layer_mask",
     "boxes_to_masks",
     "resize_masks",
     "layer_masks",
+    "region_layer_masks",
     "feature_hw_for_tokens",
     "blend_regions",
     "parse_box_file",
@@ -69,6 +71,25 @@ def box_to_mask(height: int, width: int, top: int, left: int, bottom: int, right
         )
     mask = torch.zeros(height, width, dtype=torch.float32)
     mask[t:b, l_:r] = 1.0
+    return mask
+
+
+def box_layer_mask(box: Sequence[int], height: int, width: int, feature_h: int, feature_w: int) -> Tensor:
+    """The reference's per-layer mask of a box: hard 0/1 on a ``feature_h x feature_w`` map.
+
+    A box ``[top, left, bottom, right]`` in pixels of a ``height x width`` image covers rows
+    ``ceil(top*fh/H) : floor(bottom*fh/H)`` and columns ``ceil(left*fw/W) : floor(right*fw/W)``
+    (Mix-of-Show rasterises every box this way at every feature size; a thin box can vanish at the
+    coarse layers). Computed from integers, so it is exact.
+    """
+    top, left, bottom, right = (int(v) for v in box)
+    height, width, fh, fw = int(height), int(width), int(feature_h), int(feature_w)
+    if min(height, width, fh, fw) <= 0:
+        raise ValueError(f"sizes must be positive, got image {height}x{width}, feature map {fh}x{fw}")
+    r0, r1 = -(-top * fh // height), bottom * fh // height
+    c0, c1 = -(-left * fw // width), right * fw // width
+    mask = torch.zeros(fh, fw, dtype=torch.float32)
+    mask[max(r0, 0):max(r1, 0), max(c0, 0):max(c1, 0)] = 1.0
     return mask
 
 
@@ -149,6 +170,23 @@ def layer_masks(masks: Tensor, feature_h: int, feature_w: int) -> Tensor:
     """
     resized = resize_masks(masks, feature_h, feature_w)
     return resized.reshape(resized.shape[0], int(feature_h) * int(feature_w))
+
+
+def region_layer_masks(masks: Tensor, boxes: Sequence[Sequence[int] | None], feature_h: int,
+                       feature_w: int) -> Tensor:
+    """Every region's mask on a ``feature_h x feature_w`` layer, flattened to ``[R, fh*fw]``.
+
+    ``masks`` ``[R, H, W]`` in pixels of the output image; ``boxes[r]`` is region r's box when its mask
+    is exactly that box: it then follows the reference rule (:func:`box_layer_mask`, hard 0/1), other
+    masks are area-averaged (:func:`layer_masks`)."""
+    if masks.dim() != 3 or len(boxes) != masks.shape[0]:
+        raise ValueError(f"expected masks [R, H, W] and R boxes, got {tuple(masks.shape)} and {len(boxes)} boxes")
+    height, width = int(masks.shape[1]), int(masks.shape[2])
+    rows = [box_layer_mask(box, height, width, feature_h, feature_w).reshape(-1).to(masks.device)
+            if box is not None else layer_masks(mask, feature_h, feature_w)[0] for mask, box in zip(masks, boxes)]
+    if not rows:
+        return torch.zeros(0, int(feature_h) * int(feature_w), dtype=torch.float32, device=masks.device)
+    return torch.stack(rows)
 
 
 def feature_hw_for_tokens(n_tokens: int, height: int, width: int) -> tuple[int, int]:

@@ -1,20 +1,20 @@
-"""Nodes: Load ED-LoRA, Text Encode with concepts, Convert ED-LoRA to safetensors."""
+"""Loader nodes: Load ED-LoRA, Text Encode with Concepts, Convert ED-LoRA to safetensors."""
 from __future__ import annotations
 
 import logging
 import os
 
 import folder_paths
+from comfy_api.latest import io
 
 from ..fusion.bundle import is_bundle
 from ..fusion.concepts import Concept, ConceptSet
 from ..fusion.edlora import convert_to_safetensors, load_edlora
 from .layerwise import CONCEPTS_USED_KEY, encode_with_concepts, install_layerwise
+from .common import CONCEPTS, LOADERS, PackNode, check_choices, schema
 from .lora_patch import check_base, clip_patches, unet_patches
 
 log = logging.getLogger("mixofshow")
-CATEGORY = "Mix-of-Show"
-CONCEPTS = "EDLORA_CONCEPTS"
 EDLORA_FOLDER = "edloras"
 _EXTENSIONS = {".pth", ".pt", ".safetensors"}
 
@@ -76,79 +76,99 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
     return model_out, clip_out, concepts
 
 
-class LoadEDLoRA:
-    DESCRIPTION = ("Loads a Mix-of-Show ED-LoRA (.pth or .safetensors) or a kohya XTI (P+) embedding: patches "
-                   "clones of MODEL and CLIP with its LoRA and adds its concept tokens (e.g. <potter1> <potter2>) "
-                   "to the concept set. Chain loaders to use several concepts.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "CLIP", CONCEPTS)
-    RETURN_NAMES = ("model", "clip", "concepts")
-    FUNCTION = "load"
+class LoadEDLoRA(PackNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            cls, node_id="MixOfShowLoadEDLoRA", display_name="Load ED-LoRA (Mix-of-Show)", category=LOADERS,
+            description="Loads a Mix-of-Show ED-LoRA (.pth or .safetensors), a fused bundle or a kohya XTI (P+) "
+                        "embedding: patches clones of MODEL and CLIP with its LoRA and adds its concept tokens (e.g. "
+                        "<potter1> <potter2>) to the concept set. Chain loaders to use several concepts.",
+            search_aliases=("ED-LoRA", "edlora", "P+", "XTI", "character LoRA", "multi character", "concept"),
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x model the ED-LoRA was trained on (or a fine-tune of it)."),
+                io.Clip.Input("clip", tooltip="SD1.x CLIP of the same checkpoint."),
+                io.Combo.Input("edlora_name", options=edlora_choices(),
+                               tooltip="File in models/edloras (or models/loras)."),
+                io.Float.Input("text_encoder_strength", default=0.7, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the text-encoder LoRA (0.7 for sampling, 1.0 for fusion)."),
+                io.Float.Input("unet_strength", default=0.7, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the UNet LoRA. Both 0 = embeddings only."),
+                CONCEPTS.Input("concepts", optional=True,
+                               tooltip="Concept set from an earlier Load ED-LoRA, to chain."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A clone of the model with the ED-LoRA's UNet LoRA."),
+                io.Clip.Output(display_name="clip", tooltip="A clone of the CLIP with the ED-LoRA's text-encoder LoRA."),
+                CONCEPTS.Output(display_name="concepts",
+                                tooltip="The concept set: every loaded ED-LoRA's tokens, for Text Encode with "
+                                        "Concepts, regions and Gradient Fusion."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "SD1.x model the ED-LoRA was trained on (or a fine-tune of it)."}),
-                "clip": ("CLIP", {"tooltip": "SD1.x CLIP of the same checkpoint."}),
-                "edlora_name": (edlora_choices(), {"tooltip": "File in models/edloras (or models/loras)."}),
-                "text_encoder_strength": ("FLOAT", {"default": 0.7, "min": -10.0, "max": 10.0, "step": 0.01,
-                                                    "tooltip": "Scale of the text-encoder LoRA (0.7 for "
-                                                               "sampling, 1.0 for fusion)."}),
-                "unet_strength": ("FLOAT", {"default": 0.7, "min": -10.0, "max": 10.0, "step": 0.01,
-                                            "tooltip": "Scale of the UNet LoRA. Both 0 = embeddings only."}),
-            },
-            "optional": {
-                "concepts": (CONCEPTS, {"tooltip": "Concept set from an earlier Load ED-LoRA, to chain."}),
-            },
-        }
-
-    def load(self, model, clip, edlora_name, text_encoder_strength, unet_strength, concepts=None):
-        result = apply_edlora(model, clip, concepts, edlora_path(edlora_name), text_encoder_strength, unet_strength)
-        return {"ui": {"text": [result[2].describe()]}, "result": result}
-
-
-class TextEncodeConcepts:
-    DESCRIPTION = ("CLIP Text Encode that understands ED-LoRA concept tokens: each of the 16 cross-attention "
-                   "layers gets its own context. Everything the stock encoder supports keeps working "
-                   "((word:1.2), long prompts, embedding:name). Without concept tokens it equals the stock node.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
+    def validate_inputs(cls, edlora_name) -> bool | str:
+        return check_choices(cls, edlora_name=edlora_name)
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "clip": ("CLIP", {"tooltip": "The CLIP from Load ED-LoRA (or the fusion node)."}),
-                "concepts": (CONCEPTS, {"tooltip": "Concept set that defines the tokens used in the text."}),
-                "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                    "tooltip": "Prompt; write concepts as their tokens, e.g. a <potter1> <potter2>."}),
-            },
-        }
+    def execute(cls, model, clip, edlora_name, text_encoder_strength, unet_strength, concepts=None) -> io.NodeOutput:
+        model_out, clip_out, concepts_out = apply_edlora(model, clip, concepts, edlora_path(edlora_name),
+                                                         text_encoder_strength, unet_strength)
+        own = concepts_out.concepts[len(concepts.concepts) if concepts else 0:]
+        tokens = " ".join(tok for c in own for tok in c.edlora.tokens)
+        return io.NodeOutput(model_out, clip_out, concepts_out,
+                             ui={"text": [tokens], "concept_set": [concepts_out.describe()]})
 
-    def encode(self, clip, concepts, text):
+
+class TextEncodeConcepts(PackNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            cls, node_id="MixOfShowTextEncode", display_name="Text Encode with Concepts (Mix-of-Show)",
+            category=LOADERS,
+            description="CLIP Text Encode that understands ED-LoRA concept tokens: each of the 16 cross-attention "
+                        "layers gets its own context. Everything the stock encoder supports keeps working "
+                        "((word:1.2), long prompts, embedding:name). Without concept tokens it equals the stock node.",
+            search_aliases=("concept prompt", "layer-wise conditioning", "P+", "ED-LoRA prompt", "CLIP Text Encode"),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP from Load ED-LoRA (or the fusion node)."),
+                CONCEPTS.Input("concepts", tooltip="Concept set that defines the tokens used in the text."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                tooltip="Prompt; write concepts as their tokens, e.g. a <potter1> <potter2>."),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="A CONDITIONING carrying the 16 layer-wise contexts.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, concepts, text) -> io.NodeOutput:
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader "
                                "node your checkpoint does not contain a valid clip or text encoder model.")
-        return (encode_with_concepts(clip, text, concepts),)
+        return io.NodeOutput(encode_with_concepts(clip, text, concepts))
 
 
-class ConvertEDLoRA:
-    DESCRIPTION = ("Converts an ED-LoRA .pth (either key spelling) into the pack's flat .safetensors layout in "
-                   "models/edloras, so it can be shared without pickles.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("filename",)
-    FUNCTION = "convert"
-    OUTPUT_NODE = True
+class ConvertEDLoRA(PackNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            cls, node_id="MixOfShowConvertEDLoRA", display_name="Convert ED-LoRA to safetensors (Mix-of-Show)",
+            category=LOADERS, is_output_node=True,
+            description="Converts an ED-LoRA .pth (either key spelling) into the pack's flat .safetensors layout in "
+                        "models/edloras, so it can be shared without pickles.",
+            search_aliases=("ED-LoRA convert", "pth to safetensors"),
+            inputs=[
+                io.Combo.Input("edlora_name", options=edlora_choices(), tooltip="The ED-LoRA file to convert."),
+                io.String.Input("output_name", default="", tooltip="Empty = same name, .safetensors"),
+            ],
+            outputs=[io.String.Output(display_name="filename", tooltip="Name of the written file in models/edloras.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"edlora_name": (edlora_choices(),),
-                             "output_name": ("STRING", {"default": "", "tooltip": "Empty = same name, .safetensors"})}}
+    def validate_inputs(cls, edlora_name) -> bool | str:
+        return check_choices(cls, edlora_name=edlora_name)
 
-    def convert(self, edlora_name, output_name):
+    @classmethod
+    def execute(cls, edlora_name, output_name) -> io.NodeOutput:
         src = edlora_path(edlora_name)
         stem = output_name.strip() or os.path.splitext(os.path.basename(src))[0]
         if not stem.endswith(".safetensors"):
@@ -159,17 +179,8 @@ class ConvertEDLoRA:
             raise ValueError(f"Convert ED-LoRA: output would overwrite the input {edlora_name}")
         os.makedirs(folder, exist_ok=True)
         edlora = convert_to_safetensors(src, dst)
-        return {"ui": {"text": [f"{os.path.basename(dst)}: {' '.join(edlora.tokens)}"]},
-                "result": (os.path.basename(dst),)}
+        name = os.path.basename(dst)
+        return io.NodeOutput(name, ui={"text": [f"{name}: {' '.join(edlora.tokens)}"]})
 
 
-NODE_CLASS_MAPPINGS = {
-    "MixOfShowLoadEDLoRA": LoadEDLoRA,
-    "MixOfShowTextEncode": TextEncodeConcepts,
-    "MixOfShowConvertEDLoRA": ConvertEDLoRA,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "MixOfShowLoadEDLoRA": "Load ED-LoRA (Mix-of-Show)",
-    "MixOfShowTextEncode": "Text Encode with Concepts (Mix-of-Show)",
-    "MixOfShowConvertEDLoRA": "Convert ED-LoRA to safetensors (Mix-of-Show)",
-}
+NODES = [LoadEDLoRA, TextEncodeConcepts, ConvertEDLoRA]

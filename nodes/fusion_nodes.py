@@ -1,4 +1,4 @@
-"""Nodes: Gradient Fusion (design §3), Save Fused ED-LoRA Bundle; `apply_bundle` lets Load ED-LoRA load bundles.
+"""Fusion nodes: Gradient Fusion (design §3), Save Fused ED-LoRA Bundle; `apply_bundle` lets Load ED-LoRA load bundles.
 
 Design decisions (see also fusion/gradient_fusion.py):
 
@@ -52,6 +52,7 @@ import comfy.model_management as mm
 import comfy.sample
 import comfy.utils
 import folder_paths
+from comfy_api.latest import io
 
 from ..fusion import gradient_fusion as gf
 from ..fusion.bundle import FusedBundle, load_bundle, save_bundle
@@ -59,7 +60,8 @@ from ..fusion.concepts import Concept, ConceptError, ConceptSet
 from ..fusion.edlora import EDLoRA, EDLoRAError
 from ..fusion.layers import layer_of_unet_module
 from ..fusion.solver import GramAccumulator
-from .edlora_nodes import CATEGORY, CONCEPTS, EDLORA_FOLDER
+from .common import CONCEPTS, FUSION, PackNode, check_choices, schema
+from .edlora_nodes import EDLORA_FOLDER
 from .layerwise import (CONCEPTS_USED_KEY, encode_with_concepts, install_layerwise, layerwise_of,
                         tokenize_with_concepts)
 from .lora_patch import check_base, clip_key_map, clip_patches, model_key_map, text_lora_name, unet_lora_name, \
@@ -520,46 +522,55 @@ def fuse(model, clip, concepts, settings: gf.FusionSettings, use_cache: bool = T
 
 # --------------------------------------------------------------------------- nodes
 
-class GradientFusionNode:
-    DESCRIPTION = ("Mix-of-Show gradient fusion: merges every ED-LoRA of the concept set into ONE model (no "
-                   "per-concept LoRA left) so that each fused layer reproduces every concept's own tuned layer on "
-                   "the inputs that concept produces. Three stages: text encoder, cross-attention k/v, other UNet "
-                   "layers (by sampling each concept's prompt). Results are cached on disk "
-                   "(models/edloras/.fusion_cache).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "CLIP", CONCEPTS)
-    RETURN_NAMES = ("model", "clip", "concepts")
-    OUTPUT_TOOLTIPS = ("Fused model (layer-wise conditioning installed).", "Fused CLIP.",
-                       "Fused concept set: every concept's embeddings, LoRA strengths 0 (already merged).")
-    FUNCTION = "fuse"
+class GradientFusionNode(PackNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            cls, node_id="MixOfShowGradientFusion", display_name="Gradient Fusion (Mix-of-Show)", category=FUSION,
+            description="Mix-of-Show gradient fusion: merges every ED-LoRA of the concept set into ONE model (no "
+                        "per-concept LoRA left) so that each fused layer reproduces every concept's own tuned layer on "
+                        "the inputs that concept produces. Three stages: text encoder, cross-attention k/v, other UNet "
+                        "layers (by sampling each concept's prompt). Results are cached on disk "
+                        "(models/edloras/.fusion_cache).",
+            search_aliases=("merge LoRA", "fuse ED-LoRA", "multi character", "multi concept", "gradient fusion"),
+            inputs=[
+                io.Model.Input("model", tooltip="The BASE model: the checkpoint loader's MODEL, not Load ED-LoRA's "
+                                                "output (LoRA patches on fused modules are ignored)."),
+                io.Clip.Input("clip", tooltip="The BASE CLIP: the checkpoint loader's CLIP."),
+                CONCEPTS.Input("concepts", tooltip="Concept set from chained Load ED-LoRA nodes; each concept's "
+                                                   "strengths are its fusion weights (1.0 in the paper)."),
+                io.Int.Input("steps", default=20, min=1, max=200,
+                             tooltip="Sampling steps per concept for recording the UNet layers' inputs."),
+                io.Int.Input("width", default=512, min=64, max=2048, step=8,
+                             tooltip="Width of the images sampled for recording."),
+                io.Int.Input("height", default=512, min=64, max=2048, step=8,
+                             tooltip="Height of the images sampled for recording."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Noise seed of the recording samples (concept i uses seed + i)."),
+                io.Combo.Input("solver", options=list(gf.SOLVERS), default="closed_form",
+                               tooltip="closed_form: exact minimiser (fast). lbfgs: the reference optimiser, for "
+                                       "comparison (slow)."),
+                io.Boolean.Input("cache", default=True, tooltip="Reuse fused results and per-concept text-encoder "
+                                                                "recordings from disk."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="Fused model (layer-wise conditioning installed)."),
+                io.Clip.Output(display_name="clip", tooltip="Fused CLIP."),
+                CONCEPTS.Output(display_name="concepts", tooltip="Fused concept set: every concept's embeddings, LoRA "
+                                                                 "strengths 0 (already merged)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The BASE model: the checkpoint loader's MODEL, not Load ED-LoRA's "
-                                               "output (LoRA patches on fused modules are ignored)."}),
-                "clip": ("CLIP", {"tooltip": "The BASE CLIP: the checkpoint loader's CLIP."}),
-                "concepts": (CONCEPTS, {"tooltip": "Concept set from chained Load ED-LoRA nodes; each concept's "
-                                                   "strengths are its fusion weights (1.0 in the paper)."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 200,
-                                  "tooltip": "Sampling steps per concept for recording the UNet layers' inputs."}),
-                "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8}),
-                "height": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
-                "solver": (list(gf.SOLVERS), {"default": "closed_form",
-                                              "tooltip": "closed_form: exact minimiser (fast). lbfgs: the "
-                                                         "reference optimiser, for comparison (slow)."}),
-                "cache": ("BOOLEAN", {"default": True, "tooltip": "Reuse fused results and per-concept "
-                                                                  "text-encoder recordings from disk."}),
-            },
-        }
+    def validate_inputs(cls, solver) -> bool | str:
+        return check_choices(cls, solver=solver)
 
-    def fuse(self, model, clip, concepts, steps, width, height, seed, solver, cache):
+    @classmethod
+    def execute(cls, model, clip, concepts, steps, width, height, seed, solver, cache) -> io.NodeOutput:
         settings = gf.FusionSettings(steps=steps, width=width, height=height, seed=seed, solver=solver)
         m, c, cs, stats = fuse(model, clip, concepts, settings, cache)
         log.info("Mix-of-Show fusion: %s (cache %s, recorded %s)", cs.describe(), stats["cache"], stats["recorded"])
-        return m, c, cs
+        return io.NodeOutput(m, c, cs)
 
 
 def _output_path(prefix: str) -> str:
@@ -574,26 +585,28 @@ def _output_path(prefix: str) -> str:
         counter += 1
 
 
-class SaveFusedBundle:
-    DESCRIPTION = ("Saves the fused weights (only the changed ones), every concept's embeddings and metadata "
-                   "(base model, concepts, settings) as one .safetensors in models/edloras. Load it with "
-                   "Load ED-LoRA on the same base checkpoint.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("filename",)
-    FUNCTION = "save"
-    OUTPUT_NODE = True
+class SaveFusedBundle(PackNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            cls, node_id="MixOfShowSaveFusedBundle", display_name="Save Fused ED-LoRA Bundle (Mix-of-Show)",
+            category=FUSION, is_output_node=True,
+            description="Saves the fused weights (only the changed ones), every concept's embeddings and metadata "
+                        "(base model, concepts, settings) as one .safetensors in models/edloras. Load it with "
+                        "Load ED-LoRA on the same base checkpoint.",
+            search_aliases=("save fused", "fused bundle", "export fusion"),
+            inputs=[
+                io.Model.Input("model", tooltip="Fused MODEL from Gradient Fusion."),
+                io.Clip.Input("clip", tooltip="Fused CLIP from Gradient Fusion."),
+                CONCEPTS.Input("concepts", tooltip="Fused concept set from Gradient Fusion."),
+                io.String.Input("filename_prefix", default="fused_edlora",
+                                tooltip="File name prefix in models/edloras; a counter is appended."),
+            ],
+            outputs=[io.String.Output(display_name="filename", tooltip="Name of the written bundle.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "Fused MODEL from Gradient Fusion."}),
-            "clip": ("CLIP", {"tooltip": "Fused CLIP from Gradient Fusion."}),
-            "concepts": (CONCEPTS, {"tooltip": "Fused concept set from Gradient Fusion."}),
-            "filename_prefix": ("STRING", {"default": "fused_edlora"}),
-        }}
-
-    def save(self, model, clip, concepts, filename_prefix):
+    def execute(cls, model, clip, concepts, filename_prefix) -> io.NodeOutput:
         unet_w, info = fused_weights_of(model)
         text_w, info2 = fused_weights_of(clip.patcher)
         if not unet_w and not text_w:
@@ -613,7 +626,7 @@ class SaveFusedBundle:
         path = _output_path(filename_prefix)
         save_bundle(b, path)
         name = os.path.basename(path)
-        return {"ui": {"text": [f"{name}: {concepts.describe()}"]}, "result": (name,)}
+        return io.NodeOutput(name, ui={"text": [f"{name}: {concepts.describe()}"]})
 
 
 def apply_bundle(model, clip, path: str):
@@ -644,11 +657,4 @@ def apply_bundle(model, clip, path: str):
     return m, c, concepts
 
 
-NODE_CLASS_MAPPINGS = {
-    "MixOfShowGradientFusion": GradientFusionNode,
-    "MixOfShowSaveFusedBundle": SaveFusedBundle,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "MixOfShowGradientFusion": "Gradient Fusion (Mix-of-Show)",
-    "MixOfShowSaveFusedBundle": "Save Fused ED-LoRA Bundle (Mix-of-Show)",
-}
+NODES = [GradientFusionNode, SaveFusedBundle]

@@ -26,6 +26,7 @@ LAYERWISE_KEY = "mixofshow_layerwise"
 # Provenance: on a conditioning, the ED-LoRAs whose tokens it uses; on a MODEL's model_options, the
 # ED-LoRAs it was loaded with. The regional sampler compares the two.
 CONCEPTS_USED_KEY = "mixofshow_concepts"
+PROMPT_KEY = "mixofshow_prompt"  # the prompt text (labels in region previews)
 WRAPPER_KEY = "mixofshow.layerwise"
 _PLACEHOLDERS = ("sks", "olis", "zxq", "qxv")
 _MAX_TOKEN_REPEAT = 4  # same padding limit as ComfyUI's CONDCrossAttn
@@ -86,7 +87,7 @@ def encode_with_concepts(clip, text: str, concepts: ConceptSet) -> list:
     present (one text-encoder pass); otherwise 16 layer-wise contexts from one batched pass."""
     tokens, positions, vectors = tokenize_with_concepts(clip, text, concepts)
     if not vectors:
-        return clip.encode_from_tokens_scheduled(tokens)
+        return [[c, {**d, PROMPT_KEY: text}] for c, d in clip.encode_from_tokens_scheduled(tokens)]
     tables = concepts.tables
     layered = {}
     for key, sections in tokens.items():
@@ -103,6 +104,7 @@ def encode_with_concepts(clip, text: str, concepts: ConceptSet) -> list:
     stack = cond.reshape(NUM_LAYERS, -1, cond.shape[-1]).unsqueeze(0)
     out["model_conds"] = {LAYERWISE_KEY: LayerwiseCond(stack)}
     out[CONCEPTS_USED_KEY] = concepts.labels_for(tok for tok, _ in vectors)
+    out[PROMPT_KEY] = text
     return [[stack[:, 0].contiguous(), out]]
 
 

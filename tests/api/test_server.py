@@ -20,9 +20,11 @@ def graph(edlora="srv_0.pth", prompt="a <s1> <s2> on a beach"):
 
 def test_nodes_are_registered(server):
     info = server.get("/object_info/MixOfShowLoadEDLoRA")["MixOfShowLoadEDLoRA"]
-    assert info["display_name"] == "Load ED-LoRA (Mix-of-Show)" and info["category"] == "Mix-of-Show"
-    assert {"srv_0.pth", "srv_1.pth"} <= set(info["input"]["required"]["edlora_name"][0])
-    every_family = {"MixOfShowTextEncode", "MixOfShowGradientFusion", "MixOfShowRegionalSampler"}
+    assert info["display_name"] == "Load ED-LoRA (Mix-of-Show)" and info["category"] == "Mix-of-Show/loaders"
+    kind, options = info["input"]["required"]["edlora_name"]
+    assert kind == "COMBO" and {"srv_0.pth", "srv_1.pth"} <= set(options["options"])  # a V3 combo
+    assert "ED-LoRA" in info["search_aliases"]
+    every_family = {"MixOfShowTextEncode", "MixOfShowGradientFusion", "MixOfShowRegion", "MixOfShowRegionalSampler"}
     assert every_family <= set(server.get("/object_info"))  # no node family failed to import
 
 

@@ -1,6 +1,12 @@
+import os
+from pathlib import Path
+
 import pytest
 
 import comfy_env
+
+SD15_CHECKPOINT = Path(os.environ.get("MIXOFSHOW_SD15_RANDOM", Path(__file__).resolve().parents[2] / ".host" / "models"
+                                      / "sd15_random_fp16.safetensors"))
 
 if not comfy_env.available():
     pytest.skip(f"no ComfyUI at {comfy_env.comfy_root()} (run tools/host/setup_host.sh or set MIXOFSHOW_COMFYUI)",
@@ -11,6 +17,19 @@ comfy_env.env()  # ComfyUI must be importable before the test modules are collec
 @pytest.fixture(scope="session")
 def env():
     return comfy_env.env()
+
+
+@pytest.fixture(scope="session")
+def sd15(env):
+    """(MODEL, CLIP) of the full-size random-weight SD1.5 checkpoint, loaded once per test run."""
+    import comfy.sd
+
+    if not SD15_CHECKPOINT.is_file():
+        pytest.skip(f"no full-size random SD1.5 at {SD15_CHECKPOINT} (tools/host/make_sd15_random.py makes it)")
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+        str(SD15_CHECKPOINT), output_vae=False, output_clip=True,
+        embedding_directory=env.folder_paths.get_folder_paths("embeddings"))
+    return model, clip
 
 
 @pytest.fixture(scope="session")

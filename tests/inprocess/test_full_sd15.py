@@ -1,28 +1,13 @@
 """Issue 2 §4 on the full-size SD1.5 layout: every LoRA key maps, every patched weight is W0 + s·up@down."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 import comfy.model_management
-import comfy.sd
 
 from fusion.synthetic import make_edlora_state
 
-CKPT = Path(os.environ.get("MIXOFSHOW_SD15_RANDOM",
-                           Path(__file__).resolve().parents[2] / ".host" / "models" / "sd15_random_fp16.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    if not CKPT.is_file():
-        pytest.skip(f"no full-size random SD1.5 at {CKPT} (tools/host/make_sd15_random.py makes it)")
-    import folder_paths
-
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
-        str(CKPT), output_vae=False, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
-    return model, clip
 
 
 def effective_weight(module) -> torch.Tensor:

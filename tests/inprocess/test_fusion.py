@@ -6,6 +6,7 @@ import torch
 
 import comfy.model_management as mm
 import nodes as comfy_nodes
+import pack_nodes as pn
 
 STEPS, SIZE = 2, 64
 
@@ -251,12 +252,11 @@ def test_bundle_round_trip_and_checkpoint_save(env, tiny, two):
     model, clip, vae = tiny
     _, _, concepts = load_set(env, tiny, two[:2])
     fm, fc, fcs, _ = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
-    out = fn(env).SaveFusedBundle().save(fm, fc, fcs, "fu_bundle")
-    name = out["result"][0]
+    name = pn.save_fused_bundle(fm, fc, fcs, "fu_bundle")
     loader = env.pack("nodes.edlora_nodes")
     assert name in loader.edlora_choices()
     # Load ED-LoRA loads bundles (its strengths do not apply: the bundle is already merged)
-    lm, lc, lcs = loader.LoadEDLoRA().load(model, clip, name, 0.3, 0.3)["result"]
+    lm, lc, lcs = pn.load_edlora(model, clip, name, 0.3, 0.3)
     assert lm.model_options["mixofshow_concepts"] == lcs.labels
     for a, b in ((fm, lm), (fc.patcher, lc.patcher)):
         wa, wb = fn(env).fused_weights_of(a)[0], fn(env).fused_weights_of(b)[0]
@@ -268,7 +268,7 @@ def test_bundle_round_trip_and_checkpoint_save(env, tiny, two):
     torch.testing.assert_close(enc.layerwise_of(enc.encode_with_concepts(lc, "a <fa1>", lcs)[0][1]),
                                enc.layerwise_of(enc.encode_with_concepts(fc, "a <fa1>", fcs)[0][1]))
     with pytest.raises(ValueError, match="another base model"):  # a bundle on a base it was not fused on
-        loader.LoadEDLoRA().load(*env.tiny.build_all("wide", 0)[:2], name, 1.0, 1.0)
+        pn.load_edlora(*env.tiny.build_all("wide", 0)[:2], name, 1.0, 1.0)
 
     # stock Checkpoint Save on the fused MODEL/CLIP
     import comfy_extras.nodes_model_merging as merging
@@ -321,11 +321,11 @@ def test_fused_model_accepts_regions_encoded_with_the_fused_concepts(env, tiny, 
     fm, fc, fcs, _ = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
     assert fm.model_options["mixofshow_concepts"] == fcs.labels == concepts.labels
     enc = env.pack("nodes.layerwise").encode_with_concepts
-    regional = env.pack("nodes.regional_nodes")
+    regional = env.pack("nodes.regional_attention")
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1
-    regions = regional.RegionNode().add(enc(fc, "a <ra1>", fcs), enc(fc, "blurry", fcs), mask)[0]
-    regions = regional.RegionNode().add(enc(fc, "a <rb1>", fcs), enc(fc, "blurry", fcs), 1 - mask, regions)[0]
+    regions = pn.region(enc(fc, "a <ra1>", fcs), enc(fc, "blurry", fcs), mask)
+    regions = pn.region(enc(fc, "a <rb1>", fcs), enc(fc, "blurry", fcs), 1 - mask, regions)
     patched = regional.install_regions(fm, regions)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     out = comfy_nodes.common_ksampler(patched, 1, 1, 5.0, "euler", "normal", enc(fc, "two people", fcs),

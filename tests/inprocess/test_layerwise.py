@@ -4,6 +4,7 @@ import torch
 import comfy.sd
 import comfy.sample
 import nodes as comfy_nodes
+import pack_nodes as pn
 
 # Written out here on purpose (not imported from the pack): ComfyUI's block of each of the 16
 # cross-attention layers, in the UNet's run order (design §2).
@@ -15,7 +16,7 @@ PREFIXES = [f"input_blocks.{n}.1" for n in (1, 2, 4, 5, 7, 8)] + ["middle_block.
 
 def load(env, tiny, name, te=1.0, unet=1.0, concepts=None):
     model, clip, _ = tiny
-    return env.pack("nodes.edlora_nodes").LoadEDLoRA().load(model, clip, name, te, unet, concepts)["result"]
+    return pn.load_edlora(model, clip, name, te, unet, concepts)
 
 
 def hand_tokens(clip, before: str, table_rows: list, after: str):
@@ -45,7 +46,7 @@ def sample(model, pos, neg, steps=2, seed=3, size=64, cfg=5.0):
 def test_encode_matches_hand_encoding_and_each_layer_gets_its_context(env, tiny, write_edlora):
     name = write_edlora("lw_a.pth", tokens=("<a1>", "<a2>"), seed=11)
     model, clip, concepts = load(env, tiny, name)
-    cond = env.pack("nodes.edlora_nodes").TextEncodeConcepts().encode(clip, concepts, "a photo of <a1> <a2> dog")[0]
+    cond = pn.text_encode(clip, concepts, "a photo of <a1> <a2> dog")
     stack = env.pack("nodes.layerwise").layerwise_of(cond[0][1])
     assert stack.shape == (1, 16, 77, 768)
     tables = {t: v[:, 0] for t, v in concepts.tables.items()}
@@ -84,7 +85,7 @@ def test_noise_prediction_matches_plain_implementation(env, tiny, write_edlora):
     model0, clip0, _ = tiny
     model, clip, concepts = load(env, tiny, name, te=0.8, unet=0.6)
     text = "portrait of <b1> in a garden"
-    pos = env.pack("nodes.edlora_nodes").TextEncodeConcepts().encode(clip, concepts, text)[0]
+    pos = pn.text_encode(clip, concepts, text)
     neg = comfy_nodes.CLIPTextEncode().encode(clip, "ugly")[0]
     ours = sample(model, pos, neg)
 
@@ -122,9 +123,9 @@ def test_strength_zero_means_embeddings_only(env, tiny, write_edlora):
     model0, clip0, _ = tiny
     model, clip, concepts = load(env, tiny, name, te=0.0, unet=0.0)
     assert model.patches == model0.patches and clip.patcher.patches == clip0.patcher.patches
-    enc = env.pack("nodes.edlora_nodes").TextEncodeConcepts().encode
+    enc = pn.text_encode
     table = {"<z1>": concepts.tables["<z1>"][:, 0]}
-    stack = env.pack("nodes.layerwise").layerwise_of(enc(clip, concepts, "a <z1>")[0][0][1])
+    stack = env.pack("nodes.layerwise").layerwise_of(enc(clip, concepts, "a <z1>")[0][1])
     torch.testing.assert_close(stack[0], hand_contexts(clip0, table, ["<z1>"], "a", ""), atol=1e-5, rtol=1e-5)
 
 
@@ -132,7 +133,7 @@ def test_prompt_without_concepts_is_the_stock_encoding(env, tiny, write_edlora):
     name = write_edlora("lw_d.pth", tokens=("<d1>",), seed=14)
     model, clip, concepts = load(env, tiny, name)
     text = "a (red:1.3) house, " + "very " * 90 + "detailed"
-    ours = env.pack("nodes.edlora_nodes").TextEncodeConcepts().encode(clip, concepts, text)[0]
+    ours = pn.text_encode(clip, concepts, text)
     stock = comfy_nodes.CLIPTextEncode().encode(clip, text)[0]
     assert "model_conds" not in ours[0][1]
     assert torch.equal(ours[0][0], stock[0][0]) and ours[0][0].shape[1] == 154
@@ -144,16 +145,16 @@ def test_weights_long_prompts_and_several_concepts(env, tiny, write_edlora):
     a = write_edlora("lw_e1.pth", tokens=("<e1>", "<e2>"), seed=15)
     b = write_edlora("lw_e2.pth", tokens=("<f1>",), seed=16)
     model, clip, concepts = load(env, tiny, a)
-    model, clip, concepts = env.pack("nodes.edlora_nodes").LoadEDLoRA().load(model, clip, b, 1.0, 1.0, concepts)["result"]
-    enc = env.pack("nodes.edlora_nodes").TextEncodeConcepts().encode
+    model, clip, concepts = pn.load_edlora(model, clip, b, 1.0, 1.0, concepts)
+    enc = pn.text_encode
     layerwise_of = env.pack("nodes.layerwise").layerwise_of
     text = "(<e1> <e2>:1.2) and <f1>, " + "tall " * 80 + "end <f1>"
-    stack = layerwise_of(enc(clip, concepts, text)[0][0][1])
+    stack = layerwise_of(enc(clip, concepts, text)[0][1])
     assert stack.shape == (1, 16, 154, 768)
-    unweighted = layerwise_of(enc(clip, concepts, text.replace("(<e1> <e2>:1.2)", "<e1> <e2>"))[0][0][1])
+    unweighted = layerwise_of(enc(clip, concepts, text.replace("(<e1> <e2>:1.2)", "<e1> <e2>"))[0][1])
     assert not torch.allclose(stack, unweighted)
     neg = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
-    out = sample(model, enc(clip, concepts, text)[0], neg)
+    out = sample(model, enc(clip, concepts, text), neg)
     assert torch.isfinite(out).all()
 
 

@@ -1,6 +1,7 @@
 """Issue 3: pose control with regions — stock ControlNet loader/apply with the regional sampler,
 per-region control strength, regions from a reference pose image, masks at every layer, and
 region/model concept mismatches."""
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 import comfy.patcher_extension
 import comfy.sample
 import nodes as comfy_nodes
+import pack_nodes as pn
 
 POSES = Path(__file__).resolve().parents[2] / "assets" / "poses"  # in the repo (Apache-2.0, see NOTICE)
 H, W = 64, 128
@@ -32,7 +34,7 @@ def controlnet(env):
 
 
 def rn(env):
-    return env.pack("nodes.regional_nodes")
+    return env.pack("nodes.regional_attention")
 
 
 def pose_hint():
@@ -65,8 +67,8 @@ def test_per_region_control_strength_equals_hand_scaled_residuals(env, wide, con
     neg = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
     rpos = comfy_nodes.CLIPTextEncode().encode(clip, "a knight")[0]
     cpos, cneg = with_control(controlnet, pos, neg)
-    scaled = rn(env).RegionNode().add(rpos, neg, left_half(), None, 0.3)[0]
-    unscaled = rn(env).RegionNode().add(rpos, neg, left_half(), None, 1.0)[0]
+    scaled = pn.region(rpos, neg, left_half(), None, 0.3)
+    unscaled = pn.region(rpos, neg, left_half(), None, 1.0)
     ours = sample(rn(env).install_regions(model, scaled), cpos, cneg)
 
     def hand_scale(executor, x, timesteps, context, y, control, transformer_options, **kw):
@@ -94,21 +96,19 @@ def test_full_region_with_zero_control_strength_is_sampling_without_control(env,
     pos = comfy_nodes.CLIPTextEncode().encode(clip, "a castle")[0]
     neg = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
     cpos, cneg = with_control(controlnet, pos, neg)
-    full = rn(env).RegionNode().add(pos, neg, torch.ones(1, H, W), None, 0.0)[0]
+    full = pn.region(pos, neg, torch.ones(1, H, W), None, 0.0)
     torch.testing.assert_close(sample(rn(env).install_regions(model, full), cpos, cneg),
                                sample(model, pos, neg), atol=1e-6, rtol=0)
 
 
 def test_masks_reach_every_layer_at_the_right_size_and_place(env):
-    """Reference boxes of a 1024x512 pose: at each of the 4 feature sizes the layer mask is the box
-    scaled down (area-averaged), in row-major token order."""
-    boxes = env.pack("fusion.regional").parse_box_file(POSES / "harry_hermione_thanos.txt")
-    masks = [env.pack("fusion.regional").box_to_mask(512, 1024, *b) for _, b in boxes]
-    regions = tuple(env.pack("nodes.regional_nodes").Region(m, (), ()) for m in masks)
-    data = object.__new__(rn(env).RegionData)
-    data.masks, data._cache = torch.stack([r.mask for r in regions]), {}
+    """Reference boxes of a 1024x512 pose as painted masks (no box): at each of the 4 feature sizes the
+    layer mask is the box scaled down (area-averaged), in row-major token order."""
+    regional = env.pack("fusion.regional")
+    boxes = regional.parse_box_file(POSES / "harry_hermione_thanos.txt")
+    masks = torch.stack([regional.box_to_mask(512, 1024, *b) for _, b in boxes])
     for fh, fw in ((64, 128), (32, 64), (16, 32), (8, 16)):
-        flat = data.flat_masks(fh, fw, "cpu")
+        flat = regional.region_layer_masks(masks, [None] * len(boxes), fh, fw)
         assert flat.shape == (3, fh * fw)
         for r, (_, (top, left, bottom, right)) in enumerate(boxes):
             f = 512 // fh
@@ -118,29 +118,52 @@ def test_masks_reach_every_layer_at_the_right_size_and_place(env):
             assert grid[(top + bottom) // 2 // f, (left + right) // 2 // f] == 1.0
 
 
+def test_box_regions_follow_the_reference_box_rule(env, tiny):
+    """Regions made by the box node carry their box: every layer rasterises it as Mix-of-Show does,
+    rows ceil(top*h/H):floor(bottom*h/H), columns likewise (written out here), exactly; an edited
+    mask (here: inverted twice, a new tensor) is area-averaged like any painted mask."""
+    _, clip, _ = tiny
+    cond = comfy_nodes.CLIPTextEncode().encode(clip, "a person")[0]
+    boxes = env.pack("fusion.regional").parse_box_file(POSES / "harry_hermione_thanos.txt")
+    regions = None
+    for _, (top, left, bottom, right) in boxes:
+        regions = pn.region(cond, cond, pn.box_mask(1024, 512, top, left, bottom, right), regions)
+    assert [r.box for r in regions] == [tuple(b) for _, b in boxes]
+    data = env.pack("nodes.regional_attention").RegionData(regions)
+    for fh, fw in ((64, 128), (32, 64), (16, 32), (8, 16)):
+        flat = data.flat_masks(fh, fw, "cpu")
+        for r, (_, (top, left, bottom, right)) in enumerate(boxes):
+            expected = torch.zeros(fh, fw)
+            expected[math.ceil(top * fh / 512):math.floor(bottom * fh / 512),
+                     math.ceil(left * fw / 1024):math.floor(right * fw / 1024)] = 1
+            assert torch.equal(flat[r].reshape(fh, fw), expected), (r, fh)
+    edited = 1.0 - (1.0 - pn.box_mask(1024, 512, *boxes[0][1]))
+    assert pn.region(cond, cond, edited)[0].box is None
+
+
 def test_regions_from_a_reference_pose_image(env, wide, write_edlora):
     image = torch.from_numpy(np.asarray(Image.open(POSES / "harry_hermione_thanos.png").convert("RGB"),
                                         dtype=np.float32) / 255.0)[None]
     _, clip, _ = wide
-    regions, masks = rn(env).PoseRegions().build(image, clip, "a knight\n\na wizard\na giant", "blurry", 0.05)
+    regions, masks = pn.pose_regions(image, clip, "a knight\n\na wizard\na giant", "blurry", 0.05)
     assert len(regions) == 3 and masks.shape == (3, 512, 1024)
     centers = [m.nonzero().float().mean(0)[1].item() for m in masks]
     assert centers == sorted(centers)
     with pytest.raises(ValueError, match="found 3 skeleton"):
-        rn(env).PoseRegions().build(image, clip, "only one line", "", 0.05)
+        pn.pose_regions(image, clip, "only one line", "", 0.05)
 
 
 def test_region_encoded_with_another_chain_is_refused(env, wide, write_edlora):
     model, clip, _ = wide
-    load = env.pack("nodes.edlora_nodes").LoadEDLoRA().load
+    load = pn.load_edlora
     a = write_edlora("chain_a.pth", tokens=("<ca1>",), seed=60, model_channels=64)
     b = write_edlora("chain_b.pth", tokens=("<cb1>",), seed=61, model_channels=64)
-    model_a, clip_a, concepts_a = load(model, clip, a, 0.7, 0.7)["result"]
-    _, clip_b, concepts_b = load(model, clip, b, 0.7, 0.7)["result"]
-    enc = env.pack("nodes.edlora_nodes").TextEncodeConcepts().encode
+    model_a, clip_a, concepts_a = load(model, clip, a, 0.7, 0.7)
+    _, clip_b, concepts_b = load(model, clip, b, 0.7, 0.7)
+    enc = pn.text_encode
     neg = comfy_nodes.CLIPTextEncode().encode(clip_a, "blurry")[0]
-    ok = rn(env).RegionNode().add(enc(clip_a, concepts_a, "a <ca1>")[0], neg, left_half())[0]
-    bad = rn(env).RegionNode().add(enc(clip_b, concepts_b, "a <cb1>")[0], neg, left_half(), ok)[0]
+    ok = pn.region(enc(clip_a, concepts_a, "a <ca1>"), neg, left_half())
+    bad = pn.region(enc(clip_b, concepts_b, "a <cb1>"), neg, left_half(), ok)
     rn(env).install_regions(model_a, ok)
     with pytest.raises(ValueError, match=r"region 1: .*chain_b\.pth"):
         rn(env).install_regions(model_a, bad)

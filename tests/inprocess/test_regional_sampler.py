@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import comfy.sample
 import nodes as comfy_nodes
 from comfy_env import execution_error, run_prompt
+import pack_nodes as pn
 
 # Written out here on purpose (not imported from the pack).
 BLOCKS = [("input", 1), ("input", 2), ("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0)] + \
@@ -18,7 +19,7 @@ H, W = 64, 128  # pixels; latent 8x16
 
 
 def rn(env):
-    return env.pack("nodes.regional_nodes")
+    return env.pack("nodes.regional_attention")
 
 
 def encode(clip, text):
@@ -46,8 +47,7 @@ def stock_ksampler(model, pos, neg, seed=4):
 def regional_ksampler(env, model, pos, neg, regions, seed=4):
     latent = {"samples": torch.zeros(1, 4, H // 8, W // 8)}
     kw = {} if regions is None else {"regions": regions}
-    return rn(env).RegionalKSampler().sample(model, seed, 2, 6.0, "euler", "normal", pos, neg, latent, 1.0,
-                                             **kw)[0]["samples"]
+    return pn.regional_ksampler(model, seed, 2, 6.0, "euler", "normal", pos, neg, latent, 1.0, **kw)["samples"]
 
 
 def contexts_of(cond):
@@ -104,25 +104,23 @@ def load_two(env, tiny, write_edlora):
     a = write_edlora("rg_a.pth", tokens=("<ra1>", "<ra2>"), seed=31)
     b = write_edlora("rg_b.pth", tokens=("<rb1>",), seed=32)
     model, clip, _ = tiny
-    loader = env.pack("nodes.edlora_nodes").LoadEDLoRA()
-    model, clip, concepts = loader.load(model, clip, a, 0.7, 0.7)["result"]
-    model, clip, concepts = loader.load(model, clip, b, 0.7, 0.7, concepts)["result"]
+    model, clip, concepts = pn.load_edlora(model, clip, a, 0.7, 0.7)
+    model, clip, concepts = pn.load_edlora(model, clip, b, 0.7, 0.7, concepts)
     return model, clip, concepts
 
 
 def test_fast_path_matches_brute_force(env, tiny, write_edlora):
     model, clip, concepts = load_two(env, tiny, write_edlora)
-    te = env.pack("nodes.edlora_nodes").TextEncodeConcepts()
-    pos = te.encode(clip, concepts, "<ra1> <ra2> and a <rb1> in a park")[0]  # layer-wise global prompt too
+    pos = pn.text_encode(clip, concepts, "<ra1> <ra2> and a <rb1> in a park")  # layer-wise global prompt too
     neg = encode(clip, "blurry")
-    pos_a = te.encode(clip, concepts, "a photo of <ra1> <ra2>, smiling")[0]
-    pos_b = te.encode(clip, concepts, "a <rb1> " + "standing in the rain, " * 20)[0]  # 154 tokens vs 77
+    pos_a = pn.text_encode(clip, concepts, "a photo of <ra1> <ra2>, smiling")
+    pos_b = pn.text_encode(clip, concepts, "a <rb1> " + "standing in the rain, " * 20)  # 154 tokens vs 77
     neg_b = encode(clip, "lowres")
     assert contexts_of(pos_a).shape[0] == 16 and contexts_of(pos_b).shape[1] == 154
     # overlapping boxes; the 1x2 feature map sees soft values (0.25) from the overlap
     mask_a, mask_b = box(H, W, 0, 0, 64, 80), box(H, W, 8, 48, 56, 128)
-    regions = rn(env).RegionNode().add(pos_a, neg, mask_a)[0]
-    regions = rn(env).RegionNode().add(pos_b, neg_b, mask_b, regions)[0]
+    regions = pn.region(pos_a, neg, mask_a)
+    regions = pn.region(pos_b, neg_b, mask_b, regions)
 
     patched = rn(env).install_regions(model, regions)
     pack_patches = [p for p in patched.model_options["transformer_options"]["patches"]["attn2_patch"]
@@ -152,20 +150,19 @@ def test_pose_box_mask(env):
     image = torch.zeros(1, 64, 128, 3)
     image[0, 10:60, 100:110, 0] = 1.0  # right "person" (red limb)
     image[0, 5:50, 20:30, 1] = 1.0  # left "person" (green limb)
-    node = rn(env).PoseBoxMask()
-    left, count = node.find(image, 0, 0.0)
-    right, _ = node.find(image, 1, 0.0)
+    left, count = pn.pose_box_mask(image, 0, 0.0)
+    right, _ = pn.pose_box_mask(image, 1, 0.0)
     assert count == 2 and left.shape == (1, 64, 128)
     assert left[0, 5:50, 20:30].min() == 1 and left[0, :, 60:].max() == 0
     assert right[0, 10:60, 100:110].min() == 1 and right[0, :, :60].max() == 0
     with pytest.raises(ValueError, match="only 2"):
-        node.find(image, 2, 0.0)
+        pn.pose_box_mask(image, 2, 0.0)
 
 
 def test_one_full_image_region_with_global_prompts_is_stock(env, tiny):
     model, clip, _ = tiny
     pos, neg = encode(clip, "a castle on a hill"), encode(clip, "blurry")
-    regions = rn(env).RegionNode().add(pos, neg, torch.ones(1, H, W))[0]
+    regions = pn.region(pos, neg, torch.ones(1, H, W))
     ours = regional_ksampler(env, model, pos, neg, regions)
     stock = stock_ksampler(model, pos, neg)
     # Inside a full mask the blend is 0 * h + 1 * h_r, and h_r is the same attention as h. (On CPU the k/v
@@ -177,29 +174,28 @@ def test_all_zero_mask_raises(env, tiny):
     _, clip, _ = tiny
     pos, neg = encode(clip, "a cat"), encode(clip, "blurry")
     with pytest.raises(ValueError, match="region 0.*all zero"):
-        rn(env).RegionNode().add(pos, neg, torch.zeros(1, H, W))
-    first = rn(env).RegionNode().add(pos, neg, box(H, W, 0, 0, 8, 8))[0]
+        pn.region(pos, neg, torch.zeros(1, H, W))
+    first = pn.region(pos, neg, box(H, W, 0, 0, 8, 8))
     with pytest.raises(ValueError, match="region 1.*all zero"):
-        rn(env).RegionNode().add(pos, neg, torch.zeros(H, W), first)
+        pn.region(pos, neg, torch.zeros(H, W), first)
     assert len(first) == 1  # chaining never mutates
 
 
 def test_non_square_two_box_regions(env, tiny):
     model, clip, _ = tiny
     pos, neg = encode(clip, "two animals"), encode(clip, "blurry")
-    bm = rn(env).BoxMask()
-    left = bm.make(W, H, 0, 0, 64, 64)[0]
-    right = bm.make(W, H, 0, 64, 64, 128)[0]
+    left = pn.box_mask(W, H, 0, 0, 64, 64)
+    right = pn.box_mask(W, H, 0, 64, 64, 128)
     assert left.shape == (1, H, W) and float(left.sum()) == 64 * 64
-    regions = rn(env).RegionNode().add(encode(clip, "a cat"), neg, left)[0]
-    regions = rn(env).RegionNode().add(encode(clip, "a dog"), neg, right, regions)[0]
+    regions = pn.region(encode(clip, "a cat"), neg, left)
+    regions = pn.region(encode(clip, "a dog"), neg, right, regions)
     patches_before = list(model.model_options["transformer_options"].get("patches", {}).get("attn2_patch", []))
     out = regional_ksampler(env, model, pos, neg, regions)
     assert out.shape == (1, 4, H // 8, W // 8) and torch.isfinite(out).all()
     assert (out - stock_ksampler(model, pos, neg)).abs().max() > 1e-4
     assert model.model_options["transformer_options"].get("patches", {}).get("attn2_patch", []) == patches_before
     # the guider path gives the same result as the sampler path
-    guider = rn(env).RegionalGuiderNode().get_guider(model, pos, neg, regions, 6.0)[0]
+    guider = pn.regional_guider(model, pos, neg, regions, 6.0)
     latent = torch.zeros(1, 4, H // 8, W // 8)
     noise = comfy.sample.prepare_noise(latent, 4)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2)
@@ -243,15 +239,15 @@ def test_api_prompt_two_edloras_two_regions(env, write_edlora):
 
 
 def test_xywh_box_equals_tlbr_box_and_denoise_below_one(env, tiny):
-    a = rn(env).BoxMask().make(W, H, 8, 16, 40, 72)[0]
-    b = rn(env).BoxMaskXYWH().make(W, H, 16, 8, 56, 32)[0]
+    a = pn.box_mask(W, H, 8, 16, 40, 72)
+    b = pn.box_mask_xywh(W, H, 16, 8, 56, 32)
     assert torch.equal(a, b) and a.shape == (1, H, W) and a.sum() == 32 * 56
     model, clip, _ = tiny
     pos, neg = encode(clip, "two people"), encode(clip, "blurry")
-    regions = rn(env).RegionNode().add(encode(clip, "a knight"), neg, a)[0]
+    regions = pn.region(encode(clip, "a knight"), neg, a)
     start = {"samples": torch.randn(2, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(0))}
-    out = rn(env).RegionalKSampler().sample(model, 4, 4, 6.0, "dpmpp_2m", "karras", pos, neg, start, 0.5,
-                                            regions=regions)[0]["samples"]
+    out = pn.regional_ksampler(model, 4, 4, 6.0, "dpmpp_2m", "karras", pos, neg, start, 0.5,
+                               regions=regions)["samples"]
     stock = comfy_nodes.KSampler().sample(model, 4, 4, 6.0, "dpmpp_2m", "karras", pos, neg, start, 0.5)[0]["samples"]
     assert out.shape == start["samples"].shape and torch.isfinite(out).all()
     assert 0 < (out - stock).abs().max() < (start["samples"] - stock).abs().max()  # img2img, regions act

@@ -90,3 +90,13 @@ def execution_error(executor) -> str:
         if event == "execution_error":
             return f"{data.get('exception_type')}: {data.get('exception_message')}"
     return ""
+
+
+def node(node_id: str, **inputs) -> tuple:
+    """Run one registered node's V3 ``execute`` directly (outside a prompt); returns its outputs."""
+    return env().nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
+
+
+def node_ui(node_id: str, **inputs) -> dict:
+    """The UI message of one node run (what the frontend receives after it executes)."""
+    return env().nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).ui

@@ -1,0 +1,201 @@
+"""Region nodes: Region, Box to Mask (two spellings), Pose Box to Mask, Regions from Pose (design §4)."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..fusion.concepts import ConceptSet
+from ..fusion.regional import find_pose_boxes
+from .common import CONCEPTS, REGIONS, REGIONS_CATEGORY, PackNode, schema
+from .layerwise import encode_with_concepts
+from .regions import box_mask, make_region
+
+_MAX_SIZE = 16384
+
+
+def add_region(regions, positive, negative, mask, control_strength: float = 1.0, model=None, label: str = ""):
+    """``regions`` (a tuple, possibly empty or None) plus one validated region; never mutates."""
+    regions = tuple(regions or ())
+    return regions + (make_region(positive, negative, mask, len(regions), control_strength, model, label),)
+
+
+def _image(image: torch.Tensor) -> torch.Tensor:
+    return (image[0] if image.dim() == 4 else image).detach().cpu()
+
+
+def pose_regions(image, clip, prompts: str, negative: str, margin: float, concepts=None, regions=None,
+                 control_strength: float = 1.0):
+    """One region per OpenPose skeleton (left to right), prompt line ``i`` for person ``i``;
+    returns (regions, masks ``[R, H, W]``)."""
+    lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+    img = _image(image)
+    boxes = find_pose_boxes(img, margin=margin)
+    if len(boxes) != len(lines):
+        raise ValueError(f"Pose Regions: found {len(boxes)} skeleton(s) at {boxes} (top, left, bottom, right) but "
+                         f"{len(lines)} prompt line(s); write one line per person, left to right")
+    concepts = concepts or ConceptSet()
+    neg = encode_with_concepts(clip, negative, concepts)
+    height, width = int(img.shape[0]), int(img.shape[1])
+    masks = [box_mask(height, width, *b) for b in boxes]
+    for mask, line in zip(masks, lines):
+        regions = add_region(regions, encode_with_concepts(clip, line, concepts), neg, mask, control_strength)
+    return regions, torch.cat(masks)
+
+
+class RegionNode(PackNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            cls, node_id="MixOfShowRegion", display_name="Region (Mix-of-Show)", category=REGIONS_CATEGORY,
+            description="One region of a regional (multi-concept) sampling: inside the mask, cross-attention uses "
+                        "this region's prompts instead of the global ones (overlaps are averaged, soft masks weight). "
+                        "Chain Region nodes to add more regions. Only the first entry of each CONDITIONING is used.",
+            search_aliases=("regional prompt", "multi character", "area prompt", "mask prompt", "attention couple"),
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="Prompt for this region (Text Encode with Concepts or "
+                                                          "CLIP Text Encode)."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt for this region."),
+                io.Mask.Input("mask", tooltip="Where the region is, at any resolution (resized to every layer; a box "
+                                              "from the pack's box nodes keeps Mix-of-Show's per-layer box rule)."),
+                REGIONS.Input("regions", optional=True, tooltip="Regions to add this one to."),
+                io.Float.Input("control_strength", optional=True, default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Factor on ControlNet/T2I-Adapter residuals inside this region "
+                                       "(1 = unchanged)."),
+            ],
+            outputs=[REGIONS.Output(display_name="regions", tooltip="The regions so far, for the Regional "
+                                                                    "KSampler / Guider.")],
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, mask, regions=None, control_strength=1.0) -> io.NodeOutput:
+        return io.NodeOutput(add_region(regions, positive, negative, mask, control_strength))
+
+
+def _size_input(name: str, tooltip: str) -> io.Int.Input:
+    return io.Int.Input(name, default=512, min=8, max=_MAX_SIZE, step=8, tooltip=tooltip)
+
+
+def _pixel_input(name: str, default: int, tooltip: str, minimum: int = 0) -> io.Int.Input:
+    return io.Int.Input(name, default=default, min=minimum, max=_MAX_SIZE, step=1, tooltip=tooltip)
+
+
+_MASK_OUT = io.Mask.Output(display_name="mask", tooltip="[1, height, width]: 1 inside the box, 0 outside; it "
+                                                        "remembers its box for the Region node.")
+
+
+class BoxMask(PackNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            cls, node_id="MixOfShowBoxMask", display_name="Box to Mask (Mix-of-Show)", category=REGIONS_CATEGORY,
+            description="A rectangular MASK [1, height, width]: 1 inside [top:bottom, left:right] (pixels, bottom "
+                        "and right exclusive, as in Mix-of-Show's box files), 0 outside.",
+            search_aliases=("box mask", "rectangle mask", "bounding box", "region box"),
+            inputs=[
+                _size_input("width", "Width of the output image in pixels."),
+                _size_input("height", "Height of the output image in pixels."),
+                _pixel_input("top", 0, "First row of the box."),
+                _pixel_input("left", 0, "First column of the box."),
+                _pixel_input("bottom", 512, "Row after the last row of the box (exclusive)."),
+                _pixel_input("right", 256, "Column after the last column of the box (exclusive)."),
+            ],
+            outputs=[_MASK_OUT],
+        )
+
+    @classmethod
+    def execute(cls, width, height, top, left, bottom, right) -> io.NodeOutput:
+        return io.NodeOutput(box_mask(height, width, top, left, bottom, right))
+
+
+class BoxMaskXYWH(PackNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            cls, node_id="MixOfShowBoxMaskXYWH", display_name="Box to Mask, x/y/width/height (Mix-of-Show)",
+            category=REGIONS_CATEGORY,
+            description="A rectangular MASK [1, height, width]: 1 inside the box at (x, y) of size box_width × "
+                        "box_height, 0 outside.",
+            search_aliases=("box mask", "rectangle mask", "bounding box", "region box"),
+            inputs=[
+                _size_input("width", "Width of the output image in pixels."),
+                _size_input("height", "Height of the output image in pixels."),
+                _pixel_input("x", 0, "Left edge of the box."),
+                _pixel_input("y", 0, "Top edge of the box."),
+                _pixel_input("box_width", 256, "Width of the box in pixels.", minimum=1),
+                _pixel_input("box_height", 512, "Height of the box in pixels.", minimum=1),
+            ],
+            outputs=[_MASK_OUT],
+        )
+
+    @classmethod
+    def execute(cls, width, height, x, y, box_width, box_height) -> io.NodeOutput:
+        return io.NodeOutput(box_mask(height, width, y, x, y + box_height, x + box_width))
+
+
+_MARGIN_TOOLTIP = "Grow each box by this fraction of the image size."
+
+
+class PoseBoxMask(PackNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            cls, node_id="MixOfShowPoseBoxMask", display_name="Pose Box to Mask (Mix-of-Show)",
+            category=REGIONS_CATEGORY,
+            description="The box around one person of a pose (OpenPose skeleton on black) or line-art condition "
+                        "image, as a MASK the size of the image. People are numbered left to right from 0; 'count' "
+                        "says how many were found.",
+            search_aliases=("openpose box", "pose mask", "person box"),
+            inputs=[
+                io.Image.Input("image", tooltip="OpenPose skeletons (or line art) on black."),
+                io.Int.Input("index", default=0, min=0, max=63, tooltip="Which person, left to right, from 0."),
+                io.Float.Input("margin", default=0.05, min=0.0, max=0.5, step=0.01, tooltip=_MARGIN_TOOLTIP),
+            ],
+            outputs=[_MASK_OUT, io.Int.Output(display_name="count", tooltip="How many people were found.")],
+        )
+
+    @classmethod
+    def execute(cls, image, index, margin) -> io.NodeOutput:
+        img = _image(image)
+        boxes = find_pose_boxes(img, margin=margin)
+        if index >= len(boxes):
+            raise ValueError(f"pose box {index} requested but only {len(boxes)} person(s) found in the image")
+        return io.NodeOutput(box_mask(int(img.shape[0]), int(img.shape[1]), *boxes[index]), len(boxes))
+
+
+class PoseRegions(PackNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            cls, node_id="MixOfShowPoseRegions", display_name="Regions from Pose (Mix-of-Show)",
+            category=REGIONS_CATEGORY,
+            description="Regions straight from a pose image: one region per OpenPose skeleton found (left to right, "
+                        "grown by a margin), each with the prompt on the matching line of 'prompts'. Outputs the "
+                        "regions and their masks (to preview).",
+            search_aliases=("openpose regions", "regional prompt", "multi character", "pose regions"),
+            inputs=[
+                io.Image.Input("image", tooltip="OpenPose skeletons on black, the size of the output image."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompts (from Load ED-LoRA or fusion)."),
+                io.String.Input("prompts", multiline=True, tooltip="One line per person, left to right, e.g. "
+                                                                   "'a <potter1> <potter2>, in a robe'."),
+                io.String.Input("negative", multiline=True, default="",
+                                tooltip="Negative prompt used in every region."),
+                io.Float.Input("margin", default=0.05, min=0.0, max=0.5, step=0.01, tooltip=_MARGIN_TOOLTIP),
+                CONCEPTS.Input("concepts", optional=True, tooltip="Concepts the prompts use."),
+                REGIONS.Input("regions", optional=True, tooltip="Regions to add these to."),
+                io.Float.Input("control_strength", optional=True, default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Factor on ControlNet/T2I-Adapter residuals inside these regions."),
+            ],
+            outputs=[
+                REGIONS.Output(display_name="regions", tooltip="One region per person found."),
+                io.Mask.Output(display_name="masks", tooltip="[R, H, W]: the regions' masks, left to right."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image, clip, prompts, negative, margin, concepts=None, regions=None,
+                control_strength=1.0) -> io.NodeOutput:
+        return io.NodeOutput(*pose_regions(image, clip, prompts, negative, margin, concepts, regions,
+                                           control_strength))
+
+
+NODES = [RegionNode, BoxMask, BoxMaskXYWH, PoseBoxMask, PoseRegions]

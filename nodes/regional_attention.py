@@ -1,0 +1,182 @@
+"""The regional attention inside ComfyUI's UNet (design §4); see ../shared/reference/comfyui-internals.md §2.
+
+* the regions (masks + each region's positive/negative contexts) travel in
+  ``model_options["transformer_options"][REGIONS_KEY]``; ComfyUI hands every transformer_options key to
+  the attention patches as ``extra_options``;
+* one attn2_patch (:class:`RegionalAttn2Patch`, a :class:`LayerwiseAttn2Patch` so it *replaces* the
+  layer-wise patch — the order of separate patches is not guaranteed) picks the global layer-``l``
+  context and appends, along the token axis, each region's layer-``l`` context (positive for rows of a
+  positive chunk, the region's negative for rows of a negative chunk), all padded to one token length
+  by repetition (attention over a repeated context is unchanged);
+* an attn2 replace patch on the 16 cross-attention blocks splits the projected k/v back into global +
+  R region parts, computes ``h`` and the ``h_r`` (one batched call) and blends them with the masks
+  resized to the layer's feature map (:func:`fusion.regional.blend_regions`). Box regions use the
+  reference's per-layer box rule, other masks area averaging.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..fusion.layers import CROSS_ATTN_BLOCKS, LAYER_OF_BLOCK
+from ..fusion.regional import blend_regions, feature_hw_for_tokens, region_layer_masks
+from .layerwise import CONCEPTS_USED_KEY, LayerwiseAttn2Patch, install_layerwise
+from .regions import context_stack
+
+REGIONS_KEY = "mixofshow_regions"
+_TOKENS_KEY = "mixofshow_region_tokens"  # set by the attn2_patch, read by the replace (same extra_options dict)
+
+
+class RegionData:
+    """What the patches need: the masks ``[R, H, W]`` and each region's positive/negative context stacks.
+
+    Resized masks are cached per (feature size, device)."""
+
+    def __init__(self, regions):
+        self.masks = torch.stack([r.mask.to(torch.float32) for r in regions])
+        self.boxes = [r.box for r in regions]
+        self.positive = [context_stack(list(r.positive), f"region {i} positive") for i, r in enumerate(regions)]
+        self.negative = [context_stack(list(r.negative), f"region {i} negative") for i, r in enumerate(regions)]
+        self.control_strengths = torch.tensor([float(r.control_strength) for r in regions])
+        self._cache = {}
+
+    def __len__(self):
+        return len(self.positive)
+
+    def __deepcopy__(self, memo):  # immutable for our purposes; never copy the tensors
+        return self
+
+    def flat_masks(self, fh: int, fw: int, device) -> torch.Tensor:
+        """``[R, fh*fw]`` per-layer masks: the reference box rule for box regions, area averaging else."""
+        key = (fh, fw, str(device))
+        if key not in self._cache:
+            self._cache[key] = region_layer_masks(self.masks, self.boxes, fh, fw).to(device)
+        return self._cache[key]
+
+    def control_weights(self, fh: int, fw: int, device) -> torch.Tensor:
+        """``[1, 1, fh, fw]`` factor for control residuals: 1 outside regions, the mask-weighted
+        average of the covering regions' strengths inside (the same blend as the attention)."""
+        key = ("control", fh, fw, str(device))
+        if key not in self._cache:
+            masks = self.flat_masks(fh, fw, "cpu")
+            ones = torch.ones(1, fh * fw, 1)
+            per_region = self.control_strengths[:, None, None, None].expand(-1, 1, fh * fw, 1)
+            self._cache[key] = blend_regions(ones, per_region, masks).reshape(1, 1, fh, fw).to(device)
+        return self._cache[key]
+
+
+def _layer_context(stack: torch.Tensor, layer: int) -> torch.Tensor:
+    return stack[:, layer if stack.shape[1] > 1 else 0]
+
+
+class RegionalAttn2Patch(LayerwiseAttn2Patch):
+    """attn2_patch: global layer context, then every region's context, concatenated along the tokens."""
+
+    def __call__(self, n, context, value, extra_options):
+        n, ctx, _ = super().__call__(n, context, value, extra_options)
+        data = extra_options.get(REGIONS_KEY)
+        layer = LAYER_OF_BLOCK.get(tuple(extra_options.get("block", ())))
+        extra_options.pop(_TOKENS_KEY, None)
+        if data is None or layer is None or not len(data):
+            return n, ctx, ctx
+        chunks = list(extra_options.get("cond_or_uncond", [0]))
+        rows = ctx.shape[0]
+        b0 = rows // len(chunks)
+        pieces = []  # per region: one [1, T, C] context per chunk
+        for pos, neg in zip(data.positive, data.negative):
+            pieces.append([_layer_context(neg if cu == 1 else pos, layer).to(device=ctx.device, dtype=ctx.dtype)
+                           for cu in chunks])
+        tokens = math.lcm(ctx.shape[1], *[c.shape[1] for region in pieces for c in region])
+
+        def pad(t):
+            return t if t.shape[1] == tokens else t.repeat(1, tokens // t.shape[1], 1)
+
+        parts = [pad(ctx)] + [torch.cat([pad(c).expand(b0, -1, -1) for c in region]) for region in pieces]
+        full = torch.cat(parts, dim=1)
+        extra_options[_TOKENS_KEY] = tokens
+        return n, full, full
+
+
+class RegionalAttn2Replace:
+    """attn2 replace: ``blend_regions(h, [h_r], masks)`` from the concatenated k/v."""
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        kwargs = {"attn_precision": extra_options.get("attn_precision"), "transformer_options": extra_options}
+        data = extra_options.get(REGIONS_KEY)
+        tokens = extra_options.get(_TOKENS_KEY)
+        if data is None or tokens is None or k.shape[1] != tokens * (len(data) + 1):
+            return optimized_attention(q, k, v, heads, **kwargs)
+        n_regions = len(data)
+        b, n_tok, _ = q.shape
+        h = optimized_attention(q, k[:, :tokens], v[:, :tokens], heads, **kwargs)
+        # [B, R*T, D] -> [R*B, T, D], region-major
+        kr = k[:, tokens:].reshape(b, n_regions, tokens, -1).transpose(0, 1).reshape(n_regions * b, tokens, -1)
+        vr = v[:, tokens:].reshape(b, n_regions, tokens, -1).transpose(0, 1).reshape(n_regions * b, tokens, -1)
+        qr = q.repeat(n_regions, 1, 1)
+        h_regions = optimized_attention(qr, kr, vr, heads, **kwargs).reshape(n_regions, b, n_tok, -1)
+        shape = extra_options.get("activations_shape")
+        fh, fw = int(shape[-2]), int(shape[-1])
+        if fh * fw != n_tok:
+            fh, fw = feature_hw_for_tokens(n_tok, data.masks.shape[1], data.masks.shape[2])
+        return blend_regions(h, h_regions, data.flat_masks(fh, fw, q.device))
+
+    def to(self, device_or_dtype):
+        return self
+
+
+class RegionalControlScale:
+    """DIFFUSION_MODEL wrapper: scale every ControlNet/T2I-Adapter residual per pixel by the regions'
+    control strengths (core ComfyUI has one strength per ControlNet)."""
+
+    def __init__(self, data: RegionData):
+        self.data = data
+
+    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        if control:
+            control = {kind: [None if r is None else r * self.data.control_weights(r.shape[-2], r.shape[-1], r.device)
+                              .to(r.dtype) for r in residuals] for kind, residuals in control.items()}
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+
+def check_concepts(model, regions) -> None:
+    """Refuse regions whose prompts use concepts the MODEL was not loaded with (e.g. encoded with the
+    CLIP of another Load ED-LoRA chain)."""
+    loaded = set(model.model_options.get(CONCEPTS_USED_KEY, ()))
+    for i, region in enumerate(regions):
+        for what, cond in (("prompt", region.positive), ("negative prompt", region.negative)):
+            used = {name for entry in cond for name in entry[1].get(CONCEPTS_USED_KEY, ())}
+            missing = used - loaded
+            if missing:
+                raise ValueError(f"region {i}: its {what} was encoded with ED-LoRA(s) {', '.join(sorted(missing))} "
+                                 f"that the sampler's MODEL was not loaded with — encode every region with the CLIP "
+                                 f"and concepts of the same Load ED-LoRA chain as the MODEL")
+
+
+def install_regions(model, regions):
+    """A patched clone of ``model`` (a ModelPatcher) for ``regions``; ``model`` itself when there are none."""
+    regions = tuple(regions or ())
+    if not regions:
+        return model
+    check_concepts(model, regions)
+    data = RegionData(regions)
+    clone = model.clone()
+    if any(r.control_strength != 1.0 for r in regions):
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "mixofshow.regional_control",
+                                   RegionalControlScale(data))
+    install_layerwise(clone)  # wrappers for layer-wise conds (idempotent)
+    to = clone.model_options.setdefault("transformer_options", {})
+    patches = to.setdefault("patches", {})
+    patches["attn2_patch"] = [p for p in patches.get("attn2_patch", []) if not isinstance(p, LayerwiseAttn2Patch)]
+    patches["attn2_patch"].append(RegionalAttn2Patch())
+    replace = RegionalAttn2Replace()
+    for kind, number in CROSS_ATTN_BLOCKS:
+        clone.set_model_attn2_replace(replace, kind, number)
+    clone.model_options["transformer_options"][REGIONS_KEY] = data
+    return clone
+
+

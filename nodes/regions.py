@@ -1,0 +1,104 @@
+"""Regions of a regional sampling (design §4): what a region is and how one is built and checked.
+
+A region is a mask with its own prompts. Masks made from a box (the box nodes, Regions from Pose,
+Pose Box to Mask, the Regions Editor) carry the box itself, so that every layer rasterises it the
+way Mix-of-Show does (hard 0/1, :func:`fusion.regional.box_layer_mask`); other masks are area-averaged
+to each layer. A region may also carry a MODEL: its character's LoRA then acts inside the region only.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..fusion.concepts import find_concept_tokens
+from ..fusion.regional import box_to_mask
+from .layerwise import PROMPT_KEY, layerwise_of
+
+_BOX_ATTR = "mixofshow_box"  # (top, left, bottom, right) on a MASK tensor made from a box
+
+
+@dataclass(frozen=True)
+class Region:
+    """One region.
+
+    ``mask``: ``[H, W]`` float in [0, 1] (pixels of the output image); ``positive``/``negative``: the
+    CONDITIONING lists used inside it; ``control_strength``: factor on ControlNet/T2I-Adapter residuals
+    inside it; ``box``: ``(top, left, bottom, right)`` when the mask is exactly that box; ``model``: a
+    MODEL whose extra weight patches (beyond the sampling MODEL's) apply inside the region only;
+    ``label``: short name for previews."""
+    mask: torch.Tensor
+    positive: tuple
+    negative: tuple
+    control_strength: float = 1.0
+    box: tuple[int, int, int, int] | None = None
+    model: Any = None
+    label: str = ""
+
+
+def box_mask(height: int, width: int, top: int, left: int, bottom: int, right: int) -> torch.Tensor:
+    """A ``[1, height, width]`` MASK of a box that remembers the box (see the module text)."""
+    mask = box_to_mask(height, width, top, left, bottom, right)[None]
+    clamped = (max(0, min(int(top), height)), max(0, min(int(left), width)),
+               max(0, min(int(bottom), height)), max(0, min(int(right), width)))
+    setattr(mask, _BOX_ATTR, clamped)
+    return mask
+
+
+def box_of(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """The box a MASK was made from, if it still is exactly that box (an edited mask is not)."""
+    box = getattr(mask, _BOX_ATTR, None)
+    if box is None:
+        return None
+    m = mask[0] if mask.dim() == 3 else mask
+    if m.dim() != 2 or not torch.equal(m.to("cpu", torch.float32), box_to_mask(m.shape[0], m.shape[1], *box)):
+        return None
+    return box
+
+
+def context_stack(conditioning, what: str) -> torch.Tensor:
+    """``[1, 16|1, T, C]`` contexts of the first entry of a CONDITIONING."""
+    if not conditioning:
+        raise ValueError(f"{what}: empty CONDITIONING")
+    cond, extra = conditioning[0][0], conditioning[0][1]
+    stack = layerwise_of(extra)
+    if stack is None:
+        stack = cond.unsqueeze(1)
+    return stack[:1]
+
+
+def prompt_label(conditioning, default: str) -> str:
+    """The first concept token of the prompt, else its first words (for previews)."""
+    text = ""
+    if conditioning:
+        text = str(conditioning[0][1].get(PROMPT_KEY, ""))
+    tokens = find_concept_tokens(text)
+    if tokens:
+        return tokens[0]
+    words = re.sub(r"[(),:\[\]]", " ", text).split()
+    return " ".join(words[:3]) or default
+
+
+def make_region(positive, negative, mask: torch.Tensor, index: int, control_strength: float = 1.0,
+                model=None, label: str = "") -> Region:
+    """A validated :class:`Region` (``index`` names it in errors): one ``[H, W]`` or ``[1, H, W]`` mask,
+    finite, not all zero; both prompts present."""
+    m = mask
+    if m.dim() == 3:
+        if m.shape[0] != 1:
+            raise ValueError(f"region {index}: the mask must be a single mask, got a batch of {m.shape[0]}")
+        m = m[0]
+    if m.dim() != 2:
+        raise ValueError(f"region {index}: the mask must be [H, W] or [1, H, W], got {tuple(mask.shape)}")
+    m = m.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError(f"region {index}: the mask has NaN or infinite values")
+    m = m.clamp(0.0, 1.0).clone()
+    if not bool((m > 0).any()):
+        raise ValueError(f"region {index}: the mask is all zero (the region covers no pixel)")
+    context_stack(positive, f"region {index} positive")
+    context_stack(negative, f"region {index} negative")
+    return Region(m, tuple(positive), tuple(negative), float(control_strength), box_of(mask), model,
+                  label or prompt_label(positive, f"region {index}"))
