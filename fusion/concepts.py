@@ -5,11 +5,20 @@ ED-LoRAs with the strengths they were applied at. It is immutable: adding return
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 
 from .edlora import TOKEN_PATTERN, EDLoRA
+
+# A LoRA module's factors, keyed by the weight it patches (ComfyUI state-dict keys: the MODEL's, e.g.
+# "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", or the CLIP's relative to
+# cond_stage_model, e.g. "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"):
+# (up, down) with the file's alpha/rank scale folded into up and no strength; [out, r] @ [r, in], or
+# 4-D conv factors [out, r, 1, 1] @ [r, in, kh, kw].
+Factors = Mapping[str, "tuple[torch.Tensor, torch.Tensor]"]
 
 
 class ConceptError(ValueError):
@@ -18,13 +27,37 @@ class ConceptError(ValueError):
 
 @dataclass(frozen=True)
 class Concept:
+    """One character: an ED-LoRA (concept tokens with layer-wise tables), or a plain LoRA named in
+    prompts by its ``trigger_words`` (``edlora`` then holds the file's name and digest, and textual
+    inversion tables if any). ``unet_factors`` / ``text_factors`` are its LoRA as ComfyUI patches it
+    (see :data:`Factors`), filled by the loader nodes; the strengths scale them."""
     edlora: EDLoRA
     text_encoder_strength: float
     unet_strength: float
+    trigger_words: str = ""
+    unet_factors: Factors = field(default_factory=dict)
+    text_factors: Factors = field(default_factory=dict)
+
+    @property
+    def prompt_words(self) -> str:
+        """What names the concept in a prompt: its trigger words, else its tokens in file order."""
+        return self.trigger_words or " ".join(self.edlora.tokens)
 
 
 def concept_label(concept: Concept) -> str:
     return f"{concept.edlora.name} ({concept.edlora.digest[:8] or 'in memory'})"
+
+
+def normalise_trigger_words(text: str) -> str:
+    """Trigger words as compared and used in recording prompts: single spaces, no commas at the ends."""
+    return re.sub(r"\s+", " ", text).strip().strip(",").strip()
+
+
+def _words_collide(a: str, b: str) -> bool:
+    """One trigger phrase equals the other or contains it as whole words (case-insensitive)."""
+    wa, wb = a.lower().split(), b.lower().split()
+    short, long_ = (wa, wb) if len(wa) <= len(wb) else (wb, wa)
+    return bool(short) and any(long_[i:i + len(short)] == short for i in range(len(long_) - len(short) + 1))
 
 
 @dataclass(frozen=True)
@@ -37,6 +70,12 @@ class ConceptSet:
             if tok in owners:
                 raise ConceptError(f"concept token {tok} is defined by both '{owners[tok]}' and "
                                    f"'{concept.edlora.name}'; rename one of them (tokens must be unique)")
+        if concept.trigger_words:
+            for other in self.concepts:
+                if other.trigger_words and _words_collide(other.trigger_words, concept.trigger_words):
+                    raise ConceptError(f"trigger words '{concept.trigger_words}' of '{concept.edlora.name}' collide "
+                                       f"with '{other.trigger_words}' of '{other.edlora.name}'; each concept needs "
+                                       f"its own trigger words (they are plain text in the prompts)")
         return ConceptSet(self.concepts + (concept,))
 
     def token_owners(self) -> dict[str, str]:
@@ -57,7 +96,7 @@ class ConceptSet:
         return {tok: t for c in self.concepts for tok, t in c.edlora.embeddings.items()}
 
     def describe(self) -> str:
-        return "; ".join(f"{c.edlora.name}: {' '.join(c.edlora.tokens)}" for c in self.concepts) or "(empty)"
+        return "; ".join(f"{c.edlora.name}: {c.prompt_words}" for c in self.concepts) or "(empty)"
 
 
 def find_concept_tokens(text: str) -> list[str]:

@@ -8,11 +8,11 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..fusion.bundle import is_bundle
-from ..fusion.concepts import Concept, ConceptSet
-from ..fusion.edlora import convert_to_safetensors, load_edlora
+from ..fusion.concepts import Concept, ConceptError, ConceptSet, normalise_trigger_words
+from ..fusion.edlora import EDLoRA, convert_to_safetensors, file_digest, load_edlora
 from .layerwise import CONCEPTS_USED_KEY, encode_with_concepts, install_layerwise
 from .common import CONCEPTS, LOADERS, PackNode, check_choices, schema
-from .lora_patch import check_base, clip_patches, unet_patches
+from .lora_patch import check_base, clip_patches, load_plain_lora, patch_factors, unet_patches
 
 log = logging.getLogger("mixofshow")
 EDLORA_FOLDER = "edloras"
@@ -60,9 +60,11 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
         return model_out, clip_out, concepts
     edlora = load_edlora(path)
     check_base(edlora, model, clip)
-    concepts = (concepts or ConceptSet()).add(Concept(edlora, text_encoder_strength, unet_strength))
     unet = unet_patches(edlora, model)
     text = clip_patches(edlora, clip)
+    concepts = (concepts or ConceptSet()).add(Concept(edlora, text_encoder_strength, unet_strength,
+                                                      unet_factors=patch_factors(unet, edlora.name),
+                                                      text_factors=patch_factors(text, edlora.name)))
     model_out = model.clone()
     clip_out = clip.clone()
     if unet and unet_strength != 0:
@@ -73,6 +75,34 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
     model_out.model_options[CONCEPTS_USED_KEY] = concepts.labels
     log.info("Mix-of-Show: loaded %s (%s) with %d UNet and %d text-encoder LoRA modules", edlora.name,
              " ".join(edlora.tokens), len(unet), len(text))
+    return model_out, clip_out, concepts
+
+
+def apply_lora_concept(model, clip, concepts: ConceptSet | None, path: str, trigger_words: str,
+                       strength_model: float, strength_clip: float):
+    """Clone MODEL and CLIP, patch them with a plain LoRA file (any format ComfyUI reads) and add it to
+    the concept set as a concept named by ``trigger_words`` (for regions and Gradient Fusion)."""
+    name = os.path.basename(path)
+    words = normalise_trigger_words(trigger_words)
+    if not words:
+        raise ConceptError(f"{name}: a LoRA used as a concept needs its trigger words (e.g. 'ohwx woman'): they "
+                           f"name the character in prompts and in fusion's recordings")
+    edlora = EDLoRA(name=name, digest=file_digest(path))
+    check_base(edlora, model, clip)
+    unet, text, unused = load_plain_lora(path, model, clip)
+    if unused:
+        log.warning("Mix-of-Show: %s: %d key(s) of the file were not applied (e.g. %s)", name, len(unused),
+                    ", ".join(k[:80] for k in unused[:4]))
+    concept = Concept(edlora, strength_clip, strength_model, trigger_words=words,
+                      unet_factors=patch_factors(unet, name), text_factors=patch_factors(text, name))
+    concepts = (concepts or ConceptSet()).add(concept)
+    model_out, clip_out = model.clone(), clip.clone()
+    if unet and strength_model != 0:
+        model_out.add_patches(unet, strength_model)
+    if text and strength_clip != 0:
+        clip_out.add_patches(text, strength_clip)
+    install_layerwise(model_out)
+    model_out.model_options[CONCEPTS_USED_KEY] = concepts.labels
     return model_out, clip_out, concepts
 
 
@@ -183,4 +213,49 @@ class ConvertEDLoRA(PackNode):
         return io.NodeOutput(name, ui={"text": [f"{name}: {' '.join(edlora.tokens)}"]})
 
 
-NODES = [LoadEDLoRA, TextEncodeConcepts, ConvertEDLoRA]
+class LoRAAsConcept(PackNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            cls, node_id="MixOfShowLoRAConcept", display_name="LoRA as Concept (Mix-of-Show)", category=LOADERS,
+            description="Loads a plain LoRA (kohya, diffusers or ComfyUI keys: whatever the stock Load LoRA reads) "
+                        "like Load LoRA does, and adds it to the concept set as a character named by its trigger "
+                        "words, so it can be given its own region (Region's model input) or fused with Gradient "
+                        "Fusion next to ED-LoRAs. Trigger words may use embedding:name for textual inversions.",
+            search_aliases=("LoRA concept", "character LoRA", "regional LoRA", "LoRA per region", "multi character"),
+            inputs=[
+                io.Model.Input("model", tooltip="The base SD1.x model (or the MODEL of an earlier loader)."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="LoRA file in models/loras."),
+                io.String.Input("trigger_words", default="", tooltip="The words that name this character in prompts, "
+                                                                     "e.g. 'ohwx woman'. Must differ between concepts."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the LoRA on the UNet."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the LoRA on the text encoder."),
+                CONCEPTS.Input("concepts", optional=True, tooltip="Concept set from an earlier loader, to chain."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A clone of the model with the LoRA."),
+                io.Clip.Output(display_name="clip", tooltip="A clone of the CLIP with the LoRA."),
+                CONCEPTS.Output(display_name="concepts", tooltip="The concept set with this LoRA added."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, lora_name) -> bool | str:
+        return check_choices(cls, lora_name=lora_name)
+
+    @classmethod
+    def execute(cls, model, clip, lora_name, trigger_words, strength_model, strength_clip,
+                concepts=None) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        model_out, clip_out, concepts_out = apply_lora_concept(model, clip, concepts, path, trigger_words,
+                                                               strength_model, strength_clip)
+        return io.NodeOutput(model_out, clip_out, concepts_out,
+                             ui={"text": [concepts_out.concepts[-1].trigger_words],
+                                 "concept_set": [concepts_out.describe()]})
+
+
+NODES = [LoadEDLoRA, TextEncodeConcepts, ConvertEDLoRA, LoRAAsConcept]

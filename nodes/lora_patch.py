@@ -6,10 +6,14 @@ ordinary LoRA patches (``W = W0 + strength · up @ down``, no alpha) that every 
 """
 from __future__ import annotations
 
-import comfy.lora
-import comfy.utils
+import os
 
-from ..fusion.edlora import EDLoRA, EDLoRAError
+import comfy.lora
+import comfy.lora_convert
+import comfy.utils
+from comfy import weight_adapter
+
+from ..fusion.edlora import EDLoRA, EDLoRAError, read_state_dict
 from ..fusion.layers import CONTEXT_DIM
 
 
@@ -82,3 +86,59 @@ def clip_patches(edlora: EDLoRA, clip, key_map: dict | None = None) -> dict:
     lora_sd, to_load = _to_load(edlora, "text_encoder", edlora.text_encoder, key_map or clip_key_map(clip),
                                 clip.cond_stage_model, text_lora_name)
     return comfy.lora.load_lora(lora_sd, to_load, log_missing=False) if to_load else {}
+
+
+class LoRAFormatError(EDLoRAError):
+    """A patch that is not a plain low-rank LoRA where one is needed (regions, fusion)."""
+
+
+def low_rank_factors(adapter, key: str, source: str) -> tuple:
+    """``(up · alpha/rank, down)`` of a ComfyUI LoRA patch value (what ``comfy.lora.load_lora`` makes).
+
+    Conv factors keep their 4-D shapes (``[out, r, 1, 1]`` @ ``[r, in, kh, kw]``, LoCon). Anything else —
+    LoHa, LoKr, OFT, DoRA, full diffs, set weights, Tucker mid weights, reshapes — raises
+    :class:`LoRAFormatError` naming ``source`` (a file or a region), the key and the patch type."""
+    kind = getattr(adapter, "name", None) or (adapter[0] if isinstance(adapter, tuple) and adapter else None) \
+        or type(adapter).__name__
+    if not isinstance(adapter, weight_adapter.LoRAAdapter):
+        raise LoRAFormatError(f"{source}: {key} is a '{kind}' patch; only plain low-rank LoRA (up/down) patches "
+                              f"can be applied per region or fused (LoHa, LoKr, DoRA and full diffs cannot)")
+    up, down, alpha, mid, dora_scale, reshape = adapter.weights
+    if dora_scale is not None:
+        raise LoRAFormatError(f"{source}: {key} is a DoRA patch (it has a dora_scale); only plain low-rank LoRA "
+                              f"patches can be applied per region or fused")
+    if mid is not None or reshape is not None:
+        raise LoRAFormatError(f"{source}: {key} is a LoRA with {'a Tucker mid weight' if mid is not None else 'a reshape'}"
+                              f", which cannot be applied per region or fused")
+    scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+    return up.float() * scale, down.float()
+
+
+def patch_factors(patches: dict, source: str) -> dict:
+    """Weight key -> :func:`low_rank_factors` for every patch of a ComfyUI patch dict."""
+    return {key: low_rank_factors(value, key, source) for key, value in patches.items()}
+
+
+def load_plain_lora(path: str, model, clip) -> tuple[dict, dict, list[str]]:
+    """A LoRA file in any format ComfyUI's own loader reads (kohya, diffusers, ComfyUI keys), through
+    ComfyUI's key maps: returns (MODEL patches, CLIP patches, the file's keys that were not used)."""
+    name = os.path.basename(path)
+    state, _meta = read_state_dict(path)
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(model.model, {}))
+    state = comfy.lora_convert.convert_lora(state)
+    patches = comfy.lora.load_lora(state, key_map, log_missing=False)
+    used = set()
+    for value in patches.values():
+        used |= set(getattr(value, "loaded_keys", ()) or ())
+    used |= {f"{lora_key}.alpha" for lora_key in key_map}
+    unused = sorted(k for k in state if k not in used and not any(k.startswith(p) for p in _KNOWN_EXTRAS))
+    model_keys = set(model.model.state_dict())
+    unet = {k: v for k, v in patches.items() if k in model_keys}
+    text = {k: v for k, v in patches.items() if k not in model_keys}
+    if not unet and not text:
+        raise EDLoRAError(f"{name}: no key of this file patches this MODEL or CLIP — is it a LoRA for another base "
+                          f"model (SDXL, Flux, ...)?")
+    return unet, text, unused
+
+
+_KNOWN_EXTRAS = ("bundle_emb.",)  # kohya pivotal-tuning embeddings ride in the file; not patches

@@ -61,14 +61,19 @@ class RegionNode(PackNode):
                 io.Float.Input("control_strength", optional=True, default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="Factor on ControlNet/T2I-Adapter residuals inside this region "
                                        "(1 = unchanged)."),
+                io.Model.Input("model", optional=True,
+                               tooltip="This region's character: a MODEL from Load ED-LoRA, LoRA as Concept or the "
+                                       "stock Load LoRA, applied on the sampling MODEL's base. Its LoRA acts inside "
+                                       "this region only, in the same UNet pass (no fusion needed). Encode the "
+                                       "region's prompt with the same chain's CLIP."),
             ],
             outputs=[REGIONS.Output(display_name="regions", tooltip="The regions so far, for the Regional "
                                                                     "KSampler / Guider.")],
         )
 
     @classmethod
-    def execute(cls, positive, negative, mask, regions=None, control_strength=1.0) -> io.NodeOutput:
-        return io.NodeOutput(add_region(regions, positive, negative, mask, control_strength))
+    def execute(cls, positive, negative, mask, regions=None, control_strength=1.0, model=None) -> io.NodeOutput:
+        return io.NodeOutput(add_region(regions, positive, negative, mask, control_strength, model))
 
 
 def _size_input(name: str, tooltip: str) -> io.Int.Input:
