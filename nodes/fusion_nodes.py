@@ -395,7 +395,7 @@ class GradientFusion:
                     width = len(next(iter(tokens.values()))[0])
                     idx = [s * width + j for s, j in next(iter(positions.values()))]
                     idx.append(_end_position(tokens, end))
-                    stack = layerwise_of(encode_with_concepts(fused_clip, prompt, self.concepts)[0][1])[0]
+                    stack = layerwise_of(encode_with_concepts(fused_clip, prompt, self.concepts)[0])[0]
                     for layer in range(16):
                         layer_rows[layer].append(stack[layer, idx].float())
                     self.stats["recorded"]["cross_kv"] += 1

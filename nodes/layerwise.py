@@ -1,26 +1,25 @@
 """Layer-wise (P+) conditioning inside ComfyUI (design §2).
 
 Transport (see ../shared/reference/comfyui-internals.md §2-§3):
-* the encode step stores the 16 contexts as ``model_conds[LAYERWISE_KEY]`` (a :class:`LayerwiseCond`
-  ``[B, 16, T, 768]``) next to a normal ``[B, T, 768]`` cross_attn (layer 0), so stock nodes and
-  ControlNets still see a valid context;
-* a CALC_COND_BATCH wrapper gives conds without layer-wise data (e.g. a stock negative prompt) a
-  1-layer stack, so positive and negative still run in one batched UNet call;
-* ComfyUI passes the stacked tensor to the UNet as a keyword; a DIFFUSION_MODEL wrapper moves it into
-  ``transformer_options``; one attn2 patch picks layer ``l`` by ``extra_options["block"]``.
+* the encode step returns a CONDITIONING whose tensor is a :class:`LayerwiseContext`: the ordinary
+  ``[B, T, 768]`` layer-0 context, carrying the ``[B, 16, T, 768]`` stack of all 16 layers. Stock
+  conditioning edits (Average, Concat, Zero Out, ...) and ComfyUI's batching (cond + uncond in one
+  UNet call, token padding) act on the stack too (nodes/layerwise_tensor.py), and stock nodes and
+  ControlNets see a valid context;
+* a DIFFUSION_MODEL wrapper takes the stack off the UNet's context into ``transformer_options``; one
+  attn2 patch picks layer ``l`` by ``extra_options["block"]``.
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
-import comfy.conds
 import comfy.patcher_extension
 
 from ..fusion.concepts import ConceptError, ConceptSet, substitute_concepts
 from ..fusion.layers import LAYER_OF_BLOCK, NUM_LAYERS
+from .layerwise_tensor import LayerwiseContext, layers_of
 
 LAYERWISE_KEY = "mixofshow_layerwise"
 # Provenance: on a conditioning, the ED-LoRAs whose tokens it uses; on a MODEL's model_options, the
@@ -29,27 +28,10 @@ CONCEPTS_USED_KEY = "mixofshow_concepts"
 PROMPT_KEY = "mixofshow_prompt"  # the prompt text (labels in region previews)
 WRAPPER_KEY = "mixofshow.layerwise"
 _PLACEHOLDERS = ("sks", "olis", "zxq", "qxv")
-_MAX_TOKEN_REPEAT = 4  # same padding limit as ComfyUI's CONDCrossAttn
-
-
-class LayerwiseCond(comfy.conds.CONDRegular):
-    """``[B, L, T, C]`` contexts with L = 16 (one per layer) or 1 (same context everywhere).
-
-    Concatenates like CONDCrossAttn: token axes are padded to their lcm by repetition (attention over
-    a repeated context is unchanged) and 1-layer stacks broadcast to 16.
-    """
-
-    def can_concat(self, other) -> bool:
-        a, b = self.cond.shape, other.cond.shape
-        if a[0] != b[0] or a[3] != b[3] or self.cond.device != other.cond.device:
-            return False
-        return math.lcm(a[2], b[2]) // min(a[2], b[2]) <= _MAX_TOKEN_REPEAT
-
-    def concat(self, others):
-        conds = [self.cond] + [o.cond for o in others]
-        tokens = math.lcm(*[c.shape[2] for c in conds])
-        layers = max(c.shape[1] for c in conds)
-        return torch.cat([c.expand(-1, layers, -1, -1).repeat(1, 1, tokens // c.shape[2], 1) for c in conds])
+# A concept prompt is encoded 16 times: at most this many 77-token sections go through the text
+# encoder at once (memory stays bounded), and a concept prompt may have at most MAX_SECTIONS sections.
+_SECTIONS_PER_PASS = 64
+MAX_SECTIONS = 32
 
 
 def _placeholder_positions(tokens: dict, placeholder_id: int) -> dict[str, list[tuple[int, int]]]:
@@ -82,67 +64,62 @@ def tokenize_with_concepts(clip, text: str, concepts: ConceptSet):
     raise ConceptError(f"could not place concept tokens in this prompt ({last_error or 'no single-token placeholder'})")
 
 
-def encode_with_concepts(clip, text: str, concepts: ConceptSet) -> list:
-    """CONDITIONING for ``text``: identical to the stock CLIP Text Encode when no concept token is
-    present (one text-encoder pass); otherwise 16 layer-wise contexts from one batched pass."""
-    tokens, positions, vectors = tokenize_with_concepts(clip, text, concepts)
-    if not vectors:
-        return [[c, {**d, PROMPT_KEY: text}] for c, d in clip.encode_from_tokens_scheduled(tokens)]
-    tables = concepts.tables
+def _layered_tokens(tokens: dict, positions: dict, vectors, tables, layers) -> dict:
+    """The token sections of ``layers`` copies of the prompt, layer-major; in copy ``l`` each concept
+    placeholder takes row ``l`` of its token's table."""
     layered = {}
     for key, sections in tokens.items():
         copies = []
-        for layer in range(NUM_LAYERS):
+        for layer in layers:
             copy = [list(section) for section in sections]
             for (s, j), (tok, v) in zip(positions[key], vectors):
                 pair = copy[s][j]
                 copy[s][j] = (tables[tok][layer, v], *pair[1:])
             copies.extend(copy)
         layered[key] = copies
-    out = clip.encode_from_tokens(layered, return_pooled=True, return_dict=True)
-    cond = out.pop("cond")  # [1, 16 * sections * 77, C], layer-major
-    stack = cond.reshape(NUM_LAYERS, -1, cond.shape[-1]).unsqueeze(0)
-    out["model_conds"] = {LAYERWISE_KEY: LayerwiseCond(stack)}
-    out[CONCEPTS_USED_KEY] = concepts.labels_for(tok for tok, _ in vectors)
-    out[PROMPT_KEY] = text
-    return [[stack[:, 0].contiguous(), out]]
+    return layered
 
 
-def layerwise_of(cond_dict: dict) -> torch.Tensor | None:
-    """The ``[B, 16|1, T, C]`` stack carried by one CONDITIONING entry, if any."""
-    c = cond_dict.get("model_conds", {}).get(LAYERWISE_KEY)
-    return None if c is None else c.cond
+def encode_with_concepts(clip, text: str, concepts: ConceptSet) -> list:
+    """CONDITIONING for ``text``: identical to the stock CLIP Text Encode when no concept token is
+    present (one text-encoder pass); otherwise one entry per CLIP hook keyframe (as the stock encoder)
+    whose tensor is a :class:`LayerwiseContext` with the 16 layer-wise contexts, encoded in batches of
+    at most ``_SECTIONS_PER_PASS`` sequences."""
+    tokens, positions, vectors = tokenize_with_concepts(clip, text, concepts)
+    if not vectors:
+        return [[c, {**d, PROMPT_KEY: text}] for c, d in clip.encode_from_tokens_scheduled(tokens)]
+    sections = len(next(iter(tokens.values())))
+    if sections > MAX_SECTIONS:
+        raise ConceptError(f"this concept prompt is {sections} × 77 tokens long; prompts with concept tokens may be "
+                           f"at most {MAX_SECTIONS} × 77 tokens (each is encoded 16 times, once per layer)")
+    tables = concepts.tables
+    per_pass = max(1, _SECTIONS_PER_PASS // sections)
+    passes = []  # per group of layers: the scheduled entries [[cond [1, n*S*77, C], dict], ...]
+    for first in range(0, NUM_LAYERS, per_pass):
+        layers = range(first, min(first + per_pass, NUM_LAYERS))
+        passes.append(clip.encode_from_tokens_scheduled(_layered_tokens(tokens, positions, vectors, tables, layers)))
+    used = concepts.labels_for(tok for tok, _ in vectors)
+    out = []
+    for k, (_, extra) in enumerate(passes[0]):
+        stack = torch.cat([p[k][0].reshape(-1, sections * 77, p[k][0].shape[-1]) for p in passes]).unsqueeze(0)
+        out.append([LayerwiseContext(stack), {**extra, CONCEPTS_USED_KEY: used, PROMPT_KEY: text}])
+    return out
 
 
-def _uniform_layerwise_conds(executor, model, conds, x_in, timestep, model_options):
-    """CALC_COND_BATCH wrapper: when any cond is layer-wise, give the others a 1-layer stack so that
-    all of them keep batching together (different model_conds keys never batch in ComfyUI)."""
-    has = any(c is not None and any(LAYERWISE_KEY in x.get("model_conds", {}) for x in c) for c in conds)
-    if has:
-        fixed = []
-        for cond in conds:
-            if cond is None:
-                fixed.append(None)
-                continue
-            entries = []
-            for x in cond:
-                mc = x.get("model_conds", {})
-                if LAYERWISE_KEY not in mc and "c_crossattn" in mc:
-                    x = dict(x)
-                    x["model_conds"] = dict(mc, **{LAYERWISE_KEY: LayerwiseCond(mc["c_crossattn"].cond.unsqueeze(1))})
-                entries.append(x)
-            fixed.append(entries)
-        conds = fixed
-    return executor(model, conds, x_in, timestep, model_options)
+def layerwise_of(entry) -> torch.Tensor | None:
+    """The ``[B, 16, T, C]`` stack of one CONDITIONING entry (``[tensor, dict]``) or context tensor,
+    if it carries one."""
+    return layers_of(entry[0] if isinstance(entry, (list, tuple)) else entry)
 
 
 def _move_to_transformer_options(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-    """DIFFUSION_MODEL wrapper: the stacked contexts arrive as a UNet keyword; attn2 patches only see
-    transformer_options."""
-    stack = kwargs.pop(LAYERWISE_KEY, None)
+    """DIFFUSION_MODEL wrapper: the UNet sees the plain layer-0 context; the attn2 patches find the stack
+    in transformer_options."""
+    stack = layers_of(context)
     if stack is not None:
         transformer_options = dict(transformer_options)
-        transformer_options[LAYERWISE_KEY] = stack
+        transformer_options[LAYERWISE_KEY] = stack.to(context.dtype)
+        context = context.plain()
     return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
@@ -172,7 +149,5 @@ def install_layerwise(model) -> None:
     if any(isinstance(p, LayerwiseAttn2Patch) for p in patches):
         return
     model.set_model_attn2_patch(LayerwiseAttn2Patch())
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
-                               _uniform_layerwise_conds)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
                                _move_to_transformer_options)

@@ -62,10 +62,9 @@ def context_stack(conditioning, what: str) -> torch.Tensor:
     """``[1, 16|1, T, C]`` contexts of the first entry of a CONDITIONING."""
     if not conditioning:
         raise ValueError(f"{what}: empty CONDITIONING")
-    cond, extra = conditioning[0][0], conditioning[0][1]
-    stack = layerwise_of(extra)
+    stack = layerwise_of(conditioning[0])
     if stack is None:
-        stack = cond.unsqueeze(1)
+        stack = conditioning[0][0].unsqueeze(1)
     return stack[:1]
 
 

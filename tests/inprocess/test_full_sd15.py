@@ -81,7 +81,7 @@ def test_textual_inversion_embeddings_and_concepts_together(env, sd15):
         env.pack("fusion.edlora").parse_edlora(make_edlora_state(("<q1>",), seed=9, text_lora=False,
                                                                  unet_lora=False), "q.pth"), 0.0, 0.0))
     cond = env.pack("nodes.layerwise").encode_with_concepts(clip, "a embedding:mos_ti <q1> dog", concepts)
-    stack = env.pack("nodes.layerwise").layerwise_of(cond[0][1])[0]
+    stack = env.pack("nodes.layerwise").layerwise_of(cond[0])[0]
     tok = clip.tokenizer.clip_l.tokenizer
     table = concepts.tables["<q1>"][:, 0]
     for layer in (0, 9):

@@ -57,9 +57,9 @@ def own_vs_fused(env, tiny, name, text, fc, fcs, concepts):
     _, own_clip, own = load_set(env, tiny, [name])
     tokens = enc.tokenize_with_concepts(clip, text, own)[0]["l"][0]
     n = next(j for j, t in enumerate(tokens) if j > 0 and t[0] == 49407) + 1
-    ref = enc.layerwise_of(enc.encode_with_concepts(own_clip, text, own)[0][1])[:, :, :n]
-    got = enc.layerwise_of(enc.encode_with_concepts(fc, text, fcs)[0][1])[:, :, :n]
-    base = enc.layerwise_of(enc.encode_with_concepts(clip, text, concepts)[0][1])[:, :, :n]
+    ref = enc.layerwise_of(enc.encode_with_concepts(own_clip, text, own)[0])[:, :, :n]
+    got = enc.layerwise_of(enc.encode_with_concepts(fc, text, fcs)[0])[:, :, :n]
+    base = enc.layerwise_of(enc.encode_with_concepts(clip, text, concepts)[0])[:, :, :n]
     return gf.relative_error(got, ref), gf.relative_error(base, ref)
 
 
@@ -121,7 +121,7 @@ def test_fusion_reproduces_each_concept_and_leaves_inputs_alone(env, tiny, two, 
     before = snapshot(model, clip)
     hooks_before = count_hooks(model, clip)
     enc = env.pack("nodes.layerwise")
-    base_stack = enc.layerwise_of(enc.encode_with_concepts(clip, "a <fa1> <fa2>", concepts)[0][1])
+    base_stack = enc.layerwise_of(enc.encode_with_concepts(clip, "a <fa1> <fa2>", concepts)[0])
 
     fm, fc, fcs, stats = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
     assert stats["recorded"]["text"] > 0 and stats["recorded"]["unet"] > 0
@@ -150,7 +150,7 @@ def test_fusion_reproduces_each_concept_and_leaves_inputs_alone(env, tiny, two, 
             print(f"\n[fusion] {name}: rel. error of 'a <c..>' fused vs own merged CLIP {err:.4f} "
                   f"(base CLIP vs own: {err_base:.4f})")
     # base CLIP still encodes as before
-    assert torch.equal(enc.layerwise_of(enc.encode_with_concepts(clip, "a <fa1> <fa2>", concepts)[0][1]), base_stack)
+    assert torch.equal(enc.layerwise_of(enc.encode_with_concepts(clip, "a <fa1> <fa2>", concepts)[0]), base_stack)
 
 
 def test_single_and_embedding_only_concepts(env, tiny, two, write_edlora):
@@ -159,8 +159,8 @@ def test_single_and_embedding_only_concepts(env, tiny, two, write_edlora):
     fm, fc, fcs, stats = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
     assert stats["recorded"] == {"text": 0, "cross_kv": 0, "unet": 0}  # one concept: merged, nothing recorded
     enc = env.pack("nodes.layerwise")
-    got = enc.layerwise_of(enc.encode_with_concepts(fc, "a <fb1>", fcs)[0][1])
-    ref = enc.layerwise_of(enc.encode_with_concepts(own_clip, "a <fb1>", concepts)[0][1])
+    got = enc.layerwise_of(enc.encode_with_concepts(fc, "a <fb1>", fcs)[0])
+    ref = enc.layerwise_of(enc.encode_with_concepts(own_clip, "a <fb1>", concepts)[0])
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
     emb = write_edlora("fu_emb.pth", tokens=("<fe1>",), seed=40, text_lora=False, unet_lora=False)
@@ -265,8 +265,8 @@ def test_bundle_round_trip_and_checkpoint_save(env, tiny, two):
     for t, table in fcs.tables.items():
         torch.testing.assert_close(lcs.tables[t], table)
     enc = env.pack("nodes.layerwise")
-    torch.testing.assert_close(enc.layerwise_of(enc.encode_with_concepts(lc, "a <fa1>", lcs)[0][1]),
-                               enc.layerwise_of(enc.encode_with_concepts(fc, "a <fa1>", fcs)[0][1]))
+    torch.testing.assert_close(enc.layerwise_of(enc.encode_with_concepts(lc, "a <fa1>", lcs)[0]),
+                               enc.layerwise_of(enc.encode_with_concepts(fc, "a <fa1>", fcs)[0]))
     with pytest.raises(ValueError, match="another base model"):  # a bundle on a base it was not fused on
         pn.load_edlora(*env.tiny.build_all("wide", 0)[:2], name, 1.0, 1.0)
 

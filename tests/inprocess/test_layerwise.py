@@ -47,7 +47,7 @@ def test_encode_matches_hand_encoding_and_each_layer_gets_its_context(env, tiny,
     name = write_edlora("lw_a.pth", tokens=("<a1>", "<a2>"), seed=11)
     model, clip, concepts = load(env, tiny, name)
     cond = pn.text_encode(clip, concepts, "a photo of <a1> <a2> dog")
-    stack = env.pack("nodes.layerwise").layerwise_of(cond[0][1])
+    stack = env.pack("nodes.layerwise").layerwise_of(cond[0])
     assert stack.shape == (1, 16, 77, 768)
     tables = {t: v[:, 0] for t, v in concepts.tables.items()}
     expected = hand_contexts(clip, tables, ["<a1>", "<a2>"], "a photo of", "dog")
@@ -125,7 +125,7 @@ def test_strength_zero_means_embeddings_only(env, tiny, write_edlora):
     assert model.patches == model0.patches and clip.patcher.patches == clip0.patcher.patches
     enc = pn.text_encode
     table = {"<z1>": concepts.tables["<z1>"][:, 0]}
-    stack = env.pack("nodes.layerwise").layerwise_of(enc(clip, concepts, "a <z1>")[0][1])
+    stack = env.pack("nodes.layerwise").layerwise_of(enc(clip, concepts, "a <z1>")[0])
     torch.testing.assert_close(stack[0], hand_contexts(clip0, table, ["<z1>"], "a", ""), atol=1e-5, rtol=1e-5)
 
 
@@ -149,9 +149,9 @@ def test_weights_long_prompts_and_several_concepts(env, tiny, write_edlora):
     enc = pn.text_encode
     layerwise_of = env.pack("nodes.layerwise").layerwise_of
     text = "(<e1> <e2>:1.2) and <f1>, " + "tall " * 80 + "end <f1>"
-    stack = layerwise_of(enc(clip, concepts, text)[0][1])
+    stack = layerwise_of(enc(clip, concepts, text)[0])
     assert stack.shape == (1, 16, 154, 768)
-    unweighted = layerwise_of(enc(clip, concepts, text.replace("(<e1> <e2>:1.2)", "<e1> <e2>"))[0][1])
+    unweighted = layerwise_of(enc(clip, concepts, text.replace("(<e1> <e2>:1.2)", "<e1> <e2>"))[0])
     assert not torch.allclose(stack, unweighted)
     neg = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
     out = sample(model, enc(clip, concepts, text), neg)

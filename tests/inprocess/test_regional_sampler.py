@@ -52,8 +52,8 @@ def regional_ksampler(env, model, pos, neg, regions, seed=4):
 
 def contexts_of(cond):
     """[L, T, C] contexts of a CONDITIONING's first entry (L = 16 for layer-wise, else 1)."""
-    lw = cond[0][1].get("model_conds", {}).get("mixofshow_layerwise")
-    return lw.cond[0] if lw is not None else cond[0][0][0][None]
+    layers = getattr(cond[0][0], "layers", None)
+    return layers[0] if layers is not None else cond[0][0][0][None]
 
 
 def plain_attention(q, k, v, heads):

@@ -1,0 +1,76 @@
+"""Plain LoRA files for tests, written the way trainers write them: kohya keys
+(``lora_unet_<diffusers module>`` / ``lora_te_…``, ``.lora_down/.lora_up.weight`` + ``.alpha``),
+diffusers/PEFT keys (``unet.<module with .processor.to_*>.lora_A/B.weight``, ``text_encoder.…``) and
+kohya LoHa (``hada_w1_a`` …). The same seed gives the same low-rank deltas in every format."""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save_file
+
+from fusion.synthetic import text_module_shapes, unet_module_shapes
+
+# A few ResNet 3x3 convs of the tiny "narrow" UNet (LoCon), diffusers names -> weight shape.
+TINY_CONVS = {"down_blocks.0.resnets.0.conv1": (32, 32, 3, 3), "up_blocks.3.resnets.1.conv2": (32, 32, 3, 3)}
+
+
+def lora_factors(seed: int, *, model_channels: int = 32, text_layers: int = 2, text_intermediate: int = 512,
+                 rank: int = 4, scale: float = 0.5, unet: bool = True, text: bool = True, convs: dict | None = None,
+                 attention_only: bool = False) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
+    """diffusers module name -> (part, up, down); convs get 4-D factors ([out, r, 1, 1], [r, in, kh, kw])."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {}
+    if unet:
+        shapes.update({m: ("unet", s) for m, s in unet_module_shapes(model_channels, not attention_only).items()})
+        shapes.update({m: ("unet", s) for m, s in (convs or {}).items()})
+    if text:
+        shapes.update({m: ("text", s) for m, s in text_module_shapes(text_layers, text_intermediate,
+                                                                     not attention_only).items()})
+    out = {}
+    for module, (part, shape) in shapes.items():
+        up = torch.randn(shape[0], rank, generator=g) * (scale / rank ** 0.5)
+        fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)
+        down = torch.randn(rank, *shape[1:], generator=g) / fan_in ** 0.5 if len(shape) == 4 \
+            else torch.randn(rank, shape[1], generator=g) / fan_in ** 0.5
+        if len(shape) == 4:
+            up = up[:, :, None, None]
+            if shape[2] == 1:
+                down = down.reshape(rank, shape[1], 1, 1)
+        out[module] = (part, up, down)
+    return out
+
+
+def write_kohya_lora(path, factors: dict, alpha: float | None = None) -> None:
+    """kohya keys; ``alpha`` (default: the rank, i.e. scale 1) is stored per module."""
+    sd = {}
+    for module, (part, up, down) in factors.items():
+        name = ("lora_unet_" if part == "unet" else "lora_te_") + module.replace(".", "_")
+        sd[f"{name}.lora_up.weight"] = up.contiguous()
+        sd[f"{name}.lora_down.weight"] = down.contiguous()
+        sd[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else down.shape[0]))
+    save_file(sd, str(path))
+
+
+def write_diffusers_lora(path, factors: dict) -> None:
+    """diffusers/PEFT keys (no alpha: scale 1, as kohya with alpha = rank)."""
+    sd = {}
+    for module, (part, up, down) in factors.items():
+        if part == "unet":
+            name = "unet." + module.replace(".to_", ".processor.to_")
+            name = name[:-2] if name.endswith(".to_out.0") else name
+        else:
+            name = "text_encoder." + module
+        sd[f"{name}.lora_B.weight"] = up.contiguous()
+        sd[f"{name}.lora_A.weight"] = down.contiguous()
+    save_file(sd, str(path))
+
+
+def write_loha(path, factors: dict) -> None:
+    """A kohya LoHa file on the same modules (Hadamard product of two low-rank pairs)."""
+    sd = {}
+    for module, (part, up, down) in factors.items():
+        name = ("lora_unet_" if part == "unet" else "lora_te_") + module.replace(".", "_")
+        up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+        sd[f"{name}.hada_w1_a"], sd[f"{name}.hada_w1_b"] = up2.contiguous(), down2.contiguous()
+        sd[f"{name}.hada_w2_a"], sd[f"{name}.hada_w2_b"] = up2.flip(0).contiguous(), down2.flip(0).contiguous()
+        sd[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    save_file(sd, str(path))
