@@ -13,49 +13,93 @@ Flat safetensors layout written by :func:`save_edlora` (metadata ``format=mixofs
     unet.<module>.lora_down.weight         [r, in] or [r, in, 1, 1]
     unet.<module>.lora_up.weight           [out, r] or [out, r, 1, 1]
 
-A ``.pth`` is a pickle: it is only ever read with ``torch.load(weights_only=True)``.
+Files are untrusted (:mod:`fusion.filecheck`): a ``.pth`` is only read with
+``torch.load(weights_only=True)``, every tensor is checked (float dtype, shape, finite), and every
+error is an :class:`EDLoRAError` naming the file, the key and what was expected.
+
+What is refused and what is only warned about:
+
+* **Refused** — anything inside the three parts that cannot be applied exactly as the trainer
+  meant: a token that is not ``<name>``, a table that is not ``[16, 768]`` / ``[16, n, 768]``, a
+  key in ``text_encoder`` / ``unet`` that is not a LoRA factor in one of the two spellings (e.g. an
+  ``alpha``), a module outside SD1.x's text encoder / UNet transformer blocks, a lone or duplicated
+  factor, a part that is not a dict, a non-string key inside a part; any bad tensor.
+* **Ignored with one warning** — entries beside the parts, as training checkpoints carry them
+  (``optimizer``, ``step``, ``epoch``, non-string keys, flat keys of other prefixes). They are
+  listed in :attr:`EDLoRA.ignored_keys` so nodes can show them. A part that is ``None`` counts as
+  absent.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import pickle
+import itertools
 import re
-import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .filecheck import (EDLoRAError, check_file_tensor, exception_text, file_label, read_tensor_file,
+                        safetensors_metadata, shown, what_is)
 from .layers import CONTEXT_DIM, NUM_LAYERS, XTI_LAYER_KEYS, diffusers_unet_to_ldm, is_text_encoder_module
+
+__all__ = ["EDLoRA", "EDLoRAError", "FORMAT_TAG", "TOKEN_PATTERN", "check_file_tensor", "convert_to_safetensors",
+           "file_digest", "load_edlora", "parse_edlora", "parse_xti", "read_state_dict", "save_edlora",
+           "to_flat_state_dict", "unique_output_path"]
+
+log = logging.getLogger("mixofshow")
 
 FORMAT_TAG = "mixofshow-edlora"
 TOKEN_PATTERN = re.compile(r"<[^<>\s()\[\]{}:,]+>")
+_BUNDLE_FORMAT = "mixofshow-fused-bundle"  # fusion.bundle.BUNDLE_FORMAT (bundle imports this module)
+MAX_EDLORA_ELEMENTS = 1 << 28   # values in all tensors of one file: 1 GiB as float32; real ED-LoRAs hold < 50M
+MAX_VECTORS_PER_TOKEN = 75      # a 77-token prompt chunk holds 75 words
+MAX_TOKEN_CHARS = 100
+MAX_IGNORED_KEPT = 100          # ignored keys listed on the EDLoRA (all are counted)
+_IGNORED_SHOWN = 5              # ... and in the warning
 _PARTS = ("new_concept_embedding", "text_encoder", "unet")
+_XTI_KEYS = frozenset(XTI_LAYER_KEYS)
 _KEY_SPELLINGS = (  # main branch, research_branch
     re.compile(r"^(.+)\.lora_(down|up)\.weight$"),
     re.compile(r"^(.+)_lora\.(down|up)\.weight$"),
 )
-
-
-class EDLoRAError(ValueError):
-    """A file is not a usable ED-LoRA; the message names the file and what was expected."""
+_TABLE = (f"an SD1.x ED-LoRA token table is [{NUM_LAYERS}, {CONTEXT_DIM}] (one row per cross-attention layer), "
+          f"or [{NUM_LAYERS}, n, {CONTEXT_DIM}] for n vectors")
 
 
 @dataclass
 class EDLoRA:
-    """One ED-LoRA in memory. LoRA factors are ``(up, down)`` pairs keyed by diffusers module name."""
+    """One ED-LoRA in memory. LoRA factors are ``(up, down)`` pairs keyed by diffusers module name.
+
+    ``ignored_keys``: the first :data:`MAX_IGNORED_KEPT` file entries that were not loaded (shown as
+    in messages); ``ignored_total`` counts them all.
+    """
 
     name: str
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     text_encoder: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     unet: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     digest: str = ""
+    ignored_keys: tuple[str, ...] = ()
+    ignored_total: int = 0
 
     @property
     def tokens(self) -> list[str]:
         return list(self.embeddings)
+
+    @property
+    def ignored_summary(self) -> str:
+        """One line for logs and node UIs, ``""`` when nothing was ignored."""
+        if not self.ignored_total:
+            return ""
+        first = ", ".join(self.ignored_keys[:_IGNORED_SHOWN])
+        more = f" and {self.ignored_total - _IGNORED_SHOWN} more" if self.ignored_total > _IGNORED_SHOWN else ""
+        what = "entry that is" if self.ignored_total == 1 else "entries that are"
+        return f"{file_label(self.name)}: ignored {self.ignored_total} {what} not part of an ED-LoRA: {first}{more}"
 
 
 def file_digest(path: str) -> str:
@@ -67,144 +111,251 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+@contextmanager
+def _named(name: str) -> Iterator[None]:
+    """Whatever escapes the checks (a bug, or a structure nobody foresaw) still names the file."""
+    try:
+        yield
+    except EDLoRAError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise EDLoRAError(f"{file_label(name)}: unreadable ED-LoRA ({exception_text(e)})") from e
 
 
 def read_state_dict(path: str) -> tuple[dict, dict[str, str]]:
-    """Read a ``.safetensors`` or (safely) a pickled ``.pth``/``.pt`` file; returns (state, metadata)."""
-    name = os.path.basename(path)
-    if not os.path.isfile(path):
-        raise EDLoRAError(f"{name}: file not found ({path})")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        try:
-            from safetensors import safe_open
+    """Read a ``.safetensors`` or (safely) a torch.save ``.pth``/``.pt`` file; returns (state, metadata).
 
-            with safe_open(path, framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-            return load_file(path, device="cpu"), metadata
-        except (SafetensorError, OSError, ValueError) as e:
-            raise EDLoRAError(f"{name}: not a readable safetensors file ({e})") from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not re.search(r"Unsupported global|GLOBAL|REDUCE|BUILD|not an allowed", str(e)):
-            raise EDLoRAError(f"{name}: truncated or corrupt .pth file ({_first_line(e)})") from e
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f" (it asks for {found[1]})" if found else ""
-        raise EDLoRAError(
-            f"{name}: refused — this pickle needs more than plain tensors to load{what}, and .pth files are only "
-            f"read with torch.load(weights_only=True); nothing in it was run") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise EDLoRAError(f"{name}: truncated or corrupt .pth file ({_first_line(e)})") from e
+    See :func:`fusion.filecheck.read_tensor_file` for what is refused before anything is loaded.
+    """
+    with _named(os.path.basename(path)):
+        return read_tensor_file(path)
+
+
+class _Reader:
+    """Per-file bookkeeping while parsing: the element budget, ignored keys, float64 conversions."""
+
+    def __init__(self, name: str) -> None:
+        self.name = file_label(name)
+        self.ignored: list[str] = []
+        self.ignored_total = 0
+        self.float64 = 0
+        self.elements = 0
+
+    def ignore(self, key: object) -> None:
+        self.ignored_total += 1
+        if len(self.ignored) < MAX_IGNORED_KEPT:
+            self.ignored.append(shown(key, 60))
+
+    def tensor(self, key: str, value: object, **checks) -> torch.Tensor:
+        if torch.is_tensor(value):
+            self.elements += value.numel()  # before any copy: the budget bounds what loading allocates
+            if self.elements > MAX_EDLORA_ELEMENTS:
+                raise EDLoRAError(f"{self.name}: its tensors hold more than {MAX_EDLORA_ELEMENTS} values in all (at "
+                                  f"{shown(key)}); an ED-LoRA holds a few million")
+            self.float64 += value.dtype == torch.float64
+        return check_file_tensor(self.name, key, value, **checks)
+
+    def finish(self, edlora: EDLoRA) -> EDLoRA:
+        edlora.ignored_keys, edlora.ignored_total = tuple(self.ignored), self.ignored_total
+        if self.float64:
+            log.info("Mix-of-Show: %s: %d float64 tensor%s converted to float32", self.name, self.float64,
+                     "" if self.float64 == 1 else "s")
+        if edlora.ignored_total:
+            log.warning("Mix-of-Show: %s (the rest was loaded)", edlora.ignored_summary)
+        return edlora
+
+
+def _gather_parts(state: object, r: _Reader) -> dict[str, dict[str, object]]:
+    """``{part: {rest: value}}`` for the parts present in a nested, ``params``-wrapped or flat state.
+
+    Other entries are ignored (:meth:`_Reader.ignore`); a part that is ``None`` counts as absent.
+    """
     if not isinstance(state, dict):
-        raise EDLoRAError(f"{name}: expected a dict of tensors, found {type(state).__name__}")
-    return state, {}
+        raise EDLoRAError(f"{r.name}: expected a dict of tensors, found {what_is(state)}")
+    if "params" in state:
+        inner = state["params"]
+        if not isinstance(inner, dict):
+            raise EDLoRAError(f"{r.name}: 'params' is {what_is(inner)}; expected a dict holding "
+                              f"'new_concept_embedding', 'text_encoder' and 'unet'")
+        for key in state:
+            if not (isinstance(key, str) and key == "params"):  # a key may be a tensor: no == on it
+                r.ignore(key)
+        state = inner
+    parts: dict[str, dict[str, object]] = {}
 
+    def put(part: str, rest: str, value: object) -> None:
+        if rest in parts.setdefault(part, {}):
+            raise EDLoRAError(f"{r.name}: {shown(part + '.' + rest)} is given twice (nested and flat)")
+        parts[part][rest] = value
 
-def _unflatten(state: dict) -> dict:
-    """Flat ``part.rest`` keys -> ``{part: {rest: tensor}}``; nested dicts pass through."""
-    if "params" in state and isinstance(state["params"], dict):
-        state = state["params"]
-    if any(isinstance(state.get(p), dict) for p in _PARTS):
-        return state
-    nested: dict[str, dict] = {}
     for key, value in state.items():
-        part, _, rest = key.partition(".")
-        if part in _PARTS and rest:
-            nested.setdefault(part, {})[rest] = value
-    return nested
+        if not isinstance(key, str):
+            r.ignore(key)
+        elif key in _PARTS:
+            if value is None:
+                continue
+            parts.setdefault(key, {})
+            if not isinstance(value, dict):
+                raise EDLoRAError(f"{r.name}: {shown(key)} is {what_is(value)}; expected a dict of "
+                                  + ("token -> tensor" if key == _PARTS[0] else "LoRA factor name -> tensor"))
+            for rest, item in value.items():
+                if not isinstance(rest, str):
+                    raise EDLoRAError(f"{r.name}: {shown(key)} has the key {shown(rest)}; expected "
+                                      + ("tokens like <name>" if key == _PARTS[0] else "LoRA factor names"))
+                put(key, rest, item)
+        else:
+            part, dot, rest = key.partition(".")
+            if part in _PARTS and dot:
+                put(part, rest, value)
+            else:
+                r.ignore(key)
+    return parts
 
 
-def _split_lora_factors(name: str, part: str, flat: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    factors: dict[str, dict[str, torch.Tensor]] = {}
+def _split_lora_factors(r: _Reader, part: str, flat: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    factors: dict[str, dict[str, object]] = {}
     for key, value in flat.items():
         for pattern in _KEY_SPELLINGS:
             m = pattern.match(key)
             if m:
-                factors.setdefault(m[1], {})[m[2]] = value
+                if m[2] in factors.setdefault(m[1], {}):
+                    raise EDLoRAError(f"{r.name}: {shown(part + '.' + m[1])} has its lora {m[2]} factor twice "
+                                      f"(in both key spellings)")
+                factors[m[1]][m[2]] = value
                 break
         else:
-            raise EDLoRAError(f"{name}: unexpected key '{part}.{key}' (expected <module>.lora_up/lora_down.weight "
-                              f"or <module>_lora.up/down.weight)")
+            raise EDLoRAError(f"{r.name}: unexpected key {shown(part + '.' + key)} (expected "
+                              f"<module>.lora_up/lora_down.weight or <module>_lora.up/down.weight)")
     out = {}
     for module, pair in factors.items():
+        where = shown(f"{part}.{module}")
         if set(pair) != {"up", "down"}:
-            raise EDLoRAError(f"{name}: '{part}.{module}' has only a lora {'/'.join(pair)} factor")
-        up, down = pair["up"], pair["down"]
-        if not (torch.is_tensor(up) and torch.is_tensor(down)) or up.ndim not in (2, 4) or down.ndim != up.ndim \
-                or up.shape[1] != down.shape[0]:
-            raise EDLoRAError(f"{name}: '{part}.{module}' factors have incompatible shapes "
-                              f"{tuple(getattr(up, 'shape', ()))} @ {tuple(getattr(down, 'shape', ()))}")
+            raise EDLoRAError(f"{r.name}: {where} has only a lora {'/'.join(pair)} factor")
         if part == "text_encoder":
             if not is_text_encoder_module(module):
-                raise EDLoRAError(f"{name}: '{module}' is not a CLIP text-encoder linear of SD1.x")
-            if not module.endswith("fc2") and down.shape[1] != CONTEXT_DIM:
-                raise EDLoRAError(f"{name}: text-encoder LoRA '{module}' takes {down.shape[1]} inputs; an SD1.x "
-                                  f"ED-LoRA has a {CONTEXT_DIM}-wide CLIP text encoder (is it for SD2/SDXL?)")
+                raise EDLoRAError(f"{r.name}: {where} is not a CLIP text-encoder linear of SD1.x")
         else:
             try:
                 diffusers_unet_to_ldm(module)
             except KeyError:
-                raise EDLoRAError(f"{name}: '{module}' is not a transformer-block module of the SD1.x UNet") from None
-        out[module] = (up.float(), down.float())
+                raise EDLoRAError(f"{r.name}: {where} is not a transformer-block module of the SD1.x UNet") from None
+        up = r.tensor(f"{part}.{module}.lora_up.weight", pair["up"], ndim=(2, 4))
+        down = r.tensor(f"{part}.{module}.lora_down.weight", pair["down"], ndim=(2, 4))
+        if down.ndim != up.ndim or up.shape[1] != down.shape[0] or up.shape[2:] != down.shape[2:] \
+                or up.shape[2:] not in ((), (1, 1)):
+            raise EDLoRAError(f"{r.name}: {where} factors have incompatible shapes up {list(up.shape)} @ down "
+                              f"{list(down.shape)} (expected [out, r] @ [r, in], or [out, r, 1, 1] @ [r, in, 1, 1])")
+        if part == "text_encoder" and not module.endswith("fc2") and down.shape[1] != CONTEXT_DIM:
+            raise EDLoRAError(f"{r.name}: text-encoder LoRA {where} takes {down.shape[1]} inputs; an SD1.x "
+                              f"ED-LoRA has a {CONTEXT_DIM}-wide CLIP text encoder (is it for SD2/SDXL?)")
+        out[module] = (up, down)
     return out
 
 
-def _check_table(name: str, token: str, table) -> torch.Tensor:
-    if not TOKEN_PATTERN.fullmatch(token):
-        raise EDLoRAError(f"{name}: concept token '{token}' must look like <name> (angle brackets, no spaces)")
-    if not torch.is_tensor(table) or table.ndim not in (2, 3) or table.shape[0] != NUM_LAYERS:
-        raise EDLoRAError(f"{name}: token {token} has a table of shape {tuple(getattr(table, 'shape', ()))}; "
-                          f"expected [{NUM_LAYERS}, {CONTEXT_DIM}] (one row per cross-attention layer)")
-    if table.shape[-1] != CONTEXT_DIM:
-        raise EDLoRAError(f"{name}: token {token} is {table.shape[-1]} wide; an SD1.x ED-LoRA is {CONTEXT_DIM} wide "
-                          f"(is it for SD2/SDXL?)")
-    return table.float() if table.ndim == 3 else table.float().unsqueeze(1)
+def _check_token(r: _Reader, token: str) -> None:
+    if len(token) > MAX_TOKEN_CHARS or not TOKEN_PATTERN.fullmatch(token):
+        raise EDLoRAError(f"{r.name}: concept token {shown(token)} must look like <name> (angle brackets, no "
+                          f"spaces, at most {MAX_TOKEN_CHARS} characters)")
+
+
+def _check_table(r: _Reader, table: object, key: str) -> torch.Tensor:
+    shape = tuple(table.shape) if torch.is_tensor(table) else ()
+    hint = " — is it for SD2/SDXL?" if len(shape) in (2, 3) and shape[-1] not in (CONTEXT_DIM, 0) else ""
+    t = r.tensor(key, table, shapes=[(NUM_LAYERS, CONTEXT_DIM), (NUM_LAYERS, None, CONTEXT_DIM)],
+                 expected=_TABLE + hint)
+    t = t if t.ndim == 3 else t.unsqueeze(1)
+    if t.shape[1] > MAX_VECTORS_PER_TOKEN:
+        raise EDLoRAError(f"{r.name}: {shown(key)} has {t.shape[1]} vectors per layer; a prompt chunk holds at most "
+                          f"{MAX_VECTORS_PER_TOKEN}")
+    return t
+
+
+def _xti_hint(state: object) -> str:
+    if not isinstance(state, dict):
+        return ""
+    present = [k for k in XTI_LAYER_KEYS if k in state]
+    if not present:
+        return ""
+    missing = [k for k in XTI_LAYER_KEYS if k not in state]
+    return (f"; it has {len(present)} of the {len(XTI_LAYER_KEYS)} XTI layer keys (missing "
+            f"{', '.join(missing)}), so it is not an XTI embedding either")
 
 
 def parse_edlora(state: dict, name: str) -> EDLoRA:
     """Validate a loaded state dict (nested, ``params``-wrapped or flat) and return an :class:`EDLoRA`.
 
-    Token tables are normalised to ``[16, n, 768]`` (n vectors per token; ED-LoRA has n = 1).
+    Token tables are normalised to ``[16, n, 768]`` float32 (n vectors per token; ED-LoRA has
+    n = 1), LoRA factors to float32. Raises :class:`EDLoRAError` (module docstring: what is refused,
+    what is ignored with a warning).
     """
-    nested = _unflatten(state)
-    if not any(p in nested for p in _PARTS):
-        raise EDLoRAError(f"{name}: not an ED-LoRA — no 'new_concept_embedding', 'text_encoder' or 'unet' part "
-                          f"(top-level keys: {sorted(map(str, state))[:6]})")
-    embeddings = nested.get("new_concept_embedding", {}) or {}
-    if not isinstance(embeddings, dict):
-        raise EDLoRAError(f"{name}: 'new_concept_embedding' must map tokens to tensors")
-    tables = {tok: _check_table(name, tok, t) for tok, t in embeddings.items()}
-    if not tables:
-        raise EDLoRAError(f"{name}: defines no concept token (empty 'new_concept_embedding')")
-    return EDLoRA(name=name, embeddings=tables,
-                  text_encoder=_split_lora_factors(name, "text_encoder", nested.get("text_encoder", {}) or {}),
-                  unet=_split_lora_factors(name, "unet", nested.get("unet", {}) or {}))
+    with _named(name):
+        r = _Reader(name)
+        parts = _gather_parts(state, r)
+        if not parts:
+            keys = ", ".join(shown(k, 40) for k in itertools.islice(state, 6))
+            raise EDLoRAError(f"{r.name}: not an ED-LoRA — no 'new_concept_embedding', 'text_encoder' or 'unet' part "
+                              f"(top-level keys: {keys or 'none'}){_xti_hint(state)}")
+        tables = {}
+        for tok, table in parts.get("new_concept_embedding", {}).items():
+            _check_token(r, tok)
+            tables[tok] = _check_table(r, table, f"new_concept_embedding.{tok}")
+        if not tables:
+            raise EDLoRAError(f"{r.name}: defines no concept token (empty 'new_concept_embedding')")
+        return r.finish(EDLoRA(name=name, embeddings=tables,
+                               text_encoder=_split_lora_factors(r, "text_encoder", parts.get("text_encoder", {})),
+                               unet=_split_lora_factors(r, "unet", parts.get("unet", {}))))
+
+
+def _is_xti_state(state: object) -> bool:
+    """A kohya XTI (P+) embedding: all 16 layer keys IN01..OUT11 and no ED-LoRA part."""
+    return isinstance(state, dict) and all(k in state for k in XTI_LAYER_KEYS) and not any(
+        isinstance(k, str) and (k in _PARTS or k == "params" or k.partition(".")[0] in _PARTS) for k in state)
 
 
 def parse_xti(state: dict, name: str, token: str) -> EDLoRA:
-    """A kohya XTI (P+) embedding: 16 keys IN01..OUT11, each ``[n, 768]``, becomes one token table."""
-    if set(state) != set(XTI_LAYER_KEYS):
-        raise EDLoRAError(f"{name}: not an XTI embedding (expected exactly the keys {', '.join(XTI_LAYER_KEYS)})")
-    rows = [state[k] for k in XTI_LAYER_KEYS]
-    if any(not torch.is_tensor(r) or r.ndim != 2 or r.shape != rows[0].shape for r in rows):
-        raise EDLoRAError(f"{name}: XTI layers must all be [n, {CONTEXT_DIM}] tensors of one shape")
-    return EDLoRA(name=name, embeddings={token: _check_table(name, token, torch.stack(rows))})
+    """A kohya XTI (P+) embedding: 16 keys IN01..OUT11, each ``[n, 768]``, becomes one token table.
+
+    Other entries are ignored with a warning, like those beside an ED-LoRA's parts.
+    """
+    with _named(name):
+        r = _Reader(name)
+        _check_token(r, token)
+        if not isinstance(state, dict) or not all(k in state for k in XTI_LAYER_KEYS):
+            raise EDLoRAError(f"{r.name}: not an XTI embedding (expected the keys {', '.join(XTI_LAYER_KEYS)})")
+        rows = [r.tensor(k, state[k], shapes=[(None, CONTEXT_DIM)],
+                         expected=f"an SD1.x XTI layer is [n, {CONTEXT_DIM}]") for k in XTI_LAYER_KEYS]
+        if any(row.shape != rows[0].shape for row in rows):
+            shapes = sorted({str(list(row.shape)) for row in rows})
+            raise EDLoRAError(f"{r.name}: XTI layers must all have one shape [n, {CONTEXT_DIM}]; found "
+                              f"{', '.join(shapes)}")
+        for k in state:
+            if not (isinstance(k, str) and k in _XTI_KEYS):
+                r.ignore(k)
+        table = torch.stack(rows)
+        if table.shape[1] > MAX_VECTORS_PER_TOKEN:
+            raise EDLoRAError(f"{r.name}: {table.shape[1]} vectors per layer; a prompt chunk holds at most "
+                              f"{MAX_VECTORS_PER_TOKEN}")
+        return r.finish(EDLoRA(name=name, embeddings={token: table}))
 
 
 def load_edlora(path: str) -> EDLoRA:
-    """Load an ED-LoRA, a pack bundle or an XTI embedding file from disk (never running pickled code)."""
+    """Load an ED-LoRA or a kohya XTI embedding file from disk (never running pickled code).
+
+    A fused bundle (metadata ``format=mixofshow-fused-bundle``) is refused: it loads as a bundle.
+    """
     name = os.path.basename(path)
-    state, _meta = read_state_dict(path)
-    if set(state) == set(XTI_LAYER_KEYS):
-        stem = re.sub(r"[^A-Za-z0-9_\-.]", "_", os.path.splitext(name)[0])
-        edlora = parse_xti(state, name, f"<{stem}>")
-    else:
-        edlora = parse_edlora(state, name)
-    edlora.digest = file_digest(path)
-    return edlora
+    with _named(name):
+        state, meta = read_state_dict(path)
+        if meta.get("format") == _BUNDLE_FORMAT:
+            raise EDLoRAError(f"{file_label(name)}: a fused ED-LoRA bundle (format={_BUNDLE_FORMAT}), not a single "
+                              f"ED-LoRA: a bundle is loaded whole (fused weights and concepts), never as an ED-LoRA")
+        if _is_xti_state(state):
+            stem = re.sub(r"[^A-Za-z0-9_\-.]", "_", os.path.splitext(name)[0])[: MAX_TOKEN_CHARS - 2]
+            edlora = parse_xti(state, name, f"<{stem}>")
+        else:
+            edlora = parse_edlora(state, name)
+        edlora.digest = file_digest(path)
+        return edlora
 
 
 def to_flat_state_dict(edlora: EDLoRA) -> dict[str, torch.Tensor]:
@@ -220,14 +371,57 @@ def to_flat_state_dict(edlora: EDLoRA) -> dict[str, torch.Tensor]:
 
 
 def save_edlora(edlora: EDLoRA, path: str, extra_metadata: dict[str, str] | None = None) -> None:
-    """Write the flat safetensors layout."""
+    """Write the flat safetensors layout (via a ``.part`` file, so a failed write leaves no half file)."""
     meta = {"format": FORMAT_TAG, "version": "1", "tokens": " ".join(edlora.tokens)}
     meta.update(extra_metadata or {})
-    save_file(to_flat_state_dict(edlora), path, metadata=meta)
+    tmp = path + ".part"
+    try:
+        save_file(to_flat_state_dict(edlora), tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def convert_to_safetensors(src: str, dst: str) -> EDLoRA:
-    """Convert any readable ED-LoRA (.pth in either key spelling, or .safetensors) to the flat layout."""
+    """Convert any readable ED-LoRA (.pth in either key spelling, or .safetensors) to the flat layout.
+
+    Refuses a fused bundle (converting it would keep only its token tables) and ``dst == src``.
+    Entries that are not part of the ED-LoRA (``ignored_keys``) are not written.
+    """
+    name = file_label(os.path.basename(src))
+    if os.path.splitext(src)[1].lower() == ".safetensors" and \
+            safetensors_metadata(src).get("format") == _BUNDLE_FORMAT:
+        raise EDLoRAError(f"{name}: a fused ED-LoRA bundle is already a .safetensors; bundles are not converted "
+                          f"(only its token tables would be written, without its fused weights)")
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise EDLoRAError(f"{name}: the converted file would overwrite its own source; choose another output name")
     edlora = load_edlora(src)
     save_edlora(edlora, dst, {"converted_from": os.path.basename(src)})
     return edlora
+
+
+def unique_output_path(folder: str, stem: str, overwrite: bool = False, *, source: str | None = None) -> str:
+    """Where the Convert node writes ``<stem>.safetensors`` in ``folder``, never over another file.
+
+    ``stem`` is reduced to a file name (directories are dropped, a ``.safetensors`` suffix in any
+    case is removed). When that file exists and ``overwrite`` is False, a numeric suffix is added
+    as ComfyUI's save nodes do: ``name_00001.safetensors``, one more than the highest number there.
+    ``source`` (the file being converted) is never the result: with ``overwrite`` it is refused
+    (:class:`EDLoRAError`), without it it gets a suffix like any existing file.
+    """
+    base = os.path.basename(stem.strip().replace("\\", "/"))
+    if base.lower().endswith(".safetensors"):
+        base = base[: -len(".safetensors")]
+    if not base.strip(". ") or any(ord(c) < 32 for c in base) or len(base.encode()) > 200:
+        raise EDLoRAError(f"output name {shown(stem)} is not a usable file name")
+    path = os.path.join(folder, base + ".safetensors")
+    if os.path.exists(path) and source is not None and os.path.exists(source) and os.path.samefile(path, source):
+        if overwrite:
+            raise EDLoRAError(f"{file_label(base)}.safetensors: the output would overwrite the file being converted; "
+                              f"choose another output name")
+    elif overwrite or not os.path.exists(path):
+        return path
+    numbered = re.compile(re.escape(base) + r"_(\d{5,})\.safetensors")
+    taken = [int(m[1]) for f in os.listdir(folder) if (m := numbered.fullmatch(f))]
+    return os.path.join(folder, f"{base}_{max(taken, default=0) + 1:05d}.safetensors")

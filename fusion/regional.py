@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -334,6 +334,97 @@ def _to_uint8_image(image: Any) -> Any:
     raise ValueError(f"unsupported image dtype {arr.dtype}")
 
 
+# An OpenPose rendering of a few people has a handful of separate shapes (the reference images: 1-4);
+# thousands mean a photo, noise or a dot pattern, whose box search would only burn time.
+MAX_POSE_SHAPES = 2000
+
+
+def _component_boxes(fg: Any, labels: Any, noise_pixels: float) -> tuple[Any, Any]:
+    """Foreground pixel count and box ``[x0, y0, x1, y1)`` of each component, in one pass.
+
+    Counts and boxes are over the original (undilated) foreground; components with fewer than
+    ``noise_pixels`` such pixels are left out. Returns int64 ``[k]`` and ``[k, 4]`` in label order.
+    Sorting the foreground pixels by label replaces one full-image scan per component (which made
+    an image of thousands of dots cost a minute).
+    """
+    import numpy as np
+
+    ys, xs = np.nonzero(fg)
+    labs = labels[ys, xs]
+    order = np.argsort(labs, kind="stable")
+    labs, xs, ys = labs[order], xs[order].astype(np.int64), ys[order].astype(np.int64)
+    ids, starts, counts = np.unique(labs, return_index=True, return_counts=True)
+    keep = (ids > 0) & (counts >= noise_pixels)
+    boxes = np.stack([np.minimum.reduceat(xs, starts), np.minimum.reduceat(ys, starts),
+                      np.maximum.reduceat(xs, starts) + 1, np.maximum.reduceat(ys, starts) + 1], axis=1)
+    return counts[keep], boxes[keep]
+
+
+def _merge_matrix(b: Any, height: int, overlap_frac: float, nest_frac: float, gap_frac: float) -> Any:
+    """``[n, n]`` bool: which pairs of large boxes belong to one person (see :func:`find_pose_boxes` step 5)."""
+    import numpy as np
+
+    x0, y0, x1, y1 = (b[:, k] for k in range(4))
+    ix = np.minimum(x1[:, None], x1[None]) - np.maximum(x0[:, None], x0[None])
+    iy = np.minimum(y1[:, None], y1[None]) - np.maximum(y0[:, None], y0[None])
+    area = (x1 - x0) * (y1 - y0)
+    overlap = (ix > 0) & (iy > 0) & (ix * iy >= overlap_frac * np.minimum(area[:, None], area[None]))
+    narrow = np.minimum((x1 - x0)[:, None], (x1 - x0)[None])
+    v_gap = np.maximum(y0[:, None], y0[None]) - np.minimum(y1[:, None], y1[None])  # <= 0 when they overlap
+    nested = (ix >= nest_frac * narrow) & (v_gap <= gap_frac * height)
+    merge = overlap | nested
+    np.fill_diagonal(merge, False)
+    return merge
+
+
+def _groups(n: int, pairs: list[list[int]]) -> Any:
+    """Union-find over ``n`` items: each item's group, named by its smallest member (int64 ``[n]``)."""
+    import numpy as np
+
+    root = list(range(n))
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            root[i] = root[root[i]]  # path halving
+            i = root[i]
+        return i
+
+    for i, j in pairs:
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            root[max(ri, rj)] = min(ri, rj)
+    return np.array([find(i) for i in range(n)], dtype=np.int64)
+
+
+def _merge_large(boxes: Any, height: int, overlap_frac: float, nest_frac: float, gap_frac: float,
+                 check_interrupt: Callable[[], None] | None = None) -> tuple[Any, int]:
+    """Merge large boxes ``[n, 4]`` until no pair should merge; returns ``(boxes [m, 4], rounds)``.
+
+    Each round tests every pair at once (numpy) and unites each connected group of mergeable boxes
+    into the place of its first member, so a chain of n pieces takes one round, not n restarts of
+    an O(n^2) scan. Rounds repeat because a grown box can reach new neighbours; every round but the
+    last removes a box, so there are at most n.
+    """
+    import numpy as np
+
+    rounds = 0
+    while len(boxes) > 1:
+        if check_interrupt is not None:
+            check_interrupt()
+        rounds += 1
+        pairs = np.argwhere(np.triu(_merge_matrix(boxes, height, overlap_frac, nest_frac, gap_frac)))
+        if not len(pairs):
+            break
+        group = _groups(len(boxes), pairs.tolist())
+        reps = np.unique(group)  # sorted, so the merged boxes keep the order of their first members
+        slot = np.searchsorted(reps, group)
+        merged = boxes[reps].copy()
+        for k, op in enumerate((np.minimum, np.minimum, np.maximum, np.maximum)):
+            op.at(merged[:, k], slot, boxes[:, k])
+        boxes = merged
+    return boxes, rounds
+
+
 def find_pose_boxes(
     image: Any,
     margin: float = 0.05,
@@ -344,6 +435,7 @@ def find_pose_boxes(
     overlap_frac: float = 0.5,
     nest_frac: float = 0.8,
     gap_frac: float = 0.1,
+    check_interrupt: Callable[[], None] | None = None,
 ) -> list[tuple[int, int, int, int]]:
     """One ``(top, left, bottom, right)`` box per skeleton / outline in a condition image.
 
@@ -366,22 +458,32 @@ def find_pose_boxes(
        least ``min_area_frac * H * W`` foreground pixels are *large* (person
        candidates); smaller ones are *pieces* (a detached keypoint dot or limb,
        or a speck); fewer than ``max(4, 1e-5 * H * W)`` pixels is noise, ignored.
+       More than :data:`MAX_POSE_SHAPES` large components and pieces raise
+       :class:`ValueError`: the image is not an OpenPose rendering.
     5. *Merging* (repeated until stable) of two large components when their
        boxes overlap strongly (intersection >= ``overlap_frac`` of the smaller
        box) or when one is horizontally nested in the other (horizontal overlap
        >= ``nest_frac`` of the narrower width) with a vertical gap of at most
        ``gap_frac * H`` -- a head or body part detached from its own body.
+       Each round unites every connected group of such pairs (see :func:`_merge_large`).
        Then each piece joins the box of the nearest large component when the
        gap between their boxes is at most ``gap_frac * H``; farther pieces are
        dropped (specks). Pieces never create a box of their own.
     6. Each box is grown by ``margin * W`` left/right and ``margin * H``
        top/bottom, clamped to the image, and the boxes are sorted left to right.
 
+    ``check_interrupt`` (e.g. ComfyUI's ``throw_exception_if_processing_interrupted``)
+    is called between the stages and in every merging round; whatever it raises propagates.
+
     Boxes are in pixels, ``bottom`` / ``right`` exclusive. An image with no
     foreground gives ``[]``.
     """
     import cv2
     import numpy as np
+
+    def interrupt() -> None:
+        if check_interrupt is not None:
+            check_interrupt()
 
     img = _to_uint8_image(image)
     height, width = img.shape[:2]
@@ -399,69 +501,43 @@ def find_pose_boxes(
                     fg[:, idx] = 0
 
     # 3. dilation
+    interrupt()
     radius = max(1, int(round(dilate_frac * max(height, width))))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     grown = cv2.dilate(fg, kernel)
 
-    # 4. components; count original (undilated) foreground pixels per component
+    # 4. components; boxes and counts over the original (undilated) foreground pixels
+    interrupt()
     n_labels, labels = cv2.connectedComponents(grown, connectivity=8)
     if n_labels <= 1:
         return []
-    counts = np.bincount(labels[fg > 0].ravel(), minlength=n_labels)
-    min_pixels = float(min_area_frac) * height * width
-    noise_pixels = max(4.0, 1e-5 * height * width)
-    majors: list[list[int]] = []  # [x0, y0, x1, y1) over the original foreground
-    minors: list[list[int]] = []
-    for lab in range(1, n_labels):
-        if counts[lab] < noise_pixels:
-            continue
-        ys, xs = np.nonzero((labels == lab) & (fg > 0))
-        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-        (majors if counts[lab] >= min_pixels else minors).append(box)
+    interrupt()
+    counts, boxes = _component_boxes(fg, labels, max(4.0, 1e-5 * height * width))
+    if len(boxes) > MAX_POSE_SHAPES:
+        raise ValueError(f"pose image has {len(boxes)} separate shapes (at most {MAX_POSE_SHAPES} are searched): "
+                         f"this does not look like an OpenPose image (coloured skeletons on black); use a pose "
+                         f"rendering, or draw the boxes with a box node instead")
+    large = counts >= float(min_area_frac) * height * width
+    majors, minors = boxes[large], boxes[~large]
 
     # 5. merging of the large components
-    def should_merge(a: list[int], b: list[int]) -> bool:
-        ix = min(a[2], b[2]) - max(a[0], b[0])
-        iy = min(a[3], b[3]) - max(a[1], b[1])
-        area_a = (a[2] - a[0]) * (a[3] - a[1])
-        area_b = (b[2] - b[0]) * (b[3] - b[1])
-        if ix > 0 and iy > 0 and ix * iy >= overlap_frac * min(area_a, area_b):
-            return True
-        narrow = min(a[2] - a[0], b[2] - b[0])
-        v_gap = max(a[1], b[1]) - min(a[3], b[3])  # <= 0 when they overlap vertically
-        return ix >= nest_frac * narrow and v_gap <= gap_frac * height
-
-    def union(a: list[int], b: list[int]) -> list[int]:
-        return [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
-
-    merged = True
-    while merged and len(majors) > 1:
-        merged = False
-        for i in range(len(majors)):
-            for j in range(i + 1, len(majors)):
-                if should_merge(majors[i], majors[j]):
-                    majors[i] = union(majors[i], majors[j])
-                    del majors[j]
-                    merged = True
-                    break
-            if merged:
-                break
+    majors, _ = _merge_large(majors, height, overlap_frac, nest_frac, gap_frac, check_interrupt)
 
     # 5b. small pieces join the nearest large component if close enough, else are dropped
-    def distance(a: list[int], b: list[int]) -> float:
-        dx = max(0, max(a[0], b[0]) - min(a[2], b[2]))
-        dy = max(0, max(a[1], b[1]) - min(a[3], b[3]))
-        return math.hypot(dx, dy)
-
-    grown_boxes = [list(b) for b in majors]
-    for piece in minors:
-        if not majors:
-            break
-        dists = [distance(piece, big) for big in majors]
-        k = int(np.argmin(dists))
-        if dists[k] <= gap_frac * height:
-            grown_boxes[k] = union(grown_boxes[k], piece)
-    comps = grown_boxes
+    interrupt()
+    grown_boxes = majors.copy()
+    if len(majors) and len(minors):
+        # gap between boxes, squared (exact integers); argmin keeps the first of equally near ones
+        dx = np.maximum(0, np.maximum(minors[:, None, 0], majors[None, :, 0])
+                        - np.minimum(minors[:, None, 2], majors[None, :, 2]))
+        dy = np.maximum(0, np.maximum(minors[:, None, 1], majors[None, :, 1])
+                        - np.minimum(minors[:, None, 3], majors[None, :, 3]))
+        dist2 = dx * dx + dy * dy
+        nearest = dist2.argmin(axis=1)
+        close = dist2[np.arange(len(minors)), nearest] <= (gap_frac * height) ** 2
+        for k, col in enumerate((np.minimum, np.minimum, np.maximum, np.maximum)):
+            col.at(grown_boxes[:, k], nearest[close], minors[close, k])
+    comps = [[int(v) for v in b] for b in grown_boxes]
 
     # 6. margin, clamp, order
     mx = float(margin) * width
@@ -474,3 +550,4 @@ def find_pose_boxes(
         right = min(width, int(math.ceil(x1 + mx)))
         boxes.append((top, left, bottom, right))
     return boxes
+

@@ -381,3 +381,68 @@ def test_find_pose_boxes_synthetic():
     assert r0 < 240 and l1 > 251 and t0 > 10  # far specks dropped, not merged
     assert t1 <= 30 - 12 and r1 >= 360 + 50  # head and forearm merged into the second figure
     assert find_pose_boxes(np.zeros((64, 64, 3), np.uint8)) == []
+
+
+def _dots(n_side: int, size: int = 1024, step: int = 23):
+    """An image of ``n_side**2`` white 4x4 dots on black, ``step`` px apart."""
+    import numpy as np
+    img = np.zeros((size, size, 3), np.uint8)
+    for y in range(8, 8 + n_side * step, step):
+        for x in range(8, 8 + n_side * step, step):
+            img[y:y + 4, x:x + 4] = 255
+    return img
+
+
+def test_find_pose_boxes_thousands_of_dots_is_bounded_work():
+    """The issue's pose image of thousands of dots took 53 s: one pass over the pixels now, no per-dot loop."""
+    import cv2
+    import numpy as np
+    from fusion.regional import MAX_POSE_SHAPES, _component_boxes
+
+    img = _dots(44)  # 1936 dots, all pieces (too small to be a person), so no box
+    calls = []
+    assert find_pose_boxes(img, check_interrupt=lambda: calls.append(1)) == []
+    assert len(calls) <= 5  # once per stage: nothing runs per component
+    fg = (img.max(axis=2) > 40).astype(np.uint8)
+    _, labels = cv2.connectedComponents(cv2.dilate(fg, np.ones((5, 5), np.uint8)), connectivity=8)
+    counts, boxes = _component_boxes(fg, labels, 10.0)
+    assert len(boxes) == 1936 <= MAX_POSE_SHAPES and set(counts.tolist()) == {16}
+    assert boxes[:2].tolist() == [[8, 8, 12, 12], [31, 8, 35, 12]]
+    with pytest.raises(ValueError, match=r"pose image has 2025 separate shapes \(at most 2000 are searched\): "
+                                         r"this does not look like an OpenPose image"):
+        find_pose_boxes(_dots(45, step=22))
+
+
+def test_pose_box_merging_takes_rounds_not_restarts():
+    """A chain of 400 stacked pieces merges in one round of one all-pairs test, not in 399 merge-and-rescan steps."""
+    import numpy as np
+    from fusion.regional import _merge_large
+
+    chain = np.array([[100, 10 * i, 140, 10 * i + 8] for i in range(400)])  # nested, 2 px apart
+    merged, rounds = _merge_large(chain, 4000, 0.5, 0.8, 0.1)
+    assert merged.tolist() == [[100, 0, 140, 3998]] and rounds == 1
+    apart = np.array([[50 * i, 0, 50 * i + 40, 40] for i in range(400)])  # side by side: nothing merges
+    merged, rounds = _merge_large(apart, 4000, 0.5, 0.8, 0.1)
+    assert np.array_equal(merged, apart) and rounds == 1
+
+
+def test_find_pose_boxes_checks_for_interrupts():
+    import cv2
+    import numpy as np
+    img = np.zeros((256, 512, 3), np.uint8)
+    for cx in (120, 360):
+        cv2.line(img, (cx, 60), (cx, 200), (255, 0, 0), 4)
+        cv2.line(img, (cx - 40, 80), (cx + 40, 80), (0, 0, 255), 4)
+        cv2.circle(img, (cx, 30), 12, (255, 0, 255), 4)  # a detached head: one merging round
+    calls = []
+    found = find_pose_boxes(img, margin=0.0, check_interrupt=lambda: calls.append(1))
+    assert len(found) == 2 and len(calls) >= 4
+
+    class Interrupted(Exception):
+        pass
+
+    def stop():
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        find_pose_boxes(img, check_interrupt=stop)
