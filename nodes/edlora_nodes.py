@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..fusion.bundle import is_bundle
 from ..fusion.concepts import Concept, ConceptError, ConceptSet, normalise_trigger_words
-from ..fusion.edlora import EDLoRA, convert_to_safetensors, file_digest, load_edlora
+from ..fusion.edlora import EDLoRA, convert_to_safetensors, file_digest, load_edlora, unique_output_path
 from .layerwise import CONCEPTS_USED_KEY, encode_with_concepts, install_layerwise
 from .common import CONCEPTS, LOADERS, PackNode, check_choices, schema
 from .lora_patch import check_base, clip_patches, load_plain_lora, patch_factors, unet_patches
@@ -50,7 +50,7 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
     bundle (from Save Fused ED-LoRA Bundle) loads too: its fused weights replace the base weights and
     its concepts join the set (the strengths do not apply: the bundle is already merged).
     """
-    if path.endswith(".safetensors") and is_bundle(path):
+    if path.lower().endswith(".safetensors") and is_bundle(path):
         from .fusion_nodes import apply_bundle  # only needed for bundles
 
         model_out, clip_out, fused = apply_bundle(model, clip, path)
@@ -145,9 +145,10 @@ class LoadEDLoRA(PackNode):
         model_out, clip_out, concepts_out = apply_edlora(model, clip, concepts, edlora_path(edlora_name),
                                                          text_encoder_strength, unet_strength)
         own = concepts_out.concepts[len(concepts.concepts) if concepts else 0:]
-        tokens = " ".join(tok for c in own for tok in c.edlora.tokens)
+        text = [" ".join(tok for c in own for tok in c.edlora.tokens)]
+        text += [f"⚠ {c.edlora.ignored_summary} — not applied" for c in own if c.edlora.ignored_total]
         return io.NodeOutput(model_out, clip_out, concepts_out,
-                             ui={"text": [tokens], "concept_set": [concepts_out.describe()]})
+                             ui={"text": text, "concept_set": [concepts_out.describe()]})
 
 
 class TextEncodeConcepts(PackNode):
@@ -189,6 +190,9 @@ class ConvertEDLoRA(PackNode):
             inputs=[
                 io.Combo.Input("edlora_name", options=edlora_choices(), tooltip="The ED-LoRA file to convert."),
                 io.String.Input("output_name", default="", tooltip="Empty = same name, .safetensors"),
+                io.Boolean.Input("overwrite", optional=True, default=False,
+                                 tooltip="Replace an existing file of that name (never the one being converted). "
+                                         "Off: a numeric suffix is added (name_00001)."),
             ],
             outputs=[io.String.Output(display_name="filename", tooltip="Name of the written file in models/edloras.")],
         )
@@ -198,19 +202,18 @@ class ConvertEDLoRA(PackNode):
         return check_choices(cls, edlora_name=edlora_name)
 
     @classmethod
-    def execute(cls, edlora_name, output_name) -> io.NodeOutput:
+    def execute(cls, edlora_name, output_name, overwrite=False) -> io.NodeOutput:
         src = edlora_path(edlora_name)
         stem = output_name.strip() or os.path.splitext(os.path.basename(src))[0]
-        if not stem.endswith(".safetensors"):
-            stem += ".safetensors"
         folder = folder_paths.get_folder_paths(EDLORA_FOLDER)[0]
-        dst = os.path.join(folder, os.path.basename(stem))
-        if os.path.abspath(dst) == os.path.abspath(src):
-            raise ValueError(f"Convert ED-LoRA: output would overwrite the input {edlora_name}")
         os.makedirs(folder, exist_ok=True)
+        dst = unique_output_path(folder, stem, overwrite, source=src)
         edlora = convert_to_safetensors(src, dst)
         name = os.path.basename(dst)
-        return io.NodeOutput(name, ui={"text": [f"{name}: {' '.join(edlora.tokens)}"]})
+        text = [f"{name}: {' '.join(edlora.tokens)}"]
+        if edlora.ignored_total:
+            text.append(f"⚠ {edlora.ignored_summary} — not converted")
+        return io.NodeOutput(name, ui={"text": text})
 
 
 class LoRAAsConcept(PackNode):

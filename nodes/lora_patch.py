@@ -14,6 +14,7 @@ import comfy.utils
 from comfy import weight_adapter
 
 from ..fusion.edlora import EDLoRA, EDLoRAError, read_state_dict
+from ..fusion.filecheck import check_file_tensor
 from ..fusion.layers import CONTEXT_DIM
 
 
@@ -124,6 +125,7 @@ def load_plain_lora(path: str, model, clip) -> tuple[dict, dict, list[str]]:
     ComfyUI's key maps: returns (MODEL patches, CLIP patches, the file's keys that were not used)."""
     name = os.path.basename(path)
     state, _meta = read_state_dict(path)
+    state = {k: check_file_tensor(name, k, v, float32=False) for k, v in state.items()}
     key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(model.model, {}))
     state = comfy.lora_convert.convert_lora(state)
     patches = comfy.lora.load_lora(state, key_map, log_missing=False)

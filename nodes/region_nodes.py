@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+import comfy.model_management
+
 from ..fusion.concepts import ConceptSet
 from ..fusion.regional import find_pose_boxes
 from .common import CONCEPTS, REGIONS, REGIONS_CATEGORY, PackNode, schema
@@ -29,7 +31,8 @@ def pose_regions(image, clip, prompts: str, negative: str, margin: float, concep
     returns (regions, masks ``[R, H, W]``)."""
     lines = [line.strip() for line in prompts.splitlines() if line.strip()]
     img = _image(image)
-    boxes = find_pose_boxes(img, margin=margin)
+    boxes = find_pose_boxes(img, margin=margin,
+                            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
     if len(boxes) != len(lines):
         raise ValueError(f"Pose Regions: found {len(boxes)} skeleton(s) at {boxes} (top, left, bottom, right) but "
                          f"{len(lines)} prompt line(s); write one line per person, left to right")
@@ -161,7 +164,8 @@ class PoseBoxMask(PackNode):
     @classmethod
     def execute(cls, image, index, margin) -> io.NodeOutput:
         img = _image(image)
-        boxes = find_pose_boxes(img, margin=margin)
+        boxes = find_pose_boxes(img, margin=margin,
+                                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
         if index >= len(boxes):
             raise ValueError(f"pose box {index} requested but only {len(boxes)} person(s) found in the image")
         return io.NodeOutput(box_mask(int(img.shape[0]), int(img.shape[1]), *boxes[index]), len(boxes))

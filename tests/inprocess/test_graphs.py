@@ -156,3 +156,28 @@ def test_convert_node_then_load_the_converted_file(env, write_edlora):
     other = write_edlora("conv_other.pth", tokens=("<cv2>",), seed=34)
     ex, _ = run_prompt(base_graph("conv_out.safetensors", other, "a <cv1> and <cv2>"), "load-converted")
     assert ex.success, execution_error(ex)
+
+
+def test_convert_node_never_overwrites_unless_asked(env, write_edlora):
+    """Converting twice to one name keeps the first file and writes name_00001; an empty name uses the
+    source's stem; overwrite=True replaces the named file but never the source itself."""
+    folder = env.base / "models" / "edloras"
+    src = write_edlora("conv_twice.pth", tokens=("<ct1>",), seed=35)
+    other = write_edlora("conv_other2.pth", tokens=("<ct2>",), seed=36)
+
+    def convert(name, output_name, **extra):
+        ex, _ = run_prompt({"1": {"class_type": "MixOfShowConvertEDLoRA",
+                                  "inputs": {"edlora_name": name, "output_name": output_name, **extra}}}, "convert")
+        return ex
+
+    assert convert(src, "conv_same").success
+    first = (folder / "conv_same.safetensors").read_bytes()
+    ex = convert(other, "conv_same")
+    assert ex.success and ex.history_result["outputs"]["1"]["text"][0].startswith("conv_same_00001.safetensors")
+    assert (folder / "conv_same.safetensors").read_bytes() == first  # the first file is untouched
+    assert convert(src, "").success and (folder / "conv_twice.safetensors").is_file()  # empty name: the stem
+    assert convert(other, "conv_same", overwrite=True).success
+    assert (folder / "conv_same.safetensors").read_bytes() != first
+    converted = "conv_same.safetensors"
+    ex = convert(converted, "conv_same", overwrite=True)
+    assert not ex.success and "would overwrite the file being converted" in execution_error(ex)
