@@ -1,11 +1,17 @@
 import pytest
 
 import comfy_env
+from host_tier import module_without_host
 
-if not comfy_env.available():
-    pytest.skip(f"no ComfyUI at {comfy_env.comfy_root()} (run tools/host/setup_host.sh or set MIXOFSHOW_COMFYUI)",
-                allow_module_level=True)
-comfy_env.env()  # ComfyUI must be importable before the test modules are collected
+MISSING_HOST = comfy_env.missing_host_reason()
+if not MISSING_HOST:
+    comfy_env.env()  # ComfyUI must be importable before the test modules are collected
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if MISSING_HOST:
+        return module_without_host(module_path, parent, MISSING_HOST)
+    return None
 
 
 @pytest.fixture(scope="session")
