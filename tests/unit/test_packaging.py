@@ -118,17 +118,15 @@ def test_requirements_are_what_the_shipped_code_imports():
     assert set(third_party) == listed, f"imported by the shipped code: {third_party}"
 
 
-def test_comfyui_reads_the_same_metadata():
+def test_comfyui_reads_the_same_metadata(monkeypatch):
     """ComfyUI's own pyproject parser (comfy_config, kept in sync with comfy-cli's) sees every field."""
     import comfy_env
 
     if not comfy_env.available():
         pytest.skip(f"no ComfyUI at {comfy_env.comfy_root()}")
-    sys.path.insert(0, str(comfy_env.comfy_root()))
-    try:
-        from comfy_config.config_parser import extract_node_configuration
-    finally:
-        sys.path.remove(str(comfy_env.comfy_root()))
+    monkeypatch.syspath_prepend(str(comfy_env.comfy_root()))  # sys.path is restored after the test
+    from comfy_config.config_parser import extract_node_configuration
+
     config = extract_node_configuration(str(REPO))
     assert config.project.name == PROJECT["name"] and config.project.version == PROJECT["version"]
     assert config.project.urls.repository == PROJECT["urls"]["Repository"]
