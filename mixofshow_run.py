@@ -82,7 +82,7 @@ class Server:
     """The HTTP API of one ComfyUI server."""
 
     def __init__(self, url: str):
-        self.url = url.rstrip("/")
+        self.url = (url if "://" in url else "http://" + url).rstrip("/")
 
     def _open(self, request: urllib.request.Request | str, timeout: float = 120):
         try:
@@ -101,7 +101,10 @@ class Server:
             raise RunError(f"GET {path}: HTTP {e.code} from {self.url}") from e
 
     def get_json(self, path: str):
-        return json.loads(self.get_bytes(path))
+        try:
+            return json.loads(self.get_bytes(path))
+        except ValueError as e:
+            raise Unreachable(f"{self.url}{path} did not answer JSON: is this a ComfyUI server?") from e
 
     def post_json(self, path: str, body: dict) -> tuple[int, dict]:
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
@@ -514,11 +517,27 @@ def _queue(server: Server, prompt: dict, client_id: str, log: Log) -> str:
     return body["prompt_id"]
 
 
+def _finished_entry(server: Server, prompt_id: str) -> dict | None:
+    entry = server.get_json(f"/history/{prompt_id}").get(prompt_id)
+    return entry if entry and (entry.get("status") or {}).get("completed") is not None else None
+
+
+def _in_queue(server: Server, prompt_id: str) -> bool:
+    queue = server.get_json("/queue")
+    return any(len(item) > 1 and item[1] == prompt_id
+               for item in (queue.get("queue_running") or []) + (queue.get("queue_pending") or []))
+
+
 def _wait_for_history(server: Server, prompt_id: str) -> dict:
     while True:
-        entry = server.get_json(f"/history/{prompt_id}").get(prompt_id)
-        if entry and (entry.get("status") or {}).get("completed") is not None:
+        entry = _finished_entry(server, prompt_id)
+        if entry:
             return entry
+        if not _in_queue(server, prompt_id):
+            entry = _finished_entry(server, prompt_id)  # it may have finished between the two requests
+            if entry:
+                return entry
+            raise ExecutionFailed(f"prompt {prompt_id} left the queue without a result (was it cancelled?)")
         time.sleep(POLL_SECONDS)
 
 

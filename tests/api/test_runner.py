@@ -22,10 +22,15 @@ BLOCK_AIOHTTP = ("import runpy, sys; sys.modules['aiohttp'] = None; sys.argv[0] 
                  "runpy.run_module('mixofshow_run', run_name='__main__', alter_sys=True)")
 
 
+# The tiny model's weights seed: one no other test of the session loads, so that no node of these
+# graphs is a cached result of another test's prompt (and theirs none of ours).
+TINY_SEED = 5
+
+
 def regional_graph() -> dict:
     """Tiny model, one ED-LoRA, one box region, the Regional KSampler: 64×64, 2 steps."""
     return {
-        "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": 0}},
+        "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": TINY_SEED}},
         "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1],
               "edlora_name": "srv_0.pth", "text_encoder_strength": 0.7, "unet_strength": 0.7}},
         "3": {"class_type": "MixOfShowTextEncode", "inputs": {"clip": ["2", 1], "concepts": ["2", 2],
@@ -118,6 +123,12 @@ def test_unreachable_server_exits_3(server, tmp_path):
     assert done.returncode == 3 and "cannot reach ComfyUI" in done.stderr
 
 
+def test_a_prompt_that_leaves_the_queue_without_a_result_is_an_error(server):
+    """A prompt deleted from the queue (or never queued) never gets a /history entry: no endless wait."""
+    with pytest.raises(mixofshow_run.ExecutionFailed, match="left the queue without a result"):
+        mixofshow_run._wait_for_history(mixofshow_run.Server(server.url), "no-such-prompt")
+
+
 # --------------------------------------------------------------------------- UI format
 
 
@@ -157,7 +168,7 @@ def small_ui_workflow() -> tuple[dict, dict]:
     reroute, a primitive feeding a converted widget, a bypassed and a muted node), and the API
     prompt graphToPrompt makes of it."""
     ui = UiWorkflow()
-    loader = ui.node(1, "TinySD15Loader", ["narrow", 0, "fixed"], outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"),
+    loader = ui.node(1, "TinySD15Loader", ["narrow", TINY_SEED, "fixed"], outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"),
                                                                           ("VAE", "VAE")])
     edlora = ui.node(2, "MixOfShowLoadEDLoRA", ["srv_0.pth", 0.7, 0.7],
                      inputs=[("model", "MODEL", False), ("clip", "CLIP", False), ("concepts", "EDLORA_CONCEPTS", False)],
@@ -200,7 +211,7 @@ def small_ui_workflow() -> tuple[dict, dict]:
     ui.link(decode, 0, save, "images")
     ui.link(decode, 0, preview, "images")
     expected = {
-        "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": 0}},
+        "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": TINY_SEED}},
         "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"edlora_name": "srv_0.pth", "text_encoder_strength": 0.7,
                                                               "unet_strength": 0.7, "model": ["1", 0], "clip": ["1", 1]}},
         "3": {"class_type": "MixOfShowTextEncode", "inputs": {"text": "a <s1> <s2> on a beach", "clip": ["2", 1],
