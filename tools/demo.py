@@ -3,8 +3,10 @@ API of a real ComfyUI server, with demo models: a full-size random-weight SD1.5 
 synthetic full-size ED-LoRAs, and a random T2I-Adapter with the OpenPose adapter's layout. Three
 regions come from a reference OpenPose image (one per skeleton), each with its own prompt; the pose
 also steers the adapter. Random weights make a noise image: this shows the plumbing, not the art.
+The graph is queued by the headless runner users run (``mixofshow_run.run``), which prints the
+progress and saves the image.
 
-usage: python tools/demo.py [--steps N] [--width W] [--height H]
+usage: python tools/demo.py [--steps N] [--width W] [--height H] [--fused]
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools" / "host"))
 sys.path.append(str(REPO))
-from comfy_server import ComfyServer, error_message  # noqa: E402
+from comfy_server import ComfyServer  # noqa: E402
 
+import mixofshow_run  # noqa: E402
 from fusion.synthetic import make_edlora_state  # noqa: E402
 
 CHARACTERS = {"potter": ("<potter1>", "<potter2>"), "hermione": ("<hermione1>", "<hermione2>"),
@@ -101,14 +104,13 @@ def main() -> int:
     prepare(base)
     t0 = time.time()
     with ComfyServer(base, {"mixofshow": REPO}) as server:
-        entry = server.run(graph(a.steps, a.width, a.height, a.fused))
-    if entry["status"]["status_str"] != "success":
-        print("demo failed:", error_message(entry))
-        return 1
-    image = entry["outputs"]["25"]["images"][0]
-    out = base / "output" / image.get("subfolder", "") / image["filename"]
-    shutil.copy(out, REPO / ".host" / "demo.png")
-    print(json.dumps({"image": str(out), "copy": str(REPO / ".host" / "demo.png"),
+        try:
+            saved = mixofshow_run.run(graph(a.steps, a.width, a.height, a.fused), server.url, REPO / ".host" / "demo-out")
+        except mixofshow_run.RunError as e:
+            print("demo failed:", e)
+            return e.exit_code
+    shutil.copy(saved[0], REPO / ".host" / "demo.png")
+    print(json.dumps({"image": str(saved[0]), "copy": str(REPO / ".host" / "demo.png"),
                       "seconds": round(time.time() - t0, 1)}))
     return 0
 

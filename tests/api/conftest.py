@@ -7,14 +7,21 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "host"))
-from comfy_server import ComfyServer, comfy_root  # noqa: E402
+from comfy_server import ComfyServer  # noqa: E402
 
+import comfy_env  # noqa: E402
 from fusion.synthetic import make_edlora_state  # noqa: E402
+from host_tier import module_without_host  # noqa: E402
 
-if not (comfy_root() / "main.py").is_file():
-    pytest.skip(f"no ComfyUI at {comfy_root()}", allow_module_level=True)
+MISSING_HOST = comfy_env.missing_host_reason()
 FIXTURES = REPO / "tests" / "support" / "mixofshow_test_fixtures"
 TINY = dict(text_layers=2, text_intermediate=512)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if MISSING_HOST:
+        return module_without_host(module_path, parent, MISSING_HOST)
+    return None
 
 
 @pytest.fixture(scope="session")

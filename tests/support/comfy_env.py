@@ -1,11 +1,13 @@
 """A real ComfyUI, in this process, with the pack loaded the way ComfyUI loads custom nodes.
 
-The ComfyUI root is ``$MIXOFSHOW_COMFYUI`` (your own checkout) or the project's host in ``.host/``.
+The ComfyUI root is ``$MIXOFSHOW_COMFYUI`` (your own checkout) or the project's host in ``.host/``
+(:func:`comfy_server.comfy_root`, the one place that rule lives).
 """
 from __future__ import annotations
 
 import asyncio
-import os
+import inspect
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -13,15 +15,38 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "mixofshow_test_fixtures"
+sys.path.insert(0, str(REPO / "tools" / "host"))
+from comfy_server import comfy_root  # noqa: E402
 _ENV: SimpleNamespace | None = None
-
-
-def comfy_root() -> Path:
-    return Path(os.environ.get("MIXOFSHOW_COMFYUI") or REPO / ".host" / "ComfyUI").resolve()
+# how the executor's code reads its cache arguments: cache_args["ram"], self.cache_args.get("lru", 0)
+_CACHE_ARG_READ = re.compile(r"""cache_args(?:\[\s*|\.get\(\s*)["']([A-Za-z_]\w*)["']""")
 
 
 def available() -> bool:
     return (comfy_root() / "main.py").is_file()
+
+
+def missing_host_reason() -> str:
+    """Why the ComfyUI tiers skip, or "" when the host is there."""
+    if available():
+        return ""
+    return f"no ComfyUI at {comfy_root()} (run tools/host/setup_host.sh or set MIXOFSHOW_COMFYUI)"
+
+
+def cache_args_for(executor_class: type) -> dict:
+    """Every key the installed executor reads from ``cache_args``, each 0 (no LRU cache, no RAM headroom).
+
+    The keys are not in a signature (newer ComfyUI added ``ram_inactive`` to the dict main.py passes),
+    so they are read off the source of the module that defines the executor and its cache set.
+    """
+    source = inspect.getsource(inspect.getmodule(executor_class))
+    return {key: 0 for key in sorted(set(_CACHE_ARG_READ.findall(source)))}
+
+
+def new_executor(execution, server):
+    """A PromptExecutor of the installed ComfyUI with the classic cache."""
+    executor_class = execution.PromptExecutor
+    return executor_class(server, cache_type=execution.CacheType.CLASSIC, cache_args=cache_args_for(executor_class))
 
 
 class _Server:
@@ -78,8 +103,7 @@ def run_prompt(graph: dict, prompt_id: str = "test"):
     if not valid[0]:
         return SimpleNamespace(success=False, validation=valid, history_result={}, status_messages=[]), None
     server = _Server()
-    executor = e.execution.PromptExecutor(server, cache_type=e.execution.CacheType.CLASSIC,
-                                          cache_args={"lru": 0, "ram": 0})
+    executor = new_executor(e.execution, server)
     executor.execute(graph, prompt_id, {"client_id": "tests"}, valid[2])
     executor.validation = valid
     return executor, server

@@ -27,18 +27,7 @@ from fusion.regional import (  # noqa: E402
 )
 
 
-def _poses_dir() -> Path:
-    env = os.environ.get("MIXOFSHOW_POSES_DIR")
-    if env:
-        return Path(env)
-    return REPO.parent / "shared" / "data" / "mixofshow-poses"
-
-
-POSES = _poses_dir()
-needs_poses = pytest.mark.skipif(
-    not POSES.is_dir(),
-    reason=f"reference pose data not found at {POSES} (set MIXOFSHOW_POSES_DIR)",
-)
+POSES = REPO / "assets" / "poses"  # Mix-of-Show's reference poses and box files (Apache-2.0, see NOTICE.md)
 
 BOX_FILES = ["harry_hermione_thanos.txt", "bengio_lecun_bengio.txt", "dogA_catA_dogB.txt", "harry+catA+dogA.txt"]
 # Feature-map sizes of the SD1.5 UNet for a 512 (h) x 1024 (w) image.
@@ -110,7 +99,6 @@ def test_resize_non_integer_factor_preserves_area():
     assert out.sum().item() == pytest.approx(m.sum().item() * (30 * 27) / (100 * 90), rel=1e-6)
 
 
-@needs_poses
 @pytest.mark.parametrize("box_file", BOX_FILES)
 def test_resize_reference_boxes_per_layer(box_file):
     boxes = [b for _, b in parse_box_file(POSES / box_file)]
@@ -286,7 +274,6 @@ def test_blend_end_to_end_with_layer_masks():
 # --------------------------------------------------------------------------- box files
 
 
-@needs_poses
 def test_parse_reference_box_files():
     got = {name: parse_box_file(POSES / name) for name in BOX_FILES}
     assert got["bengio_lecun_bengio.txt"] == [
@@ -327,7 +314,6 @@ def _load_rgb(name):
     return img[:, :, ::-1].copy()
 
 
-@needs_poses
 @pytest.mark.parametrize(
     "image, box_file",
     [
@@ -349,7 +335,6 @@ def test_find_pose_boxes_reference(image, box_file):
     assert find_pose_boxes(as_tensor) == found
 
 
-@needs_poses
 def test_find_pose_boxes_single_person():
     found = find_pose_boxes(_load_rgb("harry+catA+dogA_pose.png"))
     assert len(found) >= 1

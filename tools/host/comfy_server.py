@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def comfy_root() -> Path:
+    """The ComfyUI every tier, the demo and the benchmarks run: ``$MIXOFSHOW_COMFYUI`` (your own
+    checkout) or the project's host in ``.host/ComfyUI``."""
     return Path(os.environ.get("MIXOFSHOW_COMFYUI") or REPO / ".host" / "ComfyUI").resolve()
 
 
@@ -26,11 +29,12 @@ def free_port() -> int:
 
 class ComfyServer:
     """``main.py --cpu`` with ``--base-directory BASE``; the pack (and any extra packs) linked into
-    ``BASE/custom_nodes``. Use as a context manager."""
+    ``BASE/custom_nodes``. Use as a context manager. ``python`` defaults to this interpreter (the
+    host's venv, or the environment of the ComfyUI that ``$MIXOFSHOW_COMFYUI`` names)."""
 
     def __init__(self, base: Path, packs: dict[str, Path], python: str | None = None, port: int | None = None):
         self.base, self.packs = Path(base), packs
-        self.python = python or str(REPO / ".host" / "venv" / "bin" / "python")
+        self.python = python or sys.executable
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None

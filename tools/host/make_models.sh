@@ -4,8 +4,9 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 VPY="$REPO/.host/venv/bin/python"
+COMFY=${MIXOFSHOW_COMFYUI:-$REPO/.host/ComfyUI}   # the same rule as comfy_root() in comfy_server.py
 mkdir -p "$REPO/.host/models"
 SD15="$REPO/.host/models/sd15_random_fp16.safetensors"
-[ -f "$SD15" ] || (cd /tmp && "$VPY" "$REPO/tools/host/make_sd15_random.py" "$REPO/.host/ComfyUI" "$SD15")
+[ -f "$SD15" ] || (cd /tmp && "$VPY" "$REPO/tools/host/make_sd15_random.py" "$COMFY" "$SD15")
 ADAPTER="$REPO/.host/models/t2iadapter_openpose_random.safetensors"
-[ -f "$ADAPTER" ] || (cd /tmp && "$VPY" "$REPO/tools/host/make_t2i_adapter_random.py" "$REPO/.host/ComfyUI" "$ADAPTER")
+[ -f "$ADAPTER" ] || (cd /tmp && "$VPY" "$REPO/tools/host/make_t2i_adapter_random.py" "$COMFY" "$ADAPTER")
