@@ -407,6 +407,9 @@ def refusal_message(body: dict, prompt: dict) -> str:
                 shown = ", ".join(repr(c) for c in choices[:5]) + (", ..." if len(choices) > 5 else "")
                 what = (f"{extra.get('received_value')!r} is not one of the {len(choices)} choices the server has"
                         f"{': ' + shown if choices else ''} (for a model: is the file in the right models folder?)")
+            elif err.get("type") == "custom_validation_failed" and err.get("details"):
+                details = err["details"]  # "<input> - <the node's own message>"
+                what = details[len(f"{name} - "):] if name and details.startswith(f"{name} - ") else details
             else:
                 details = err.get("details")
                 what = err.get("message", "") + (f" ({details})" if details and details != name else "")

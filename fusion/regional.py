@@ -42,6 +42,7 @@ __all__ = [
     "region_layer_masks",
     "feature_hw_for_tokens",
     "blend_regions",
+    "blend_weights",
     "parse_box_file",
     "find_pose_boxes",
 ]
@@ -224,6 +225,23 @@ def feature_hw_for_tokens(n_tokens: int, height: int, width: int) -> tuple[int, 
 # --------------------------------------------------------------------------- blend
 
 
+def _region_weights(masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Masks ``[R, ...]`` -> (weights ``c * m_r / S`` ``[R, ...]``, coverage ``c = min(S, 1)`` ``[...]``),
+    ``S = sum_r m_r``; the weights are 0 where ``S == 0`` (no 0/0). float32."""
+    m = masks.to(torch.float32).clamp(0.0, 1.0)
+    s = m.sum(dim=0)
+    c = s.clamp(max=1.0)
+    scale = torch.where(s > 0, c / s.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(s))
+    return m * scale[None], c
+
+
+def blend_weights(masks_flat: Tensor) -> Tensor:
+    """Each region's weight in the blend of :func:`blend_regions`, per token: ``[R, N]`` masks ->
+    ``[R, N]`` weights ``c * m_r / S`` (the global output gets ``1 - c``). Region LoRAs use the same
+    weights (fusion/regional_lora.py)."""
+    return _region_weights(masks_flat)[0]
+
+
 def blend_regions(h: Tensor, h_regions: Tensor, masks_flat: Tensor) -> Tensor:
     """Blend the global attention output with the regions' outputs.
 
@@ -262,12 +280,8 @@ def blend_regions(h: Tensor, h_regions: Tensor, masks_flat: Tensor) -> Tensor:
     else:
         raise ValueError(f"masks_flat must be [R, N] or [R, B, N], got {tuple(masks_flat.shape)}")
 
-    m = m.to(device=h.device, dtype=torch.float32).clamp(0.0, 1.0)
-    s = m.sum(dim=0)  # [1 or B, N]
-    c = s.clamp(max=1.0)
-    # weight of region r: c * m_r / S (0 where S == 0, avoiding 0/0).
-    scale = torch.where(s > 0, c / s.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(s))
-    w_regions = (m * scale[None]).to(h.dtype)  # [R, 1|B, N]
+    w_regions, c = _region_weights(m.to(device=h.device))
+    w_regions = w_regions.to(h.dtype)  # [R, 1|B, N]
     w_global = (1.0 - c).to(h.dtype)  # [1|B, N]
 
     out = h * w_global[..., None]

@@ -25,6 +25,7 @@ from comfy.ldm.modules.attention import optimized_attention
 from ..fusion.layers import CROSS_ATTN_BLOCKS, LAYER_OF_BLOCK
 from ..fusion.regional import blend_regions, feature_hw_for_tokens, region_layer_masks
 from .layerwise import CONCEPTS_USED_KEY, LayerwiseAttn2Patch, install_layerwise
+from .region_lora import install_region_loras
 from .regions import context_stack
 
 REGIONS_KEY = "mixofshow_regions"
@@ -42,6 +43,7 @@ class RegionData:
         self.positive = [context_stack(list(r.positive), f"region {i} positive") for i, r in enumerate(regions)]
         self.negative = [context_stack(list(r.negative), f"region {i} negative") for i, r in enumerate(regions)]
         self.control_strengths = torch.tensor([float(r.control_strength) for r in regions])
+        self.context_tokens = None  # tokens per part of the concatenated context, set per layer by the attn2 patch
         self._cache = {}
 
     def __len__(self):
@@ -98,11 +100,24 @@ class RegionalAttn2Patch(LayerwiseAttn2Patch):
         parts = [pad(ctx)] + [torch.cat([pad(c).expand(b0, -1, -1) for c in region]) for region in pieces]
         full = torch.cat(parts, dim=1)
         extra_options[_TOKENS_KEY] = tokens
+        data.context_tokens = tokens
         return n, full, full
 
 
 class RegionalAttn2Replace:
-    """attn2 replace: ``blend_regions(h, [h_r], masks)`` from the concatenated k/v."""
+    """attn2 replace: ``blend_regions(h, [h_r], masks)`` from the concatenated k/v.
+
+    ``previous`` is the attn2 replace another node had installed on this block (e.g. an IPAdapter):
+    it computes the global attention ``h`` (given the global context's k/v only), so its effect is kept
+    where no region covers a pixel and blended like ``h`` inside regions."""
+
+    def __init__(self, previous=None):
+        self.previous = previous
+
+    def _attention(self, q, k, v, heads, extra_options, kwargs):
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options)
+        return optimized_attention(q, k, v, heads, **kwargs)
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
@@ -110,10 +125,10 @@ class RegionalAttn2Replace:
         data = extra_options.get(REGIONS_KEY)
         tokens = extra_options.get(_TOKENS_KEY)
         if data is None or tokens is None or k.shape[1] != tokens * (len(data) + 1):
-            return optimized_attention(q, k, v, heads, **kwargs)
+            return self._attention(q, k, v, heads, extra_options, kwargs)
         n_regions = len(data)
         b, n_tok, _ = q.shape
-        h = optimized_attention(q, k[:, :tokens], v[:, :tokens], heads, **kwargs)
+        h = self._attention(q, k[:, :tokens], v[:, :tokens], heads, extra_options, kwargs)
         # [B, R*T, D] -> [R*B, T, D], region-major
         kr = k[:, tokens:].reshape(b, n_regions, tokens, -1).transpose(0, 1).reshape(n_regions * b, tokens, -1)
         vr = v[:, tokens:].reshape(b, n_regions, tokens, -1).transpose(0, 1).reshape(n_regions * b, tokens, -1)
@@ -126,6 +141,8 @@ class RegionalAttn2Replace:
         return blend_regions(h, h_regions, data.flat_masks(fh, fw, q.device))
 
     def to(self, device_or_dtype):
+        if self.previous is not None and hasattr(self.previous, "to"):
+            self.previous = self.previous.to(device_or_dtype)
         return self
 
 
@@ -144,39 +161,59 @@ class RegionalControlScale:
 
 
 def check_concepts(model, regions) -> None:
-    """Refuse regions whose prompts use concepts the MODEL was not loaded with (e.g. encoded with the
-    CLIP of another Load ED-LoRA chain)."""
+    """Refuse regions whose prompts use concepts neither the sampling MODEL nor the region's own MODEL
+    was loaded with (e.g. encoded with the CLIP of another Load ED-LoRA chain)."""
     loaded = set(model.model_options.get(CONCEPTS_USED_KEY, ()))
     for i, region in enumerate(regions):
+        own = set(region.model.model_options.get(CONCEPTS_USED_KEY, ())) if region.model is not None else set()
         for what, cond in (("prompt", region.positive), ("negative prompt", region.negative)):
             used = {name for entry in cond for name in entry[1].get(CONCEPTS_USED_KEY, ())}
-            missing = used - loaded
+            missing = used - loaded - own
             if missing:
                 raise ValueError(f"region {i}: its {what} was encoded with ED-LoRA(s) {', '.join(sorted(missing))} "
-                                 f"that the sampler's MODEL was not loaded with — encode every region with the CLIP "
-                                 f"and concepts of the same Load ED-LoRA chain as the MODEL")
+                                 f"that neither the sampler's MODEL nor the region's model was loaded with — encode "
+                                 f"each region with the CLIP and concepts of the chain whose MODEL samples it")
+
+
+def _chained_replaces(options: dict) -> dict:
+    """The regional attn2 replace for each of the 16 cross-attention blocks, chained to a replace that
+    another node installed there; keyed as ComfyUI looks them up first, ``(block, number, 0)``."""
+    installed = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    out = {}
+    for kind, number in CROSS_ATTN_BLOCKS:
+        previous = installed.get((kind, number, 0), installed.get((kind, number)))
+        if isinstance(previous, RegionalAttn2Replace):
+            raise ValueError(f"the MODEL already carries Mix-of-Show's regional attention on {kind} block {number} "
+                             f"(regions installed twice?); sample from the model without regions")
+        out[(kind, number, 0)] = RegionalAttn2Replace(previous)
+    return out
 
 
 def install_regions(model, regions):
-    """A patched clone of ``model`` (a ModelPatcher) for ``regions``; ``model`` itself when there are none."""
+    """A patched clone of ``model`` (a ModelPatcher) for ``regions``; ``model`` itself when there are none.
+
+    The clone's options are copied where they change (never edited in place: newer ComfyUI does not
+    deep-copy them on clone)."""
     regions = tuple(regions or ())
     if not regions:
         return model
     check_concepts(model, regions)
     data = RegionData(regions)
+    replaces = _chained_replaces(model.model_options)
     clone = model.clone()
     if any(r.control_strength != 1.0 for r in regions):
         clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "mixofshow.regional_control",
                                    RegionalControlScale(data))
+    install_region_loras(clone, model, regions, data)
     install_layerwise(clone)  # wrappers for layer-wise conds (idempotent)
-    to = clone.model_options.setdefault("transformer_options", {})
-    patches = to.setdefault("patches", {})
+    to = dict(clone.model_options.get("transformer_options", {}))
+    patches = dict(to.get("patches", {}))
     patches["attn2_patch"] = [p for p in patches.get("attn2_patch", []) if not isinstance(p, LayerwiseAttn2Patch)]
     patches["attn2_patch"].append(RegionalAttn2Patch())
-    replace = RegionalAttn2Replace()
-    for kind, number in CROSS_ATTN_BLOCKS:
-        clone.set_model_attn2_replace(replace, kind, number)
-    clone.model_options["transformer_options"][REGIONS_KEY] = data
+    to["patches"] = patches
+    patches_replace = dict(to.get("patches_replace", {}))
+    patches_replace["attn2"] = {**patches_replace.get("attn2", {}), **replaces}
+    to["patches_replace"] = patches_replace
+    to[REGIONS_KEY] = data
+    clone.model_options = {**clone.model_options, "transformer_options": to}
     return clone
-
-

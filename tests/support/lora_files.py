@@ -9,8 +9,11 @@ from safetensors.torch import save_file
 
 from fusion.synthetic import text_module_shapes, unet_module_shapes
 
-# A few ResNet 3x3 convs of the tiny "narrow" UNet (LoCon), diffusers names -> weight shape.
-TINY_CONVS = {"down_blocks.0.resnets.0.conv1": (32, 32, 3, 3), "up_blocks.3.resnets.1.conv2": (32, 32, 3, 3)}
+# LoCon layers of the tiny "narrow" UNet's ResNet blocks (diffusers names -> weight shape): 3x3 convs,
+# a strided downsampler conv and time-embedding projections (the embedding is 4 x 32 = 128 wide).
+TINY_LOCON = {"down_blocks.0.resnets.0.conv1": (32, 32, 3, 3), "up_blocks.3.resnets.1.conv2": (32, 32, 3, 3),
+              "down_blocks.0.downsamplers.0.conv": (32, 32, 3, 3),
+              "down_blocks.1.resnets.0.time_emb_proj": (64, 128), "up_blocks.3.resnets.0.time_emb_proj": (32, 128)}
 
 
 def lora_factors(seed: int, *, model_channels: int = 32, text_layers: int = 2, text_intermediate: int = 512,
@@ -21,7 +24,7 @@ def lora_factors(seed: int, *, model_channels: int = 32, text_layers: int = 2, t
     shapes = {}
     if unet:
         shapes.update({m: ("unet", s) for m, s in unet_module_shapes(model_channels, not attention_only).items()})
-        shapes.update({m: ("unet", s) for m, s in (convs or {}).items()})
+        shapes.update({m: ("unet", s) for m, s in (convs or {}).items()})  # e.g. TINY_LOCON
     if text:
         shapes.update({m: ("text", s) for m, s in text_module_shapes(text_layers, text_intermediate,
                                                                      not attention_only).items()})

@@ -19,9 +19,9 @@ def text_encode(clip, concepts, text):
     return node("MixOfShowTextEncode", clip=clip, concepts=concepts, text=text)[0]
 
 
-def region(positive, negative, mask, regions=None, control_strength=1.0):
+def region(positive, negative, mask, regions=None, control_strength=1.0, model=None):
     return node("MixOfShowRegion", positive=positive, negative=negative, mask=mask, regions=regions,
-                control_strength=control_strength)[0]
+                control_strength=control_strength, model=model)[0]
 
 
 def box_mask(width, height, top, left, bottom, right):
