@@ -84,16 +84,15 @@ class LowRankBank:
         cw = self._column_weights(weights.to(x.device, x.dtype), f)  # [N, sum r]
         return torch.einsum("bk,nk,ok->bon", z, cw, f.up)
 
-    def segments(self, x: Tensor, tokens: int, segment_of_region: dict[int, int]) -> Tensor:
-        """Context rows laid out as segments of ``tokens`` tokens (global, then one per region):
-        region r's product applies to its own segment only, with weight 1."""
+    def segments(self, x: Tensor, rows_of_region: dict[int, slice]) -> Tensor:
+        """Context rows made of segments (the global prompt's, then one per region): region r's product
+        applies to its own rows ``rows_of_region[r]`` only, with weight 1."""
         f = self._factors(x)
         out = torch.zeros(*x.shape[:-1], f.up.shape[0], device=x.device, dtype=x.dtype)
         start = 0
         for region, rank in zip(f.regions, f.ranks):
-            seg = segment_of_region.get(region)
-            if seg is not None:
-                rows = slice(seg * tokens, (seg + 1) * tokens)
+            rows = rows_of_region.get(region)
+            if rows is not None:
                 out[..., rows, :] = (x[..., rows, :] @ f.down[start:start + rank].mT) @ f.up[:, start:start + rank].mT
             start += rank
         return out

@@ -140,10 +140,10 @@ class RegionLoRAs:
             return out + bank.linear(x, w) if self._active(bank, w) else out
 
         def context(_m, args, out):
-            x, tokens_per_part = args[0], self.data.context_tokens
-            if tokens_per_part is None or x.shape[-2] != tokens_per_part * (len(self.data) + 1):
+            x, layout = args[0], self.data.context_layout
+            if layout is None or x.shape[-2] != layout.global_tokens + len(self.data) * layout.region_tokens:
                 return out  # not the regional attention's layout: nothing of a region here
-            return out + bank.segments(x, tokens_per_part, {r: r + 1 for r in bank.regions})
+            return out + bank.segments(x, {r: layout.region_slice(r) for r in bank.regions})
 
         def conv(m, args, out):
             w = self.weights(out.shape[-2], out.shape[-1], out.device)
@@ -162,7 +162,7 @@ class RegionLoRAs:
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         self._latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
-        self.data.context_tokens = None
+        self.data.context_layout = None
         handles = []
         try:
             for module, bank, kind, block in self.layers:

@@ -6,8 +6,8 @@
 * one attn2_patch (:class:`RegionalAttn2Patch`, a :class:`LayerwiseAttn2Patch` so it *replaces* the
   layer-wise patch — the order of separate patches is not guaranteed) picks the global layer-``l``
   context and appends, along the token axis, each region's layer-``l`` context (positive for rows of a
-  positive chunk, the region's negative for rows of a negative chunk), all padded to one token length
-  by repetition (attention over a repeated context is unchanged);
+  positive chunk, the region's negative for rows of a negative chunk), padded with zeros to the longest
+  region prompt and masked (:class:`ContextLayout`);
 * an attn2 replace patch on the 16 cross-attention blocks splits the projected k/v back into global +
   R region parts, computes ``h`` and the ``h_r`` (one batched call) and blends them with the masks
   resized to the layer's feature map (:func:`fusion.regional.blend_regions`). Box regions use the
@@ -15,9 +15,10 @@
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention
@@ -29,7 +30,7 @@ from .region_lora import install_region_loras
 from .regions import context_stack
 
 REGIONS_KEY = "mixofshow_regions"
-_TOKENS_KEY = "mixofshow_region_tokens"  # set by the attn2_patch, read by the replace (same extra_options dict)
+_LAYOUT_KEY = "mixofshow_region_layout"  # set by the attn2_patch, read by the replace (same extra_options dict)
 
 
 class RegionData:
@@ -43,7 +44,7 @@ class RegionData:
         self.positive = [context_stack(list(r.positive), f"region {i} positive") for i, r in enumerate(regions)]
         self.negative = [context_stack(list(r.negative), f"region {i} negative") for i, r in enumerate(regions)]
         self.control_strengths = torch.tensor([float(r.control_strength) for r in regions])
-        self.context_tokens = None  # tokens per part of the concatenated context, set per layer by the attn2 patch
+        self.context_layout: ContextLayout | None = None  # of the current layer's context, set by the attn2 patch
         self._cache = {}
 
     def __len__(self):
@@ -75,6 +76,22 @@ def _layer_context(stack: torch.Tensor, layer: int) -> torch.Tensor:
     return stack[:, layer if stack.shape[1] > 1 else 0]
 
 
+@dataclass(frozen=True)
+class ContextLayout:
+    """How the regional attn2 patch laid out one layer's context: the global context's own tokens, then
+    each region's context padded with zeros to ``region_tokens``; ``mask`` (``[R*B, 1, region_tokens]``,
+    additive, region-major) hides the padding from the attention, or is None when nothing was padded.
+    (Padding to the longest prompt with a mask keeps the cost bounded: repeating every context to the
+    least common multiple of the lengths grows without bound, e.g. 210 chunks for 2/3/5/7.)"""
+    global_tokens: int
+    region_tokens: int
+    mask: torch.Tensor | None
+
+    def region_slice(self, region: int) -> slice:
+        start = self.global_tokens + region * self.region_tokens
+        return slice(start, start + self.region_tokens)
+
+
 class RegionalAttn2Patch(LayerwiseAttn2Patch):
     """attn2_patch: global layer context, then every region's context, concatenated along the tokens."""
 
@@ -82,25 +99,27 @@ class RegionalAttn2Patch(LayerwiseAttn2Patch):
         n, ctx, _ = super().__call__(n, context, value, extra_options)
         data = extra_options.get(REGIONS_KEY)
         layer = LAYER_OF_BLOCK.get(tuple(extra_options.get("block", ())))
-        extra_options.pop(_TOKENS_KEY, None)
+        extra_options.pop(_LAYOUT_KEY, None)
         if data is None or layer is None or not len(data):
             return n, ctx, ctx
         chunks = list(extra_options.get("cond_or_uncond", [0]))
-        rows = ctx.shape[0]
-        b0 = rows // len(chunks)
-        pieces = []  # per region: one [1, T, C] context per chunk
-        for pos, neg in zip(data.positive, data.negative):
-            pieces.append([_layer_context(neg if cu == 1 else pos, layer).to(device=ctx.device, dtype=ctx.dtype)
-                           for cu in chunks])
-        tokens = math.lcm(ctx.shape[1], *[c.shape[1] for region in pieces for c in region])
-
-        def pad(t):
-            return t if t.shape[1] == tokens else t.repeat(1, tokens // t.shape[1], 1)
-
-        parts = [pad(ctx)] + [torch.cat([pad(c).expand(b0, -1, -1) for c in region]) for region in pieces]
+        b0 = ctx.shape[0] // len(chunks)
+        pieces = [[_layer_context(neg if cu == 1 else pos, layer).to(device=ctx.device, dtype=ctx.dtype)
+                   for cu in chunks] for pos, neg in zip(data.positive, data.negative)]  # per region, per chunk
+        tokens = max(c.shape[1] for region in pieces for c in region)
+        parts, valid = [ctx], []
+        for region in pieces:
+            parts.append(torch.cat([F.pad(c, (0, 0, 0, tokens - c.shape[1])).expand(b0, -1, -1) for c in region]))
+            valid.append(torch.cat([torch.arange(tokens, device=ctx.device).expand(b0, -1) < c.shape[1]
+                                    for c in region]))
+        mask = None
+        if not all(bool(v.all()) for v in valid):
+            hidden = torch.full((), torch.finfo(ctx.dtype).min, dtype=ctx.dtype, device=ctx.device)
+            mask = torch.where(torch.cat(valid), torch.zeros((), dtype=ctx.dtype, device=ctx.device), hidden)[:, None]
+        layout = ContextLayout(ctx.shape[1], tokens, mask)
+        extra_options[_LAYOUT_KEY] = layout
+        data.context_layout = layout
         full = torch.cat(parts, dim=1)
-        extra_options[_TOKENS_KEY] = tokens
-        data.context_tokens = tokens
         return n, full, full
 
 
@@ -123,17 +142,18 @@ class RegionalAttn2Replace:
         heads = extra_options["n_heads"]
         kwargs = {"attn_precision": extra_options.get("attn_precision"), "transformer_options": extra_options}
         data = extra_options.get(REGIONS_KEY)
-        tokens = extra_options.get(_TOKENS_KEY)
-        if data is None or tokens is None or k.shape[1] != tokens * (len(data) + 1):
+        layout = extra_options.get(_LAYOUT_KEY)
+        n_regions = len(data) if data is not None else 0
+        if layout is None or k.shape[1] != layout.global_tokens + n_regions * layout.region_tokens:
             return self._attention(q, k, v, heads, extra_options, kwargs)
-        n_regions = len(data)
         b, n_tok, _ = q.shape
-        h = self._attention(q, k[:, :tokens], v[:, :tokens], heads, extra_options, kwargs)
+        g, t = layout.global_tokens, layout.region_tokens
+        h = self._attention(q, k[:, :g], v[:, :g], heads, extra_options, kwargs)
         # [B, R*T, D] -> [R*B, T, D], region-major
-        kr = k[:, tokens:].reshape(b, n_regions, tokens, -1).transpose(0, 1).reshape(n_regions * b, tokens, -1)
-        vr = v[:, tokens:].reshape(b, n_regions, tokens, -1).transpose(0, 1).reshape(n_regions * b, tokens, -1)
+        kr = k[:, g:].reshape(b, n_regions, t, -1).transpose(0, 1).reshape(n_regions * b, t, -1)
+        vr = v[:, g:].reshape(b, n_regions, t, -1).transpose(0, 1).reshape(n_regions * b, t, -1)
         qr = q.repeat(n_regions, 1, 1)
-        h_regions = optimized_attention(qr, kr, vr, heads, **kwargs).reshape(n_regions, b, n_tok, -1)
+        h_regions = optimized_attention(qr, kr, vr, heads, mask=layout.mask, **kwargs).reshape(n_regions, b, n_tok, -1)
         shape = extra_options.get("activations_shape")
         fh, fw = int(shape[-2]), int(shape[-1])
         if fh * fw != n_tok:
