@@ -318,3 +318,27 @@ def test_three_characters_each_lora_in_its_region_through_the_executor(env, lora
     ex, _ = run_prompt(g, "region-loras")
     assert ex.success, execution_error(ex) or ex.validation
     assert len(ex.history_result["outputs"]["43"]["images"]) == 1
+
+
+def test_full_size_sd15_full_region_equals_the_merged_model(env, sd15):
+    """The same proof on the full-size SD1.5 layout (rank-4 whole-block LoRA, 256x256, one noise
+    prediction): the region's LoRA applied in its region = ComfyUI's merged weights."""
+    model, clip = sd15
+    name = "rl_full_sd15.safetensors"
+    write_kohya_lora(env.base / "models" / "loras" / name,
+                     lora_factors(300, model_channels=320, text_layers=12, text_intermediate=3072, scale=0.5))
+    model_a, clip_a, _ = concept(model, clip, name, "ohwx man")
+    merged, _ = comfy_nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    pos, neg = encode(clip_a, "a photo of ohwx man"), encode(clip_a, "blurry")
+    regions = pn.region(pos, neg, pn.box_mask(256, 256, 0, 0, 256, 256), model=model_a)
+    latent = torch.zeros(1, 4, 32, 32)
+    noise = comfy.sample.prepare_noise(latent, 11)
+
+    def run(m, p, n):
+        return comfy.sample.sample(m, noise, 1, 1.0, "euler", "normal", p, n, latent, disable_pbar=True, seed=11)
+
+    ours = run(install(env, model, regions), encode(clip, "a room"), encode(clip, "blurry"))
+    ref = run(merged, pos, neg)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(ours, ref, atol=1e-5 * scale, rtol=0)
+    assert (run(model, pos, neg) - ref).abs().max() > 1e-3 * scale  # the LoRA really acts

@@ -1,5 +1,7 @@
 """Issue 3, design §4: regional sampling, checked against a brute-force implementation written here."""
+import importlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,9 +68,25 @@ def plain_attention(q, k, v, heads):
     return torch.cat(outs, dim=-1)
 
 
-def brute_force_model(model, regions):
+def reference_box_mask(box, image_h, image_w, fh, fw):
+    """Mix-of-Show's per-layer box: rows ceil(top*h/H):floor(bottom*h/H), columns likewise, hard 0/1."""
+    top, left, bottom, right = box
+    m = torch.zeros(fh, fw)
+    m[math.ceil(top * fh / image_h):math.floor(bottom * fh / image_h),
+      math.ceil(left * fw / image_w):math.floor(right * fw / image_w)] = 1
+    return m
+
+
+def layer_mask(mask_or_box, fh, fw, image_hw):
+    if isinstance(mask_or_box, tuple):
+        return reference_box_mask(mask_or_box, *image_hw, fh, fw).reshape(-1, 1)
+    return F.avg_pool2d(mask_or_box[None], (mask_or_box.shape[-2] // fh, mask_or_box.shape[-1] // fw)).reshape(-1, 1)
+
+
+def brute_force_model(model, regions, image_hw=(H, W)):
     """Clone of ``model`` with an attn2 replace on every cross-attention layer that recomputes, region by
-    region and row by row, ``(1-c) h + c * sum_r m_r h_r / S`` (masks area-averaged to the layer)."""
+    region and row by row, ``(1-c) h + c * sum_r m_r h_r / S``: a mask is area-averaged to the layer, a
+    box ``(top, left, bottom, right)`` rasterised by the reference rule."""
     unet = model.model.diffusion_model
     ref = model.clone()
 
@@ -88,7 +106,7 @@ def brute_force_model(model, regions):
                 ctxs = contexts_of(neg if chunks[b // b0] == 1 else pos)
                 ctx = ctxs[layer if ctxs.shape[0] > 1 else 0].to(q.dtype)
                 h_r = plain_attention(q[b], attn2.to_k(ctx), attn2.to_v(ctx), heads)
-                m = F.avg_pool2d(mask[None], (mask.shape[-2] // fh, mask.shape[-1] // fw)).reshape(-1, 1)
+                m = layer_mask(mask, fh, fw, image_hw)
                 total = total + m * h_r
                 s = s + m
             c = s.clamp(max=1.0)
@@ -135,6 +153,31 @@ def test_fast_path_matches_brute_force(env, tiny, write_edlora):
     torch.testing.assert_close(ours, ref, atol=1e-5 * scale, rtol=0)
     plain = sample(model, pos, neg)
     assert (plain - ours).abs().max() > 1e-3  # the regions really act
+
+
+def test_box_regions_match_brute_force_with_the_reference_box_rule(env, tiny):
+    """The 1024x512 reference boxes (harry_hermione_thanos) made by the box node: the regional noise
+    prediction equals the brute force with the reference's per-layer box rule."""
+    model, clip, _ = tiny
+    boxes = [tuple(b) for _, b in env.pack("fusion.regional").parse_box_file(
+        Path(__file__).resolve().parents[2] / "assets" / "poses" / "harry_hermione_thanos.txt")]
+    pos, neg = encode(clip, "three people near a lake"), encode(clip, "blurry")
+    prompts = [encode(clip, t) for t in ("a wizard in a robe", "a witch, smiling", "a giant in armour")]
+    regions = None
+    for b, p in zip(boxes, prompts):
+        regions = pn.region(p, neg, pn.box_mask(1024, 512, *b), regions)
+    latent = torch.zeros(1, 4, 64, 128)
+    noise = comfy.sample.prepare_noise(latent, 7)
+
+    def run(m):
+        return comfy.sample.sample(m, noise, 1, 5.0, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=7)
+
+    ours = run(rn(env).install_regions(model, regions))
+    ref = run(brute_force_model(model, [(b, p, neg) for b, p in zip(boxes, prompts)], image_hw=(512, 1024)))
+    torch.testing.assert_close(ours, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    area = run(brute_force_model(model, [(box(512, 1024, *b)[0], p, neg) for b, p in zip(boxes, prompts)],
+                                 image_hw=(512, 1024)))
+    assert (area - ours).abs().max() > 1e-4 * float(ref.abs().max())  # the rule is not area averaging
 
 
 def test_zero_regions_is_stock(env, tiny):
@@ -251,3 +294,27 @@ def test_xywh_box_equals_tlbr_box_and_denoise_below_one(env, tiny):
     stock = comfy_nodes.KSampler().sample(model, 4, 4, 6.0, "dpmpp_2m", "karras", pos, neg, start, 0.5)[0]["samples"]
     assert out.shape == start["samples"].shape and torch.isfinite(out).all()
     assert 0 < (out - stock).abs().max() < (start["samples"] - stock).abs().max()  # img2img, regions act
+
+
+def test_another_packs_attn2_replace_is_chained_not_overwritten(env, tiny):
+    """A stand-in for an IPAdapter-like pack (test fixture node StandInAttn2Replace) has an attn2 replace
+    on every cross-attention block: with regions it still runs, on the global prompt's keys only, and
+    its effect stays in the result; with a zero term the result equals regions without it."""
+    fixtures = env.nodes.NODE_CLASS_MAPPINGS["StandInAttn2Replace"]
+    calls = importlib.import_module(fixtures.__module__).ATTN2_CALLS
+    model, clip, _ = tiny
+    pos, neg = encode(clip, "two people"), encode(clip, "blurry")
+    long_prompt = encode(clip, "a knight " + "in shining armour, " * 20)  # 154 tokens: padded + masked
+    regions = pn.region(long_prompt, neg, box(H, W, 0, 0, 64, 48))  # the middle stays global
+    regions = pn.region(encode(clip, "a dragon"), neg, box(H, W, 0, 80, 64, 128), regions)
+    plain = regional_ksampler(env, model, pos, neg, regions)
+    calls.clear()
+    zero = fixtures().patch(model, 0.0)[0]
+    assert torch.equal(regional_ksampler(env, zero, pos, neg, regions), plain)
+    assert {block for block, _, _ in calls} == set(BLOCKS) and {(k, v) for _, k, v in calls} == {(77, 77)}
+    shifted = regional_ksampler(env, fixtures().patch(model, 0.5)[0], pos, neg, regions)
+    assert (shifted - plain).abs().max() > 1e-3
+    # installing the regions twice on one model cannot be chained: refused, naming the patch
+    twice = rn(env).install_regions(model, regions)
+    with pytest.raises(ValueError, match="already carries Mix-of-Show's regional attention"):
+        rn(env).install_regions(twice, regions)

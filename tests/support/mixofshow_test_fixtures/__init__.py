@@ -21,4 +21,40 @@ class TinySD15Loader:
         return _CACHE[key]
 
 
-NODE_CLASS_MAPPINGS = {"TinySD15Loader": TinySD15Loader}
+# SD1.5's 16 cross-attention blocks (written out here, not imported from the pack).
+_ATTN2_BLOCKS = [("input", n) for n in (1, 2, 4, 5, 7, 8)] + [("middle", 0)] + [("output", n) for n in range(3, 12)]
+ATTN2_CALLS = []  # one (block, key tokens, value tokens) per call of the stand-in replace
+
+
+class StandInAttn2Replace:
+    """What an IPAdapter-like pack installs: an attn2 replace that computes the attention itself and adds
+    its own term (here a constant ``bias``); it records every call."""
+
+    def __init__(self, bias):
+        self.bias = bias
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        ATTN2_CALLS.append((tuple(extra_options["block"]), k.shape[1], v.shape[1]))
+        return optimized_attention(q, k, v, extra_options["n_heads"]) + self.bias
+
+
+class StandInAttn2ReplaceNode:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "bias": ("FLOAT", {"default": 0.0, "min": -100, "max": 100})}}
+
+    def patch(self, model, bias):
+        patched = model.clone()
+        replace = StandInAttn2Replace(bias)
+        for kind, number in _ATTN2_BLOCKS:
+            patched.set_model_attn2_replace(replace, kind, number, 0)  # keyed with the depth index, as IPAdapter
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS = {"TinySD15Loader": TinySD15Loader, "StandInAttn2Replace": StandInAttn2ReplaceNode}
