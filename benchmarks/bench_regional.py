@@ -1,8 +1,18 @@
-"""Issue 3 benchmark: per-step cost of the regional sampler with 3 and 5 regions vs the stock KSampler on
-the full-size random SD1.5 at 512x256 (target <= 1.3x for 3 regions), measured side by side in one
-process (interleaved), plus peak RSS of each case in a fresh subprocess.
+"""Regional sampling benchmark (issues 3 and 8): per-step cost on the full-size random SD1.5 at 512x256,
+cfg 7, measured side by side in one process (interleaved repeats, median s/step):
 
-usage: .host/venv/bin/python benchmarks/bench_regional.py [--steps 2] [--repeats 3] [--no-memory]
+* the stock KSampler;
+* the regional sampler with 3 and 5 regions (prompts only; target <= 1.3x for 3);
+* the regional sampler with 3 regions, each with its own rank-4 whole-block LoRA applied in its region
+  in the same UNet pass (target <= 1.15x);
+* the N-pass approach other packs take for a LoRA per region: one UNet pass per region, outputs blended
+  with the masks. Its passes use the sampling model's weights, so this is a lower bound for N-pass:
+  merging or swapping each region's LoRA into the weights every step (what those packs also pay) is
+  not counted.
+
+Peak RSS of each case is measured in a fresh subprocess (model load + one sampling).
+
+usage: .host/venv/bin/python benchmarks/bench_regional.py [--steps 2] [--repeats 3] [--no-memory] [--gpu]
 """
 import argparse
 import resource
@@ -15,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
 sys.path.append(str(REPO))
+CASES = ("stock", "3", "5", "3 LoRAs", "N-pass 3")
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=2)
@@ -22,35 +33,78 @@ ap.add_argument("--repeats", type=int, default=3)
 ap.add_argument("--width", type=int, default=512)
 ap.add_argument("--height", type=int, default=256)
 ap.add_argument("--no-memory", action="store_true")
-ap.add_argument("--only", choices=["stock", "3", "5"], help=argparse.SUPPRESS)  # memory child
+ap.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU")
+ap.add_argument("--only", choices=CASES, help=argparse.SUPPRESS)  # memory child
 a = ap.parse_args()
 
 import comfy_env  # noqa: E402
 
-env = comfy_env.env()
+env = comfy_env.env(cpu=not a.gpu)
 import torch  # noqa: E402
+
+import comfy.patcher_extension  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
+import pack_nodes as pn  # noqa: E402
+from lora_files import lora_factors, write_kohya_lora  # noqa: E402
 
 model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
     str(REPO / ".host" / "models" / "sd15_random_fp16.safetensors"), output_vae=False)
-regional = env.pack("nodes.regional_nodes")
+install_regions = env.pack("nodes.regional_attention").install_regions
 enc = comfy_nodes.CLIPTextEncode().encode
 pos, neg = enc(clip, "people in a hall")[0], enc(clip, "lowres")[0]
 
 
-def regions(n):
-    out = None
+def boxes(n):
     step = a.width // n
-    for i in range(n):
-        mask = torch.zeros(1, a.height, a.width)
-        mask[:, :, i * step:(i + 1) * step + 16] = 1
-        out = regional.RegionNode().add(enc(clip, f"person number {i}")[0], neg, mask, out)[0]
+    return [(0, i * step, a.height, min(a.width, (i + 1) * step + 16)) for i in range(n)]
+
+
+def regions(n, with_loras=False):
+    out = None
+    for i, b in enumerate(boxes(n)):
+        m, c = model, clip
+        if with_loras:
+            name = f"bench_char{i}.safetensors"
+            path = env.base / "models" / "loras" / name
+            if not path.exists():
+                write_kohya_lora(path, lora_factors(500 + i, model_channels=320, text_layers=12,
+                                                    text_intermediate=3072, scale=0.5))
+            m, c, _ = pn.node("MixOfShowLoRAConcept", model=model, clip=clip, lora_name=name,
+                              trigger_words=f"char{i} person", strength_model=1.0, strength_clip=1.0)
+        out = pn.region(enc(c, f"a photo of char{i} person")[0], neg, pn.box_mask(a.width, a.height, *b), out,
+                        model=m if with_loras else None)
     return out
 
 
-cases = {"stock": model, "3": regional.install_regions(model, regions(3)), "5": regional.install_regions(model, regions(5))}
+def n_pass(n):
+    """One UNet pass per region (its prompt's cost), outputs blended with the regions' masks."""
+    masks = torch.stack([pn.box_mask(a.width, a.height, *b)[0] for b in boxes(n)])
+    weights = torch.nn.functional.avg_pool2d(masks[:, None], 8)  # [n, 1, h, w] at the latent size
+    weights = weights / weights.sum(0, keepdim=True).clamp_min(1e-8)
+
+    def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        out = 0
+        for r in range(n):
+            out = out + weights[r].to(x) * executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+        return out
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench.npass", apply_model)
+    return clone
+
+
+def case(name):
+    if name == "stock":
+        return model
+    if name == "3 LoRAs":
+        return install_regions(model, regions(3, with_loras=True))
+    if name == "N-pass 3":
+        return n_pass(3)
+    return install_regions(model, regions(int(name)))
+
+
 latent = torch.zeros(1, 4, a.height // 8, a.width // 8)
 noise = comfy.sample.prepare_noise(latent, 0)
 
@@ -58,14 +112,17 @@ noise = comfy.sample.prepare_noise(latent, 0)
 def run(m):
     t = time.perf_counter()
     comfy.sample.sample(m, noise, a.steps, 7.0, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=0)
+    if torch.cuda.is_available() and a.gpu:
+        torch.cuda.synchronize()
     return (time.perf_counter() - t) / a.steps
 
 
 if a.only:
-    run(cases[a.only])
+    run(case(a.only))
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     sys.exit(0)
 
+cases = {name: case(name) for name in CASES}
 for m in cases.values():
     run(m)  # warm-up
 times = {k: [] for k in cases}
@@ -73,15 +130,17 @@ for _ in range(a.repeats):
     for k, m in cases.items():
         times[k].append(run(m))
 base = statistics.median(times["stock"])
-print(f"## Regional sampler vs stock KSampler, full-size SD1.5, {a.width}x{a.height}, cfg 7, "
-      f"{a.steps} euler steps x {a.repeats} interleaved repeats (median s/step)")
+targets = {"3": "  (target <= 1.3)", "3 LoRAs": "  (target <= 1.15)"}
+labels = {"stock": "stock KSampler", "3 LoRAs": "regional, 3 regions, a LoRA each", "N-pass 3": "N-pass, 3 regions"}
+print(f"## Regional sampling vs the stock KSampler, full-size SD1.5, {a.width}x{a.height}, cfg 7, "
+      f"{a.steps} euler steps x {a.repeats} interleaved repeats (median s/step, {'GPU' if a.gpu else 'CPU'})")
 for k in cases:
     m = statistics.median(times[k])
-    label = "stock KSampler" if k == "stock" else f"regional, {k} regions"
-    print(f"{label:24s} {m:7.3f} s/step  ratio {m / base:5.3f}" + ("  (target <= 1.3)" if k == "3" else ""))
+    print(f"{labels.get(k, f'regional, {k} regions'):34s} {m:7.3f} s/step  ratio {m / base:5.3f}{targets.get(k, '')}")
 if not a.no_memory:
     print("\n## Peak RSS per case (fresh process: model load + one sampling)")
     for k in cases:
         out = subprocess.run([sys.executable, __file__, "--only", k, "--steps", "1", "--width", str(a.width),
-                              "--height", str(a.height)], capture_output=True, text=True).stdout.strip().splitlines()
-        print(f"{k:6s} {float(out[-1]):9.0f} MiB")
+                              "--height", str(a.height)] + (["--gpu"] if a.gpu else []),
+                             capture_output=True, text=True).stdout.strip().splitlines()
+        print(f"{k:10s} {float(out[-1]):9.0f} MiB")

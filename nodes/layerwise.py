@@ -32,6 +32,7 @@ _PLACEHOLDERS = ("sks", "olis", "zxq", "qxv")
 # encoder at once (memory stays bounded), and a concept prompt may have at most MAX_SECTIONS sections.
 _SECTIONS_PER_PASS = 64
 MAX_SECTIONS = 32
+MAX_PROMPT_CHARS = 20000  # refused before tokenizing (a 100,000-character prompt costs nothing)
 
 
 def _placeholder_positions(tokens: dict, placeholder_id: int) -> dict[str, list[tuple[int, int]]]:
@@ -85,13 +86,17 @@ def encode_with_concepts(clip, text: str, concepts: ConceptSet) -> list:
     present (one text-encoder pass); otherwise one entry per CLIP hook keyframe (as the stock encoder)
     whose tensor is a :class:`LayerwiseContext` with the 16 layer-wise contexts, encoded in batches of
     at most ``_SECTIONS_PER_PASS`` sequences."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ConceptError(f"this prompt is {len(text):,} characters long; the pack's encoders take at most "
+                           f"{MAX_PROMPT_CHARS:,} (about {MAX_SECTIONS} × 77 tokens)")
     tokens, positions, vectors = tokenize_with_concepts(clip, text, concepts)
-    if not vectors:
-        return [[c, {**d, PROMPT_KEY: text}] for c, d in clip.encode_from_tokens_scheduled(tokens)]
     sections = len(next(iter(tokens.values())))
     if sections > MAX_SECTIONS:
-        raise ConceptError(f"this concept prompt is {sections} × 77 tokens long; prompts with concept tokens may be "
-                           f"at most {MAX_SECTIONS} × 77 tokens (each is encoded 16 times, once per layer)")
+        raise ConceptError(f"this prompt is {sections} × 77 tokens long; the pack's encoders take at most "
+                           f"{MAX_SECTIONS} × 77 tokens (a concept prompt is encoded 16 times, once per layer, and "
+                           f"every region's context is padded to the longest)")
+    if not vectors:
+        return [[c, {**d, PROMPT_KEY: text}] for c, d in clip.encode_from_tokens_scheduled(tokens)]
     tables = concepts.tables
     per_pass = max(1, _SECTIONS_PER_PASS // sections)
     passes = []  # per group of layers: the scheduled entries [[cond [1, n*S*77, C], dict], ...]

@@ -1,4 +1,5 @@
 """Issue 2, §4: layer-wise conditioning is right, checked against a plain implementation of §2."""
+import pytest
 import torch
 
 import comfy.sd
@@ -168,3 +169,15 @@ def test_pure_module_map_agrees_with_comfyui(tiny):
     comfy_map = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
     for module in unet_module_shapes(32):
         assert comfy_map[module + ".weight"] == diffusers_unet_to_ldm(module) + ".weight", module
+
+
+def test_prompt_length_is_bounded(env, tiny, write_edlora):
+    """A 100,000-character prompt is refused at once; a concept prompt over 32 x 77 tokens too (it would
+    be encoded 16 times)."""
+    name = write_edlora("lw_long.pth", tokens=("<lg1>",), seed=17)
+    _, clip, concepts = load(env, tiny, name)
+    with pytest.raises(ValueError, match="100,000 characters long"):
+        pn.text_encode(clip, concepts, "<lg1> " + "x" * 99994)
+    with pytest.raises(ValueError, match=r"33 × 77 tokens long"):
+        pn.text_encode(clip, concepts, "<lg1> " + "tall " * (33 * 75 - 2))
+    assert pn.text_encode(clip, concepts, "<lg1> " + "tall " * 200)[0][0].layers.shape[2] == 3 * 77

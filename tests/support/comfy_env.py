@@ -62,8 +62,9 @@ class _Server:
         self.messages.append((event, data))
 
 
-def env() -> SimpleNamespace:
-    """Import ComfyUI on the CPU with a temporary base directory and load the pack (once)."""
+def env(cpu: bool = True) -> SimpleNamespace:
+    """Import ComfyUI (on the CPU unless ``cpu=False``: benchmarks on a GPU) with a temporary base
+    directory and load the pack (once)."""
     global _ENV
     if _ENV is not None:
         return _ENV
@@ -74,7 +75,7 @@ def env() -> SimpleNamespace:
         (base / sub).mkdir(parents=True, exist_ok=True)
     from comfy.cli_args import args  # parsed from [] unless enable_args_parsing() is called
 
-    args.cpu = True
+    args.cpu = cpu
     args.base_directory = str(base)
     args.disable_api_nodes = True
     import execution
