@@ -49,6 +49,7 @@ class LowRankBank:
         self.is_conv = downs[0].dim() == 4
         self._base = _Factors(regions, [d.shape[0] for d in downs], torch.cat(downs), torch.cat(ups, dim=1))
         self._cast: dict = {}
+        self._columns: dict = {}  # id(weights) -> [N, sum r] column weights (weights are cached by the caller)
 
     @property
     def regions(self) -> list[int]:
@@ -64,8 +65,12 @@ class LowRankBank:
 
     def _column_weights(self, weights: Tensor, f: _Factors) -> Tensor:
         """``[R, N]`` blend weights -> ``[N, sum r]``: each factor column gets its region's weight."""
-        per_region = weights[f.regions]  # [regions here, N]
-        return torch.repeat_interleave(per_region, torch.tensor(f.ranks, device=weights.device), dim=0).mT
+        key = (id(weights), f.down.dtype)
+        if key not in self._columns:
+            per_region = weights[f.regions]  # [regions here, N]
+            ranks = torch.tensor(f.ranks, device=weights.device)
+            self._columns[key] = (weights, torch.repeat_interleave(per_region, ranks, dim=0).mT.contiguous())
+        return self._columns[key][1]
 
     def linear(self, x: Tensor, weights: Tensor | None) -> Tensor:
         """``sum_r w_r(p) up_r(down_r(x_p))`` for token rows ``x`` ``[..., N, in]``; ``weights`` ``[R, N]``
@@ -73,7 +78,7 @@ class LowRankBank:
         f = self._factors(x)
         z = x @ f.down.mT  # [..., N, sum r]
         if weights is not None:
-            z = z * self._column_weights(weights.to(x.device, x.dtype), f)
+            z = z * self._column_weights(weights, f).to(x.dtype)
         return z @ f.up.mT
 
     def broadcast(self, x: Tensor, weights: Tensor) -> Tensor:
@@ -81,7 +86,7 @@ class LowRankBank:
         ``[B, in]``, weights ``[R, N]`` -> ``[B, out, N]``, ``sum_r w_r(p) up_r(down_r(x_b))``."""
         f = self._factors(x)
         z = x @ f.down.mT  # [B, sum r]
-        cw = self._column_weights(weights.to(x.device, x.dtype), f)  # [N, sum r]
+        cw = self._column_weights(weights, f).to(x.dtype)  # [N, sum r]
         return torch.einsum("bk,nk,ok->bon", z, cw, f.up)
 
     def segments(self, x: Tensor, rows_of_region: dict[int, slice]) -> Tensor:
@@ -103,6 +108,6 @@ class LowRankBank:
         down = f.down if f.down.dim() == 4 else f.down[:, :, None, None]
         z = F.conv2d(x, down, stride=stride, padding=padding, dilation=dilation)  # [B, sum r, h', w']
         if weights is not None:
-            cw = self._column_weights(weights.to(x.device, x.dtype), f)  # [h'w', sum r]
+            cw = self._column_weights(weights, f).to(x.dtype)  # [h'w', sum r]
             z = z * cw.mT.reshape(1, -1, out_hw[0], out_hw[1])
         return F.conv2d(z, f.up[:, :, None, None])

@@ -117,27 +117,30 @@ class RegionLoRAs:
             return "context"
         if path.endswith(".emb_layers.1"):
             return "emb"
-        if ".transformer_blocks." in path:
+        if ".transformer_blocks." in path or path.endswith((".proj_in", ".proj_out")):  # linear proj: tokens
             return "tokens"
         raise LoRAFormatError(f"{path}: a LoRA on this layer acts on the whole image (it is not per pixel), so it "
                               f"cannot be limited to a region")
 
-    def weights(self, fh: int, fw: int, device) -> torch.Tensor:
-        """``[R, fh*fw]`` blend weights of every region at one feature size."""
+    def weights(self, fh: int, fw: int, device) -> tuple[torch.Tensor, frozenset]:
+        """``[R, fh*fw]`` blend weights of every region at one feature size, and the regions present there
+        (decided once per size on the CPU: no device sync in the layers' hooks)."""
         key = (fh, fw, str(device))
         if key not in self._weights:
-            self._weights[key] = blend_weights(self.data.flat_masks(fh, fw, device))
+            w = blend_weights(self.data.flat_masks(fh, fw, "cpu"))
+            present = frozenset(int(r) for r in torch.nonzero(w.amax(dim=1) > 0).flatten())
+            self._weights[key] = (w.to(device), present)
         return self._weights[key]
 
-    def _active(self, bank: LowRankBank, weights: torch.Tensor) -> bool:
-        return bool(weights[bank.regions].any())
+    @staticmethod
+    def _active(bank: LowRankBank, present: frozenset) -> bool:
+        return not present.isdisjoint(bank.regions)
 
     def _hook(self, module, bank: LowRankBank, kind: str):
         def tokens(_m, args, out):
             x = args[0]
-            fh, fw = feature_hw_for_tokens(x.shape[-2], *self._latent_hw)
-            w = self.weights(fh, fw, x.device)
-            return out + bank.linear(x, w) if self._active(bank, w) else out
+            w, present = self.weights(*feature_hw_for_tokens(x.shape[-2], *self._latent_hw), x.device)
+            return out + bank.linear(x, w) if self._active(bank, present) else out
 
         def context(_m, args, out):
             x, layout = args[0], self.data.context_layout
@@ -146,15 +149,15 @@ class RegionLoRAs:
             return out + bank.segments(x, {r: layout.region_slice(r) for r in bank.regions})
 
         def conv(m, args, out):
-            w = self.weights(out.shape[-2], out.shape[-1], out.device)
-            if not self._active(bank, w):
+            w, present = self.weights(out.shape[-2], out.shape[-1], out.device)
+            if not self._active(bank, present):
                 return out
             return out + bank.conv(args[0], w, m.stride, m.padding, m.dilation, (out.shape[-2], out.shape[-1]))
 
         def emb(_m, args, out):
             fh, fw = self._block_hw[id(module)]
-            w = self.weights(fh, fw, out.device)
-            if not self._active(bank, w):
+            w, present = self.weights(fh, fw, out.device)
+            if not self._active(bank, present):
                 return out
             return out[:, :, None, None] + bank.broadcast(args[0], w).reshape(out.shape[0], out.shape[1], fh, fw)
 
