@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
 import aiohttp
 
-from comfy_server import ComfyServer
+from server_setup import ComfyServer, post_command
 
 FINISHED = ("execution_success", "execution_error", "execution_interrupted")
 
@@ -43,12 +42,8 @@ class Interrupted:
 
 
 def interrupt(server: ComfyServer, prompt_id: str) -> int:
-    """``POST /interrupt`` for one prompt (the server ignores it unless that prompt is running); it
-    answers with an empty body, so not through ``ComfyServer.post``."""
-    request = urllib.request.Request(f"{server.url}/interrupt", data=json.dumps({"prompt_id": prompt_id}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return response.status
+    """``POST /interrupt`` for one prompt (the server ignores it unless that prompt is running)."""
+    return post_command(server, "/interrupt", {"prompt_id": prompt_id})
 
 
 async def _interrupt_when(server: ComfyServer, graph: dict, ready: Callable[[dict], bool]) -> Interrupted:
