@@ -62,6 +62,13 @@ def yes(flag: bool) -> str:
     return "yes" if flag else "**no**"
 
 
+def short_message(message: str) -> str:
+    """One line for a table: the exception's class without its module path (ComfyUI reports the
+    custom node's module by its file path), at most 140 characters, pipes escaped."""
+    message = re.sub(r"^\S*\.(\w+: )", r"\1", " ".join(message.split()).split(" — ")[0])
+    return message[:140].replace("|", "\\|")
+
+
 def render(summary: dict, fuzz: dict) -> str:
     f = summary["figures"]
     soak, cancels, clean = f["soak"], f["cancel"], f["clean_models"]
@@ -102,7 +109,7 @@ def render(summary: dict, fuzz: dict) -> str:
     ]
     for name, c in cancels.items():
         lines.append(f"| cancel during {name} | interrupted in {c['interrupted_node']} after step {c['last_step']} "
-                     f"of {c['steps']}, {c['seconds_to_stop']:.2f} s after `/interrupt`; hooks left "
+                     f"of {c['steps']}, {1000 * c['seconds_to_stop']:.0f} ms after `/interrupt`; hooks left "
                      f"{c['hooks_left']}, model state unchanged: {yes(c['state_unchanged'])}, next prompt "
                      f"pixel-equal: {yes(c['next_prompt_equal'])} |")
     lines += [
@@ -113,7 +120,9 @@ def render(summary: dict, fuzz: dict) -> str:
         "",
         "## Soak",
         "",
-        "Seconds per prompt, from `POST /prompt` to its `/history` entry.",
+        "Every kind of prompt (tests/support/reliability_graphs.py) runs at seed 1 twice and at seed 2 once;",
+        "Gradient Fusion nine times (seed 1: uncached twice, cached twice; seed 2: uncached once, cached",
+        "twice; seed 3: once each). Seconds per prompt, from `POST /prompt` to its `/history` entry:",
         "",
         "| kind | runs | mean s | max s |",
         "|---|---|---|---|",
@@ -127,8 +136,8 @@ def render(summary: dict, fuzz: dict) -> str:
               "|---|---|---|---|---|"]
     for fault in faults:
         answer = "HTTP 400" if fault["http_status"] == 400 else "execution error"
-        message = fault["message"].split(" — ")[0][:140].replace("|", "\\|")
-        lines.append(f"| {fault['name']} | {answer} | {fault['node']} | {message} | {yes(fault['served_after'])} |")
+        lines.append(f"| {fault['name']} | {answer} | {fault['node']} | {short_message(fault['message'])} | "
+                     f"{yes(fault['served_after'])} |")
     lines += [
         "",
         "## Unit-level bad-file fuzz",

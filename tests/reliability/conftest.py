@@ -164,7 +164,7 @@ def pytest_terminal_summary(terminalreporter):
     for name, cancel in FIGURES.get("cancel", {}).items():
         write(f"cancel during {name}: /interrupt at step {cancel['step']}/{cancel['steps']} of "
               f"{cancel['interrupted_node']}, stopped after step {cancel['last_step']}, "
-              f"{cancel['seconds_to_stop']:.2f} s after /interrupt; hooks left {cancel['hooks_left']}, "
+              f"{1000 * cancel['seconds_to_stop']:.0f} ms after /interrupt; hooks left {cancel['hooks_left']}, "
               f"next prompt pixel-equal: {cancel['next_prompt_equal']}")
     clean = FIGURES.get("clean_models")
     if clean:

@@ -22,7 +22,7 @@ def record(tier, name: str, run, node: str, node_class: str, steps: int, state: 
     tier.figures.setdefault("cancel", {})[name] = {
         "interrupted_node": node_class, "step": int(run.trigger["data"]["value"]),
         "last_step": run.last_step(node), "steps": steps, "seconds_to_interrupt": round(run.seconds_to_trigger, 2),
-        "seconds_to_stop": round(run.seconds_to_stop, 2), "hooks_left": hooks_left(state),
+        "seconds_to_stop": round(run.seconds_to_stop, 3), "hooks_left": hooks_left(state),
         "state_unchanged": state == tier.state_before, "next_prompt_equal": equal}
 
 
