@@ -104,8 +104,9 @@ def render(summary: dict, fuzz: dict) -> str:
         f"| bad inputs tried | {len(faults)} in the soak; {fuzz['files']} fuzzed files and "
         f"{fuzz['tests_passed']} tests in all in `tests/unit/test_bad_files.py` (below) |",
         f"| server RSS | {soak['rss_mib_after_5th']:.1f} MiB after prompt 5, {soak['rss_mib_after_last']:.1f} MiB "
-        f"after prompt {soak['prompts']} ({soak['rss_change_percent']:+.1f} %; limit ±10 %); "
-        f"{min(soak['rss_mib']):.1f}–{max(soak['rss_mib']):.1f} MiB over the soak |",
+        f"after prompt {soak['prompts']} ({soak['rss_change_percent']:+.1f} %; limit ±10 %), each read after the "
+        f"model-state probe's prompt; {min(soak['rss_mib']):.1f}–{max(soak['rss_mib']):.1f} MiB right after the "
+        f"soak's prompts |",
     ]
     for name, c in cancels.items():
         lines.append(f"| cancel during {name} | interrupted in {c['interrupted_node']} after step {c['last_step']} "
@@ -129,7 +130,8 @@ def render(summary: dict, fuzz: dict) -> str:
     ]
     lines += [f"| {kind} | {t['runs']} | {t['mean']:.2f} | {t['max']:.2f} |"
               for kind, t in soak["seconds_per_kind"].items()]
-    lines += ["", "Server RSS (MiB) after each of the 30 prompts:", "",
+    lines += ["", "Server RSS (MiB) right after each of the 30 prompts (it moves with what the prompt left in ComfyUI's",
+              "cache until the next one, e.g. a fusion's fused weights):", "",
               "```", " ".join(f"{r:.0f}" for r in soak["rss_mib"]), "```", "",
               "## Bad inputs in the soak", "",
               "| bad prompt | answer | node named | message (start) | server served after |",

@@ -33,6 +33,7 @@ from server_setup import REPO, ComfyServer, error_message, pack_server, saved_pi
 
 MISSING_HOST = comfy_env.missing_host_reason()
 SUMMARY = REPO / ".reliability" / "last_run.json"
+DOC = REPO / "docs" / "reliability.md"  # rendered from SUMMARY: a change there is no change to what ran
 PROMPT_TIMEOUT = 120  # seconds for any one prompt of the tier (each takes a few on 2 CPU cores)
 FIGURES: dict = {}
 _CLOCK: dict = {}  # monotonic start of the tier (server start) and end of its last test
@@ -134,8 +135,8 @@ def pytest_sessionfinish(session, exitstatus):
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "exit_status": int(exitstatus),
         "tests": {"collected": session.testscollected, "failed": session.testsfailed},
-        "commit": _git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)"
-                                                          if _git("status", "--porcelain", "--", ".") else ""),
+        "commit": _git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if _git(
+            "status", "--porcelain", "--", ".", f":!{DOC.relative_to(REPO)}") else ""),
         "host": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                  "torch": torch.__version__, "comfyui": _comfyui_version(), "machine": platform.machine()},
         "figures": FIGURES,
