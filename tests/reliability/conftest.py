@@ -48,13 +48,17 @@ def pytest_pycollect_makemodule(module_path, parent):
 @dataclass
 class Tier:
     server: ComfyServer
-    stock_before: np.ndarray  # the stock prompt's image before any other prompt
-    state_before: dict  # ModelStateProbe's report before any other prompt
+    stock_before: np.ndarray | None = None  # the stock prompt's image before any other prompt
+    state_before: dict | None = None  # ModelStateProbe's report before any other prompt
     figures: dict = field(default_factory=lambda: FIGURES)
+
+    def run(self, graph: dict) -> dict:
+        """Queue a prompt and wait (at most PROMPT_TIMEOUT) until it has finished; its /history entry."""
+        return self.server.run(graph, timeout=PROMPT_TIMEOUT)
 
     def run_ok(self, graph: dict) -> dict:
         """Run a prompt that must succeed; its /history entry."""
-        entry = self.server.run(graph, timeout=PROMPT_TIMEOUT)
+        entry = self.run(graph)
         assert entry["status"]["status_str"] == "success", error_message(entry)
         return entry
 
@@ -95,10 +99,8 @@ def tier(tmp_path_factory) -> Tier:
     write_files(base)
     with pack_server(base) as server:
         FIGURES["server_start_seconds"] = round(time.monotonic() - _CLOCK["start"], 1)
-        stock = rg.stock(seed=1)
-        entry = server.run(stock.graph, timeout=PROMPT_TIMEOUT)
-        assert entry["status"]["status_str"] == "success", error_message(entry)
-        t = Tier(server, saved_pixels(server, entry, stock.save), {})
+        t = Tier(server)
+        _, t.stock_before = t.image(rg.stock(seed=1))
         t.state_before = t.model_state()
         yield t
 
