@@ -65,6 +65,8 @@ def test_interrupt_during_regional_sampling_leaves_nothing_behind(tier):
     _, before = tier.image(light)
     heavy = rg.lora_per_region(5)
     heavy.graph[heavy.sampler]["inputs"]["steps"] = HEAVY_STEPS
+    latent = heavy.graph[heavy.sampler]["inputs"]["latent_image"][0]
+    heavy.graph[latent]["inputs"].update(width=256, height=128)  # the region masks are resized to any size
     run = interrupt_when(tier.server, heavy.graph, progress_of(heavy.sampler, at_least=2))
     assert run.trigger is not None and run.last == "execution_interrupted", [e["type"] for e in run.events]
     assert run.interrupted_node == heavy.sampler
