@@ -58,3 +58,49 @@ class StandInAttn2ReplaceNode:
 
 
 NODE_CLASS_MAPPINGS = {"TinySD15Loader": TinySD15Loader, "StandInAttn2Replace": StandInAttn2ReplaceNode}
+
+
+def _count_hooks(root) -> dict:
+    modules = list(root.modules())
+    return {"forward_hooks": sum(len(m._forward_hooks) for m in modules),
+            "forward_pre_hooks": sum(len(m._forward_pre_hooks) for m in modules)}
+
+
+class ModelStateProbe:
+    """Reports what is attached to a MODEL's and a CLIP's torch modules and patchers (forward hooks,
+    forward pre-hooks, weight and object patches, model options) into its UI output, so that a test can
+    see through the HTTP API that nothing was left on a model after a prompt failed or was cancelled.
+    It runs on every prompt (never a cached result), since the state it reports changes behind ComfyUI's
+    back."""
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "probe"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",)}}
+
+    @classmethod
+    def IS_CHANGED(cls, model, clip):
+        return float("nan")  # never equal to itself: always re-executed
+
+    def probe(self, model, clip):
+        from torch.nn.modules import module as torch_module
+
+        transformer_options = model.model_options.get("transformer_options", {})
+        state = {
+            "unet": _count_hooks(model.model),
+            "clip": _count_hooks(clip.cond_stage_model),
+            "global": {"forward_hooks": len(torch_module._global_forward_hooks),
+                       "forward_pre_hooks": len(torch_module._global_forward_pre_hooks)},
+            "model_patches": len(model.patches), "model_object_patches": len(model.object_patches),
+            "clip_patches": len(clip.patcher.patches),
+            "model_options": sorted(k for k in model.model_options if k != "transformer_options"),
+            "transformer_options": sorted(transformer_options),
+            "wrappers": sum(len(v) for v in model.wrappers.values()),
+        }
+        return {"ui": {"model_state": [state]}}
+
+
+NODE_CLASS_MAPPINGS["ModelStateProbe"] = ModelStateProbe
