@@ -29,7 +29,6 @@ from PIL import Image
 import mixofshow_run
 from comfy_server import ComfyServer
 from server_events import interrupt
-from server_setup import post_command
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -78,7 +77,7 @@ def cancel(server: ComfyServer, prompt_ids: list[str], timeout: float = 180) -> 
         if not running and not pending:
             return
         if pending:
-            post_command(server, "/queue", {"delete": pending})
+            server.post("/queue", {"delete": pending})
         for prompt_id in running:
             interrupt(server, prompt_id)
         time.sleep(1)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import aiohttp
 
-from server_setup import ComfyServer, post_command
+from server_setup import ComfyServer
 
 FINISHED = ("execution_success", "execution_error", "execution_interrupted")
 
@@ -43,7 +43,7 @@ class Interrupted:
 
 def interrupt(server: ComfyServer, prompt_id: str) -> int:
     """``POST /interrupt`` for one prompt (the server ignores it unless that prompt is running)."""
-    return post_command(server, "/interrupt", {"prompt_id": prompt_id})
+    return server.post("/interrupt", {"prompt_id": prompt_id})[0]
 
 
 async def _interrupt_when(server: ComfyServer, graph: dict, ready: Callable[[dict], bool]) -> Interrupted:

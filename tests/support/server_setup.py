@@ -3,9 +3,7 @@ fixture pack with the tiny models), the tiny ED-LoRA files its prompts load, and
 prompt did (its saved images, the nodes it took from ComfyUI's cache, its error, the server's memory)."""
 from __future__ import annotations
 
-import json
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +31,6 @@ def write_tiny_edlora(path: Path, tokens: tuple[str, ...], seed: int, model_chan
 def pack_server(base: Path) -> ComfyServer:
     """A ComfyUI server (not started: use it as a context manager) with both packs, on ``base``."""
     return ComfyServer(base, PACKS)
-
-
-def post_command(server: ComfyServer, path: str, body: dict) -> int:
-    """POST to an endpoint that answers with an empty body (``/interrupt``, ``/queue``), which
-    ``ComfyServer.post`` would try to read as JSON; returns the HTTP status."""
-    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return response.status
 
 
 def saved_pixels(server: ComfyServer, entry: dict, node_id: str) -> np.ndarray:

@@ -84,11 +84,13 @@ class ComfyServer:
         return json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
 
     def post(self, path: str, obj) -> tuple[int, dict]:
+        """POST JSON; returns (status, the JSON answer, {} for the endpoints that answer with an empty body
+        such as /interrupt and /queue)."""
         req = urllib.request.Request(self.url + path, data=json.dumps(obj).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read())
+                return r.status, json.loads(r.read() or b"{}")
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
