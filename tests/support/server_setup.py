@@ -30,7 +30,8 @@ def write_tiny_edlora(path: Path, tokens: tuple[str, ...], seed: int, model_chan
 
 def pack_server(base: Path) -> ComfyServer:
     """A ComfyUI server (not started: use it as a context manager) with both packs, on ``base``."""
-    return ComfyServer(base, PACKS)
+    # the fusion cache in the server's own models folder, whatever this process's environment says
+    return ComfyServer(base, PACKS, env={"MIXOFSHOW_FUSION_CACHE": str(base / "models" / "edloras" / ".fusion_cache")})
 
 
 def saved_pixels(server: ComfyServer, entry: dict, node_id: str) -> np.ndarray:

@@ -32,8 +32,10 @@ class ComfyServer:
     ``BASE/custom_nodes``. Use as a context manager. ``python`` defaults to this interpreter (the
     host's venv, or the environment of the ComfyUI that ``$MIXOFSHOW_COMFYUI`` names)."""
 
-    def __init__(self, base: Path, packs: dict[str, Path], python: str | None = None, port: int | None = None):
+    def __init__(self, base: Path, packs: dict[str, Path], python: str | None = None, port: int | None = None,
+                 env: dict[str, str] | None = None):
         self.base, self.packs = Path(base), packs
+        self.env = dict(env or {})  # added to this process's environment for the server
         self.python = python or sys.executable
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,7 +53,7 @@ class ComfyServer:
             if not link.exists():
                 link.symlink_to(Path(path).resolve())
         self.log = open(self.base / "server.log", "ab")
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **self.env)
         self.proc = subprocess.Popen(
             [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base),
