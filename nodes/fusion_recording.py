@@ -39,7 +39,8 @@ from ..fusion import gradient_fusion as gf
 from ..fusion.concepts import ConceptSet
 from ..fusion.layers import NUM_LAYERS
 from .fused_patches import add_fused, strip_patches
-from .layerwise import encode_with_concepts, install_layerwise, layerwise_of, tokenize_with_concepts
+from .layerwise import (CONCEPTS_USED_KEY, WRAPPER_KEY, LayerwiseAttn2Patch, encode_with_concepts, install_layerwise,
+                        layerwise_of, tokenize_with_concepts)
 
 class _Hooks:
     """Forward pre-hooks on shared modules; always removed (use as a context manager)."""
@@ -132,6 +133,7 @@ class ComfyRecorder:
         self.prompts = prompts
         self.model_keys, self.clip_keys = plan.keys("model"), plan.keys("clip")
         self.recorded = {stage: 0 for stage in gf.STAGES}
+        self._fused_clip = (None, None)  # (which deltas, clone): one fused CLIP per stage, not per concept
 
     def record(self, stage, concept, fused, groups, sink, on_step) -> None:
         if stage == "text":
@@ -142,16 +144,26 @@ class ComfyRecorder:
             self._unet(concept, fused, groups, sink, on_step)
 
     # ---- clones
-    def _clip(self, concept: Optional[int] = None, fused=None):
+    def _own_clip(self, concept: int):
+        """The base CLIP with the concept's own text LoRA (stage 1)."""
         c = self.clip.clone()
         strip_patches(c.patcher, self.clip_keys)
-        if concept is not None:
-            own = self.concepts.concepts[concept]
-            if own.text_factors and own.text_encoder_strength != 0:
-                c.add_patches(_lora_patches(own.text_factors), own.text_encoder_strength)
-        if fused:
-            add_fused(c.patcher, {k: v for k, v in fused.items() if k in self.clip_keys}, {})
+        own = self.concepts.concepts[concept]
+        if own.text_factors and own.text_encoder_strength != 0:
+            c.add_patches(_lora_patches(own.text_factors), own.text_encoder_strength)
         return c
+
+    def _fused_clip_for(self, fused):
+        """The base CLIP with the fused text deltas (stages 2 and 3), made once per set of deltas (a clone
+        of its own would be patched again for every concept)."""
+        text = {k: v for k, v in fused.items() if k in self.clip_keys}
+        which = tuple((k, id(v[0]), id(v[1])) for k, v in sorted(text.items()))
+        if self._fused_clip[0] != which:
+            c = self.clip.clone()
+            strip_patches(c.patcher, self.clip_keys)
+            add_fused(c.patcher, text, {})
+            self._fused_clip = (which, c)
+        return self._fused_clip[1]
 
     def _model(self, concept: int, fused):
         m = self.model.clone()
@@ -170,7 +182,7 @@ class ComfyRecorder:
 
     # ---- stage 1
     def _text(self, concept, groups, sink) -> None:
-        clip_i = self._clip(concept=concept)
+        clip_i = self._own_clip(concept)
         root = clip_i.cond_stage_model
         rows: dict[str, list] = {g: [] for g in groups}
         weights: dict[str, list] = {g: [] for g in groups}
@@ -201,7 +213,7 @@ class ComfyRecorder:
 
     # ---- stage 2
     def _cross_kv(self, concept, fused, groups, sink) -> None:
-        clip_f = self._clip(fused=fused)
+        clip_f = self._fused_clip_for(fused)
         words = self._words(concept)
         for prompt in self.prompts(words):
             mm.throw_exception_if_processing_interrupted()
@@ -216,7 +228,7 @@ class ComfyRecorder:
     # ---- stage 3
     def _unet(self, concept, fused, groups, sink, on_step) -> None:
         s = self.settings
-        fused_clip = self._clip(fused=fused)
+        fused_clip = self._fused_clip_for(fused)
         model_i = self._model(concept, fused)
         root = model_i.model
         positive = encode_with_concepts(fused_clip, self.prompts(self._words(concept))[0], self.concepts)
@@ -272,6 +284,24 @@ def code_version() -> str:
     return fc.code_version(f"ComfyUI {host}")
 
 
+def _forward_options(model):
+    """The MODEL's options as the recording clones run with them, described: the pack's own layer-wise patch
+    and wrappers (every recording clone installs them anyway) and its provenance labels left out, so that the
+    checkpoint's MODEL and a loader's output give one key."""
+    def own(v) -> bool:
+        return isinstance(v, LayerwiseAttn2Patch)
+
+    def strip(obj):
+        if isinstance(obj, dict):
+            out = {k: strip(v) for k, v in obj.items() if k not in (CONCEPTS_USED_KEY, WRAPPER_KEY)}
+            return {k: v for k, v in out.items() if v not in ({}, [])}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj if not own(v)]
+        return obj
+
+    return fc.describe(strip(model.model_options), depth=10)
+
+
 def _patches_off(patcher, fused_keys) -> dict:
     """The patches a patcher carries on weights that are not fused (they change what is recorded)."""
     return {k: fc.describe([(p[0], p[1], p[2], p[3], p[4]) for p in v]) for k, v in patcher.patches.items()
@@ -283,9 +313,10 @@ def recording_key(model, clip, concepts: ConceptSet, settings: gf.FusionSettings
     """The fusion cache key: everything a fusion's recordings and solves read.
 
     * the base: every MODEL and CLIP weight in full (``model_digests`` / ``clip_digests``: key -> digest of
-      the original weight), CLIP skip (``clip.layer_idx``), the patches on weights that are not fused, the MODEL's
-      model options (wrappers, attention patches of other packs, ...) and object patches (e.g.
-      ModelSamplingDiscrete's v-prediction), described by :func:`fusion.cache.describe`;
+      the original weight), CLIP skip (``clip.layer_idx``), the patches on weights that are not fused, the
+      MODEL's model options (wrappers, attention patches of other packs, ...; the pack's own layer-wise
+      patch aside) and object patches (e.g. ModelSamplingDiscrete's v-prediction), described by
+      :func:`fusion.cache.describe`;
     * each concept: name, file digest, strengths, trigger words, its LoRA factors and tables (tensor
       digests: in-memory concepts too) and its recording prompts as ComfyUI's tokenizer makes them
       (``embedding:`` files included);
@@ -302,7 +333,7 @@ def recording_key(model, clip, concepts: ConceptSet, settings: gf.FusionSettings
     } for c, p in zip(concepts.concepts, prompts)]
     return fc.digest("mixofshow-fusion", code_version(), sorted(model_digests.items()), sorted(clip_digests.items()), {
         "model_class": [k.__qualname__ for k in type(model.model).__mro__],
-        "model_options": fc.describe(model.model_options, depth=10),
+        "model_options": _forward_options(model),
         "object_patches": fc.describe(model.object_patches, depth=10),
         "model_patches": _patches_off(model, plan.keys("model")),
         "clip_layer": clip.layer_idx,

@@ -66,6 +66,18 @@ def _weight_digests(patcher) -> dict[str, str]:
     return fc.tensor_digests({k: original_weight(v) for k, v in patcher.get_key_patches().items()})
 
 
+def _identity(model, clip, concepts: ConceptSet, settings: gf.FusionSettings, plan: gf.FusionPlan) -> tuple[str, str]:
+    """(bundle base digest, cache key); every base weight is hashed once for both."""
+    model_d, clip_d = _weight_digests(model), _weight_digests(clip.patcher)
+    base = base_of({k: model_d[k] for k in plan.keys("model")}, {k: clip_d[k] for k in plan.keys("clip")})
+    return base, recording_key(model, clip, concepts, settings, plan, model_d, clip_d)
+
+
+def cache_key(model, clip, concepts: ConceptSet, settings: gf.FusionSettings) -> str:
+    """The cache key a fusion of ``concepts`` on this MODEL/CLIP with ``settings`` is stored under."""
+    return _identity(model, clip, concepts, settings, plan_for(model, clip, concepts))[1]
+
+
 def _fusion_info(base: str, concepts: ConceptSet, settings: gf.FusionSettings) -> dict:
     return {"base": base, "settings": settings.as_dict(),
             "concepts": [{"name": c.edlora.name, "digest": c.edlora.digest, "tokens": c.edlora.tokens,
@@ -105,9 +117,7 @@ def fuse(model, clip, concepts: Optional[ConceptSet], settings: gf.FusionSetting
     stats = {"cache": "off", "seconds": {}, "recorded": {s: 0 for s in gf.STAGES}, "unrecorded": [], "result": None}
     store = fusion_cache() if use_cache and plan.targets and plan.concepts > 1 else None  # one concept: a merge
     if store is not None:
-        model_d, clip_d = _weight_digests(model), _weight_digests(clip.patcher)
-        base = base_of({k: model_d[k] for k in model_keys}, {k: clip_d[k] for k in clip_keys})
-        key = recording_key(model, clip, concepts, settings, plan, model_d, clip_d)
+        base, key = _identity(model, clip, concepts, settings, plan)
     else:
         base = base_digest(model, clip, model_keys, clip_keys)
     info = _fusion_info(base, concepts, settings)
