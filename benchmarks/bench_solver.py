@@ -27,6 +27,7 @@ and the scaling assumptions, which are printed too).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -317,6 +318,7 @@ def main(argv=None) -> int:
                          "(default 100, --quick 15)")
     ap.add_argument("--only", default=None, help="comma-separated shape keys to run (skips the whole-model estimate)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="also print the per-layer results as one JSON line")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; use 1 on a machine shared with other jobs)")
     args = ap.parse_args(argv)
@@ -368,6 +370,10 @@ def main(argv=None) -> int:
             print(f"  {r.shape.label}: {r.shape.note}")
     if not args.only:
         whole_model(results, device)
+    if args.json:
+        print("JSON " + json.dumps([{"layer": r.shape.label, "rows": r.shape.rows, "closed_s": r.closed_s,
+                                     "node_lbfgs_s": r.node_lbfgs_s, "lbfgs_s": r.lbfgs_s, "extrapolated": r.extrapolated,
+                                     "cf_le_lb": r.obj_cf <= r.obj_lb + 1e-9 * r.obj_w0} for r in results.values()]))
     print(f"\nbenchmark wall time {time.perf_counter() - t_all:.0f}s")
     return 0
 
