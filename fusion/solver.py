@@ -171,7 +171,8 @@ class FoldedInputs:
             self._lower_stale = True
         d = self._stacked[i]
         if d is not None:
-            d = d.to(cols.device, cols.dtype)
+            if d.device != cols.device or d.dtype != cols.dtype:
+                d = self._stacked[i] = d.to(cols.device, cols.dtype)  # moved once, not per chunk
             m = (d @ cols) @ cols.mT  # D XᵀX without forming XᵀX: [Σr, in]
             self._rhs[i] = m if self._rhs[i] is None else self._rhs[i].add_(m)
 

@@ -25,7 +25,7 @@ from ..fusion.concepts import Concept, ConceptSet
 from .layerwise import CONCEPTS_USED_KEY, install_layerwise
 
 log = logging.getLogger("mixofshow")
-Delta = "tuple[torch.Tensor, torch.Tensor]"
+Delta = tuple[torch.Tensor, torch.Tensor]  # (up, down) of one fused weight
 
 
 class FusedLoRA(weight_adapter.LoRAAdapter):

@@ -166,6 +166,8 @@ class ComfyRecorder:
         return self._fused_clip[1]
 
     def _model(self, concept: int, fused):
+        """The base UNet with the concept's own LoRA, except on the weights already fused (stage 2's k/v),
+        which carry the fused deltas (stage 3)."""
         m = self.model.clone()
         strip_patches(m, self.model_keys)
         own = self.concepts.concepts[concept]

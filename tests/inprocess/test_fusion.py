@@ -291,6 +291,10 @@ def test_bundle_round_trip_stock_lora_loader_and_checkpoint_save(env, tiny, two)
                                enc.layerwise_of(enc.encode_with_concepts(fc, "a <fa1>", fcs)[0][1]))
     with pytest.raises(ValueError, match="another base model"):  # a bundle on a base it was not fused on
         pn.load_edlora(*env.tiny.build_all("wide", 0)[:2], name, 1.0, 1.0)
+    upper = Path(env.folder_paths.get_full_path("edloras", name)).with_name("FU_BUNDLE_UPPER.SAFETENSORS")
+    shutil.copy(env.folder_paths.get_full_path("edloras", name), upper)
+    _, _, ucs = loader.apply_edlora(model, clip, None, str(upper), 1.0, 1.0)  # still a bundle
+    assert [c.edlora.tokens for c in ucs.concepts] == [c.edlora.tokens for c in fcs.concepts]
 
     # the stock Load LoRA at strength 1.0 gives the same sample as the fused MODEL/CLIP (tokens aside)
     shutil.copy(env.folder_paths.get_full_path("edloras", name), env.base / "models" / "loras" / name)
