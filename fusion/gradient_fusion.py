@@ -38,7 +38,7 @@ LBFGS_ITERATIONS = {"text": 500, "cross_kv": 500, "unet": 50}
 # The reference's schedule: DPM-Solver++ (2M) on linspace timesteps (see fusion_recording).
 REFERENCE_SAMPLER = "reference"
 # Ridge of every closed-form solve, relative to tr(G)/in; chosen by benchmarks/bench_fusion_quality.py.
-DEFAULT_RIDGE = 1e-2
+DEFAULT_RIDGE = 0.1
 UNET_ROOT = "diffusion_model."
 
 Factors = Mapping[str, "tuple[torch.Tensor, torch.Tensor]"]
