@@ -112,6 +112,14 @@ def child(args) -> dict:
     import gc
 
     gc.collect()
+    # the cost of the base identity alone: sha256 over every byte of every MODEL and CLIP weight
+    run = pack("nodes.fusion_run")
+    t = time.perf_counter()
+    run._weight_digests(model), run._weight_digests(clip.patcher)
+    digest_s = time.perf_counter() - t
+    weights_gib = sum(run.original_weight(v).numel() * run.original_weight(v).element_size()
+                      for p in (model, clip.patcher) for v in p.get_key_patches().values()) / 2**30
+    gc.collect()
     rss_model = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on
     if args.gpu:
@@ -119,11 +127,12 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     with torch.inference_mode():  # as ComfyUI runs nodes
-        fm, fc, _fcs, stats = pack("nodes.fusion_run").fuse(model, clip, concepts, settings, use_cache=True)
+        fm, fc, _fcs, stats = run.fuse(model, clip, concepts, settings, use_cache=True)
     if args.gpu:
         torch.cuda.synchronize()
     total = time.perf_counter() - t
     out = {"n": args.child, "total": total, "seconds": stats["seconds"], "rss_model_mib": rss_model / 1024,
+           "digest_s": digest_s, "weights_gib": weights_gib, "cpus": os.cpu_count(),
            "peak_rss_mib": _status_kib("VmHWM") / 1024, "recorded": stats["recorded"],
            "cache_mib": os.path.getsize(stats["cache_file"]) / 2**20 if stats.get("cache_file") else 0.0,
            "device": str(pack("nodes.fusion_run").mm.get_torch_device()), "threads": torch.get_num_threads(),
@@ -157,6 +166,10 @@ def table(results: list[dict], args) -> str:
                      + (f" {r['peak_vram_mib']:9.0f}M" if gpu else ""))
     lines.append("(s/conc: total per concept; ident: base/concept digests and cache key; above: peak RSS above the "
                  "resident model + concepts; growth: of 'above' relative to the first row)")
+    r = results[0]
+    lines.append(f"base identity alone: sha256 of all {r['weights_gib']:.2f} GiB of MODEL + CLIP weights in "
+                 f"{r['digest_s']:.2f} s ({r['cpus']} hashing threads; "
+                 f"{r['weights_gib'] / max(r['digest_s'], 1e-9):.2f} GiB/s)")
     return "\n".join(lines)
 
 
