@@ -8,17 +8,18 @@ For 3 concepts per layer it synthesises W0 (random), rank-4 LoRA deltas and inpu
 spread over 1.5 decades, a few outlier channels and a common mean, like real activations), then
 measures in one run:
 
-* closed form: Gram accumulation (rows fed in 4096-row chunks, as recorded step by step; a
-  ``GramAccumulator`` keeps the rows instead while there are at most ``in`` of them) and the solve
-  (``solve_closed_form`` with the deltas factored as ``(up, down)``, as the fusion node passes them;
-  the path it took: ``rows``/``inputs`` space, ``cholesky``/``eigh``);
-* the reference: ``solve_lbfgs`` from the raw rows (500 iterations for text and cross-attention k/v
-  layers, 50 for other UNet layers). When a full run is projected (from a 2-iteration pilot) to take
-  more than ``--lbfgs-budget`` seconds, a capped number of iterations is timed and the full time is
-  extrapolated linearly per iteration; such rows are marked ``~`` and their L-BFGS objective is the
-  one reached after the capped iterations;
-* both objectives ``Σ_i ‖Xi (W − Wi)ᵀ‖²`` (from the float32 Grams, or float64 ones where the rows were
-  kept), shown relative to W0's.
+* closed form: folding the rows (``FoldedInputs``: rows fed in 4096-row chunks, as recorded step by step;
+  the rows are kept instead while there are at most ``in`` of them) and the solve (``solve_closed_form``,
+  unregularised here, as the reference's objective is; the path it took: ``rows``/``inputs`` space,
+  ``cholesky``/``eigh``);
+* the node's ``lbfgs`` mode (``solve_lbfgs``: the reference optimiser on the folded objective, in the
+  column space of the LoRA factors; same iterates as the published one, see fusion/solver.py);
+* the published reference (:func:`published_lbfgs` below, from the raw float32 rows: 500 iterations for
+  text and cross-attention k/v layers, 50 for other UNet layers). When a full run is projected (from a
+  4-iteration pilot) to take more than ``--lbfgs-budget`` seconds, a capped number of iterations is
+  timed and the full time is extrapolated linearly per evaluation; such rows are marked ``~`` and their
+  L-BFGS objective is the one reached after the capped iterations;
+* the objectives ``Σ_i ‖Xi (W − Wi)ᵀ‖²`` (``layer_objective`` on the folded inputs), relative to W0's.
 
 Then a whole-model estimate for SD1.5 with whole-block LoRA (see ``whole_model`` for the layer list
 and the scaling assumptions, which are printed too).
@@ -26,6 +27,7 @@ and the scaling assumptions, which are printed too).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -38,7 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fusion.solver import GramAccumulator, layer_objective, solve_closed_form, solve_lbfgs  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from fusion.solver import FoldedInputs, LayerProblem, layer_objective, solve_closed_form, solve_lbfgs  # noqa: E402
 
 N_CONCEPTS = 3
 RANK = 4
@@ -69,6 +73,8 @@ class Result:
     obj_w0: float = 0.0
     obj_cf: float = 0.0
     obj_lb: float = 0.0
+    node_lbfgs_s: float = 0.0
+    obj_node_lb: float = 0.0
     lbfgs_per_eval_s: float = 0.0
     lbfgs_evals_run: int = 0
     extra: dict = field(default_factory=dict)
@@ -118,38 +124,71 @@ def make_problem(s: Shape, device: torch.device, seed: int):
     return w0, deltas, xs
 
 
+def published_lbfgs(w0, deltas, xs, iterations: int, chunk: int = 8192):
+    """The published gradient fusion's optimiser: float32 rows and bias-free targets ``Xi Wiᵀ``, loss = mean
+    squared error over all rows and outputs, one ``LBFGS.step`` (lr 1, history 25, strong Wolfe,
+    ``max_iter=iterations``, tolerances 1e-16) from W0, best iterate kept. Returns (W, info)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        with torch.no_grad():
+            X = torch.cat(xs).float()
+            T = torch.cat([x @ (w0 + up @ down).T for (up, down), x in zip(deltas, xs)])
+        n_rows, out_f = X.shape[0], w0.shape[0]
+        w = w0.clone().requires_grad_(True)
+        best = {"loss": math.inf, "w": w0.clone()}
+        if iterations == 0:
+            return best["w"], {"n_iter": 0, "func_evals": 0}
+        opt = torch.optim.LBFGS([w], lr=1.0, max_iter=iterations, history_size=25, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-16, tolerance_change=1e-16)
+
+        def closure():
+            opt.zero_grad()
+            total = torch.zeros((), device=w.device)
+            for s in range(0, n_rows, chunk):
+                part = (F.linear(X[s:s + chunk], w) - T[s:s + chunk]).square().sum() / (n_rows * out_f)
+                part.backward()
+                total += part.detach()
+            if float(total) < best["loss"]:
+                best.update(loss=float(total), w=w.detach().clone())
+            return total
+
+        opt.step(closure)
+        state = opt.state[w]
+        return best["w"], {"n_iter": int(state.get("n_iter", 0)), "func_evals": int(state.get("func_evals", 0))}
+
+
 def run_shape(s: Shape, device: torch.device, budget: float, seed: int) -> Result:
     res = Result(s)
     w0, deltas, xs = make_problem(s, device, seed)
 
-    # --- closed form: Gram accumulation, then the solve
+    # --- closed form: folding the rows, then the solve
     t = clock(device)
-    accs = []
-    for x in xs:
-        a = GramAccumulator(s.inp, device=device)
+    acc = FoldedInputs(s.inp, device=device)
+    for (_up, down), x in zip(deltas, xs):
+        acc.begin_concept({"m": down})
         for start in range(0, x.shape[0], CHUNK):
-            a.add(x[start:start + CHUNK])
-        accs.append(a)
+            acc.add(x[start:start + CHUNK])
+    problem = LayerProblem("m", {i: up for i, (up, _down) in enumerate(deltas)})
     res.gram_s = clock(device) - t
     t = clock(device)
-    wc, info = solve_closed_form(w0, deltas, accs, return_info=True)
+    changes, info = solve_closed_form(acc, [problem], return_info=True)
     res.solve_s = clock(device) - t
     res.path = f"{info['space']}/{info['method']} r{info['rank']}"
-    # objectives from exact float64 Grams where the rows were kept (their optimum is ~0, below the
-    # rounding of a float32 Gram), else from the float32 Grams the solver used
-    grams = [a.gram if a.rows is None else a.rows.double().T @ a.rows.double() for a in accs]
-    res.obj_w0 = layer_objective(w0, w0, deltas, grams)
-    res.obj_cf = layer_objective(wc, w0, deltas, grams)
+    res.obj_w0 = layer_objective(acc, problem)
+    res.obj_cf = layer_objective(acc, problem, changes["m"])
+    t = clock(device)
+    node_lb = solve_lbfgs(acc, problem, s.iters)
+    res.node_lbfgs_s = clock(device) - t
+    res.obj_node_lb = layer_objective(acc, problem, node_lb)
 
-    # --- reference L-BFGS: setup cost (targets), a short pilot, then the full or a capped run.
+    # --- published L-BFGS: setup cost (targets), a short pilot, then the full or a capped run.
     # torch's LBFGS stops at max_iter iterations or max_eval = 1.25·max_iter loss evaluations, so
     # 1.25·iters evaluations bound a full run; extrapolation is per evaluation.
     t = clock(device)
-    solve_lbfgs(w0, deltas, xs, 0)
+    published_lbfgs(w0, deltas, xs, 0)
     setup = clock(device) - t
     pilot_iters = 4
     t = clock(device)
-    wp, pinfo = solve_lbfgs(w0, deltas, xs, pilot_iters, return_info=True)
+    wp, pinfo = published_lbfgs(w0, deltas, xs, pilot_iters)
     pilot = clock(device) - t
     per_eval = max(pilot - setup, 1e-9) / max(pinfo["func_evals"], 1)
     if setup + per_eval * 1.25 * s.iters <= budget:
@@ -160,7 +199,7 @@ def run_shape(s: Shape, device: torch.device, budget: float, seed: int) -> Resul
         wl, linfo, took = wp, pinfo, pilot
     else:
         t = clock(device)
-        wl, linfo = solve_lbfgs(w0, deltas, xs, iters, return_info=True)
+        wl, linfo = published_lbfgs(w0, deltas, xs, iters)
         took = clock(device) - t
     # A run ends at `iters` iterations, at its evaluation budget (1.25·iters), or earlier on its own
     # tolerance (loss unchanged): only the last is a finished reference run when iters < s.iters.
@@ -174,26 +213,28 @@ def run_shape(s: Shape, device: torch.device, budget: float, seed: int) -> Resul
         res.lbfgs_s = setup + res.lbfgs_per_eval_s * 1.25 * s.iters
     else:
         res.lbfgs_s = took
-    res.obj_lb = layer_objective(wl, w0, deltas, grams)
+    eye = torch.eye(s.inp, device=device)
+    res.obj_lb = layer_objective(acc, problem, (wl - w0, eye))
     res.extra["setup_s"] = setup
     del xs
     return res
 
 
 def solve_only_time(out: int, inp: int, device: torch.device, seed: int = 0) -> tuple[float, str]:
-    """Solve time alone for a full-rank layer (synthetic well-conditioned Grams: the solve's cost
-    does not depend on the values, only on the path, which is Cholesky here as for real full-rank
+    """Solve time alone for a full-rank layer (synthetic well-conditioned inputs in Gram mode: the solve's
+    cost does not depend on the values, only on the path, which is Cholesky here as for real full-rank
     UNet layers)."""
     g = torch.Generator().manual_seed(seed)
-    grams = []
-    for _ in range(N_CONCEPTS):
-        a = torch.randn(inp, 32, generator=g).to(device)
-        grams.append(a @ a.T + torch.diag(torch.rand(inp, generator=g).to(device) + 1.0) * inp)
-    w0 = torch.randn(out, inp, generator=g).to(device)
-    deltas = [(torch.randn(out, RANK, generator=g).to(device), (torch.randn(RANK, inp, generator=g) * 0.01).to(device))
-              for _ in range(N_CONCEPTS)]
+    acc = FoldedInputs(inp, device=device, keep_rows=False)
+    ups = {}
+    for i in range(N_CONCEPTS):
+        acc.begin_concept({"m": (torch.randn(RANK, inp, generator=g) * 0.01).to(device)})
+        acc.add(torch.randn(inp + 64, inp, generator=g).to(device))
+        ups[i] = torch.randn(out, RANK, generator=g).to(device)
+    problem = LayerProblem("m", ups)
+    acc.gram()  # mirror the strips outside the timing, as a fusion does once per group
     t = clock(device)
-    _, info = solve_closed_form(w0, deltas, grams, return_info=True)
+    _, info = solve_closed_form(acc, [problem], return_info=True)
     return clock(device) - t, info["method"]
 
 
@@ -277,6 +318,7 @@ def main(argv=None) -> int:
                          "(default 100, --quick 15)")
     ap.add_argument("--only", default=None, help="comma-separated shape keys to run (skips the whole-model estimate)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="also print the per-layer results as one JSON line")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; use 1 on a machine shared with other jobs)")
     args = ap.parse_args(argv)
@@ -293,19 +335,16 @@ def main(argv=None) -> int:
           f"rank={RANK} L-BFGS budget={budget:.0f}s{' (quick)' if args.quick else ''}", flush=True)
     results: dict[str, Result] = {}
     t_all = time.perf_counter()
-    warm = Shape("warm", "warm-up", 16, 16, 64, 5)
-    w0, deltas, xs = make_problem(warm, device, 0)
-    solve_lbfgs(w0, deltas, xs, 5)
-    solve_closed_form(w0, deltas, [x.T @ x for x in xs])
+    run_shape(Shape("warm", "warm-up", 16, 16, 64, 5), device, budget, 0)
     for i, s in enumerate(todo):
         r = run_shape(s, device, budget, args.seed + i)
         results[s.key] = r
-        print(f"  done {s.label:24s} closed {r.closed_s:7.2f}s  L-BFGS {'~' if r.extrapolated else ''}"
-              f"{r.lbfgs_s:8.1f}s  ({r.lbfgs_iters_run} it run)", flush=True)
+        print(f"  done {s.label:24s} closed {r.closed_s:7.2f}s  node L-BFGS {r.node_lbfgs_s:7.2f}s  published "
+              f"L-BFGS {'~' if r.extrapolated else ''}{r.lbfgs_s:8.1f}s  ({r.lbfgs_iters_run} it run)", flush=True)
 
     hdr = (f"{'layer (out x in)':22s} {'rows/c':>7s} {'it':>4s} {'Gram s':>7s} {'solve s':>8s} {'path':>20s} "
-           f"{'closed s':>9s} {'L-BFGS s':>10s} {'obj(W0)':>10s} {'closed/W0':>10s} {'L-BFGS/W0':>10s} {'cf<=lb':>6s} "
-           f"{'speed-up':>9s}")
+           f"{'closed s':>9s} {'L-BFGS s':>10s} {'node LB s':>10s} {'obj(W0)':>10s} {'closed/W0':>10s} "
+           f"{'L-BFGS/W0':>10s} {'nodeLB/W0':>10s} {'cf<=lb':>6s} {'speed-up':>9s}")
     print("\n" + hdr)
     print("-" * len(hdr))
     for r in results.values():
@@ -313,8 +352,9 @@ def main(argv=None) -> int:
         lb = f"{'~' if r.extrapolated else ''}{r.lbfgs_s:.1f}"
         ok = r.obj_cf <= r.obj_lb + 1e-9 * r.obj_w0
         print(f"{s.label:22s} {s.rows:7d} {s.iters:4d} {r.gram_s:7.2f} {r.solve_s:8.3f} {r.path:>20s} "
-              f"{r.closed_s:9.2f} {lb:>10s} {r.obj_w0:10.3e} {r.obj_cf / r.obj_w0:10.3e} {r.obj_lb / r.obj_w0:10.3e} "
-              f"{'yes' if ok else 'NO':>6s} {r.lbfgs_s / max(r.closed_s, 1e-9):8.0f}x")
+              f"{r.closed_s:9.2f} {lb:>10s} {r.node_lbfgs_s:10.2f} {r.obj_w0:10.3e} {r.obj_cf / r.obj_w0:10.3e} "
+              f"{r.obj_lb / r.obj_w0:10.3e} {r.obj_node_lb / r.obj_w0:10.3e} {'yes' if ok else 'NO':>6s} "
+              f"{r.lbfgs_s / max(r.closed_s, 1e-9):8.0f}x")
     for r in results.values():
         if r.extrapolated:
             print(f"  ~ {r.shape.label}: L-BFGS timed for {r.lbfgs_iters_run} of {r.shape.iters} iterations "
@@ -330,6 +370,10 @@ def main(argv=None) -> int:
             print(f"  {r.shape.label}: {r.shape.note}")
     if not args.only:
         whole_model(results, device)
+    if args.json:
+        print("JSON " + json.dumps([{"layer": r.shape.label, "rows": r.shape.rows, "closed_s": r.closed_s,
+                                     "node_lbfgs_s": r.node_lbfgs_s, "lbfgs_s": r.lbfgs_s, "extrapolated": r.extrapolated,
+                                     "cf_le_lb": r.obj_cf <= r.obj_lb + 1e-9 * r.obj_w0} for r in results.values()]))
     print(f"\nbenchmark wall time {time.perf_counter() - t_all:.0f}s")
     return 0
 

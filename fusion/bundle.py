@@ -1,72 +1,89 @@
-"""Fused ED-LoRA bundles: the result of gradient fusion as one ``.safetensors`` file.
+"""Fused ED-LoRA bundles: the result of gradient fusion as one ``.safetensors`` that is also a standard LoRA.
 
-Layout (metadata ``format=mixofshow-fused-bundle``)::
+Format version 2 (metadata ``format=mixofshow-fused-bundle``, ``version=2``)::
 
-    model.<MODEL state-dict key>          fused weight, e.g. model.diffusion_model.input_blocks.1.1.proj_in.weight
-    clip.<CLIP state-dict key>            fused weight, key relative to clip.cond_stage_model,
-                                          e.g. clip.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight
-    new_concept_embedding.<token>         [16, n, 768] table of every concept
+    lora_unet_<diffusers module with _>.lora_up.weight    [out, R]      ([out, R, 1, 1] for 1×1 convs)
+    lora_unet_<…>.lora_down.weight                         [R, in]       ([R, in, 1, 1])
+    lora_unet_<…>.alpha                                    R  (scale alpha/rank = 1)
+    lora_te_text_model_encoder_layers_<i>_<proj>.lora_up.weight / .lora_down.weight / .alpha
+    new_concept_embedding.<token>                          [16, 768] or [16, n, 768]
 
-Only weights that fusion changed are stored (the modules some concept has a LoRA on), as full
-fused weights (not differences), in the base model's dtype. Metadata: ``base`` (identity string of
-the base MODEL/CLIP the bundle was fused on), ``concepts`` (JSON list: name, tokens, sha256 digest of
-the ED-LoRA file, strengths), ``settings`` (JSON of the fusion settings), ``version``.
+The LoRA part is kohya's key layout, float32, so the stock Load LoRA node (strength 1.0) applies the
+fused weights ``W0 + up @ down`` exactly; Load ED-LoRA also restores the concepts. Metadata: ``base``
+(digest of the original weights the deltas were solved against), ``concepts`` (JSON list, in set
+order: ``name``, ``digest``, ``tokens``, ``trigger_words``, ``text_encoder_strength``, ``unet_strength``),
+``settings`` (JSON of the fusion settings). The same files are the fusion cache's entries.
 
-The same file format is used for the on-disk fusion cache.
+Format version 1 (0.1.0, read only): full fused weights under ``model.<MODEL key>`` and
+``clip.<CLIP key>``, same tables and metadata.
+
+Every file is validated like an ED-LoRA file before anything is applied (metadata JSON, concepts with
+their tokens, table shapes, factor shapes, finite float tensors); errors name the file.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .edlora import EDLoRA, EDLoRAError, TOKEN_PATTERN
+from .edlora import EDLoRA, EDLoRAError, _check_table
 
 BUNDLE_FORMAT = "mixofshow-fused-bundle"
-BUNDLE_VERSION = "1"
+BUNDLE_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+EMBEDDING_PREFIX = "new_concept_embedding."
+_LORA_KEY = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+|text_encoders\.[A-Za-z0-9_.]+|diffusion_model\.[A-Za-z0-9_.]+)"
+                       r"\.(lora_up\.weight|lora_down\.weight|alpha)$")
+
+
+class BundleError(EDLoRAError):
+    """A file is not a usable fused bundle (the message names the file)."""
 
 
 @dataclass
 class FusedBundle:
-    model: dict[str, torch.Tensor] = field(default_factory=dict)   # MODEL state-dict key -> fused weight
-    clip: dict[str, torch.Tensor] = field(default_factory=dict)    # key relative to cond_stage_model
-    concepts: list[dict] = field(default_factory=list)             # name, tokens, digest, strengths
+    """A fused result: LoRA factors by LoRA module name (``lora_unet_…`` / ``lora_te_…``, scale 1),
+    every concept's tables and the metadata. Version-1 files carry full weights in ``weights``."""
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    concepts: list[dict] = field(default_factory=list)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> [16, n, 768]
     base: str = ""
     settings: dict = field(default_factory=dict)
+    version: str = BUNDLE_VERSION
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # v1: "model.<key>" / "clip.<key>"
 
-    def edloras(self) -> list[EDLoRA]:
-        """One embeddings-only :class:`EDLoRA` per fused concept (its LoRA is already in the weights)."""
-        out = []
-        for c in self.concepts:
-            missing = [t for t in c["tokens"] if t not in self.embeddings]
-            if missing:
-                raise EDLoRAError(f"fused bundle: concept {c['name']} lists tokens {missing} without tables")
-            out.append(EDLoRA(name=c["name"], embeddings={t: self.embeddings[t] for t in c["tokens"]},
-                              digest=c.get("digest", "")))
-        return out
+    def edloras(self) -> list[tuple[EDLoRA, str]]:
+        """One embeddings-only :class:`EDLoRA` per fused concept with its trigger words (its LoRA is in the
+        fused weights already)."""
+        return [(EDLoRA(name=c["name"], embeddings={t: self.embeddings[t] for t in c["tokens"]},
+                        digest=c.get("digest", "")), c.get("trigger_words", "")) for c in self.concepts]
 
 
-def save_bundle(bundle: FusedBundle, path: str) -> None:
+def save_bundle(bundle: FusedBundle, path: str, extra_metadata: dict[str, str] | None = None) -> None:
+    """Write a version-2 bundle (atomically: a temporary file, then renamed)."""
     tensors = {}
-    for k, v in bundle.model.items():
-        tensors["model." + k] = v.detach().contiguous().cpu()
-    for k, v in bundle.clip.items():
-        tensors["clip." + k] = v.detach().contiguous().cpu()
+    for name, (up, down) in bundle.lora.items():
+        tensors[f"{name}.lora_up.weight"] = up.detach().float().contiguous().cpu()
+        tensors[f"{name}.lora_down.weight"] = down.detach().float().contiguous().cpu()
+        tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
     for tok, t in bundle.embeddings.items():
-        tensors["new_concept_embedding." + tok] = t.detach().float().contiguous().cpu()
+        table = t.detach().float().cpu()
+        tensors[EMBEDDING_PREFIX + tok] = (table[:, 0] if table.ndim == 3 and table.shape[1] == 1 else table).contiguous()
     meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "base": bundle.base,
-            "concepts": json.dumps(bundle.concepts), "settings": json.dumps(bundle.settings, sort_keys=True)}
+            "concepts": json.dumps(bundle.concepts), "settings": json.dumps(bundle.settings, sort_keys=True),
+            **(extra_metadata or {})}
     tmp = path + ".part"
     save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)  # never leave a half-written bundle/cache entry behind
+    os.replace(tmp, path)
 
 
 def is_bundle(path: str) -> bool:
+    """True for a safetensors file tagged as a fused bundle (any version, any extension case)."""
     try:
         with safe_open(path, framework="pt") as f:
             return (f.metadata() or {}).get("format") == BUNDLE_FORMAT
@@ -74,29 +91,94 @@ def is_bundle(path: str) -> bool:
         return False
 
 
+def _check_tensor(name: str, key: str, t) -> torch.Tensor:
+    """A float tensor with only finite values (until fusion.edlora offers check_file_tensor)."""
+    if not torch.is_tensor(t) or not t.is_floating_point():
+        raise BundleError(f"{name}: tensor '{key}' is {getattr(t, 'dtype', type(t).__name__)}; expected floats")
+    if not bool(torch.isfinite(t).all()):
+        raise BundleError(f"{name}: tensor '{key}' has NaN or infinite values")
+    return t
+
+
+def _json(name: str, meta: dict, field_name: str, kind: type):
+    try:
+        value = json.loads(meta.get(field_name, "[]" if kind is list else "{}"))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise BundleError(f"{name}: metadata '{field_name}' is not valid JSON ({e})") from None
+    if not isinstance(value, kind):
+        raise BundleError(f"{name}: metadata '{field_name}' must be a JSON {kind.__name__}")
+    return value
+
+
+def _check_concepts(name: str, concepts: list) -> list[dict]:
+    if not concepts:
+        raise BundleError(f"{name}: the bundle lists no concepts")
+    out = []
+    for c in concepts:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            raise BundleError(f"{name}: every concept needs a 'name' (found {str(c)[:80]})")
+        tokens, words = c.get("tokens"), c.get("trigger_words", "")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise BundleError(f"{name}: concept '{c['name']}' has no 'tokens' list")
+        if not isinstance(words, str) or (not tokens and not words.strip()):
+            raise BundleError(f"{name}: concept '{c['name']}' has neither tokens nor trigger words")
+        for s in ("text_encoder_strength", "unet_strength"):
+            if c.get(s) is not None and not isinstance(c[s], (int, float)):
+                raise BundleError(f"{name}: concept '{c['name']}': '{s}' must be a number")
+        out.append(c)
+    return out
+
+
 def load_bundle(path: str) -> FusedBundle:
+    """Read and validate a bundle (version 1 or 2); raises :class:`BundleError` naming the file."""
     name = os.path.basename(path)
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
             if meta.get("format") != BUNDLE_FORMAT:
-                raise EDLoRAError(f"{name}: not a fused ED-LoRA bundle (format={meta.get('format')!r}); "
+                raise BundleError(f"{name}: not a fused ED-LoRA bundle (format={meta.get('format')!r}); "
                                   f"single ED-LoRAs load with Load ED-LoRA")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except EDLoRAError:
+    except BundleError:
         raise
-    except Exception as e:  # noqa: BLE001
-        raise EDLoRAError(f"{name}: not a readable safetensors file ({e})") from e
-    b = FusedBundle(base=meta.get("base", ""), concepts=json.loads(meta.get("concepts", "[]")),
-                    settings=json.loads(meta.get("settings", "{}")))
-    for k, v in tensors.items():
-        part, _, rest = k.partition(".")
-        if part == "model":
-            b.model[rest] = v
-        elif part == "clip":
-            b.clip[rest] = v
-        elif part == "new_concept_embedding" and TOKEN_PATTERN.fullmatch(rest):
-            b.embeddings[rest] = v if v.ndim == 3 else v.unsqueeze(1)
+    except Exception as e:  # noqa: BLE001 - truncated, not safetensors, unreadable
+        raise BundleError(f"{name}: not a readable safetensors file ({str(e)[:200]})") from e
+    version = meta.get("version", "")
+    if version not in READABLE_VERSIONS:
+        raise BundleError(f"{name}: fused bundle format version {version!r}; this release reads versions "
+                          f"{', '.join(READABLE_VERSIONS)} (was it written by a newer release?)")
+    b = FusedBundle(base=meta.get("base", ""), concepts=_check_concepts(name, _json(name, meta, "concepts", list)),
+                    settings=_json(name, meta, "settings", dict), version=version)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith(EMBEDDING_PREFIX):
+            tok = key[len(EMBEDDING_PREFIX):]
+            try:
+                b.embeddings[tok] = _check_table(name, tok, _check_tensor(name, key, t))
+            except BundleError:
+                raise
+            except EDLoRAError as e:  # the ED-LoRA table rules, reported as a bundle error
+                raise BundleError(str(e)) from None
+        elif version == "1" and key.partition(".")[0] in ("model", "clip"):
+            b.weights[key] = _check_tensor(name, key, t)
+        elif version == "2" and (m := _LORA_KEY.match(key)):
+            parts.setdefault(m[1], {})[m[2]] = _check_tensor(name, key, t)
         else:
-            raise EDLoRAError(f"{name}: unexpected tensor '{k}' in a fused bundle")
+            raise BundleError(f"{name}: unexpected tensor '{key}' in a version-{version} fused bundle")
+    for module, p in parts.items():
+        if set(p) != {"lora_up.weight", "lora_down.weight", "alpha"}:
+            raise BundleError(f"{name}: LoRA module '{module}' has only {', '.join(sorted(p))}")
+        up, down, alpha = p["lora_up.weight"], p["lora_down.weight"], p["alpha"]
+        if up.ndim not in (2, 4) or down.ndim != up.ndim or up.shape[1] != down.shape[0] or alpha.numel() != 1:
+            raise BundleError(f"{name}: LoRA module '{module}' has factors {tuple(up.shape)} @ {tuple(down.shape)} "
+                              f"(alpha {tuple(alpha.shape)}); expected [out, r] @ [r, in] and a scalar alpha")
+        b.lora[module] = (up * (float(alpha) / down.shape[0]), down)
+    listed = [t for c in b.concepts for t in c["tokens"]]
+    missing = [t for t in listed if t not in b.embeddings]
+    if missing:
+        raise BundleError(f"{name}: concepts list tokens {missing} that have no table in the file")
+    if set(b.embeddings) - set(listed):
+        raise BundleError(f"{name}: tables {sorted(set(b.embeddings) - set(listed))} belong to no listed concept")
+    if not b.lora and not b.weights:
+        raise BundleError(f"{name}: the bundle holds no fused weights")
     return b

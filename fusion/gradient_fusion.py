@@ -1,37 +1,51 @@
-"""Gradient fusion orchestration helpers (design §3), pure torch — no ComfyUI imports.
+"""The gradient-fusion procedure (design §3) without ComfyUI: what is fused (the plan), the three stages
+in order, each concept's rows folded in as they are recorded, the per-layer solves, and progress.
 
-The ComfyUI side (``nodes/fusion_nodes.py``) records layer inputs and calls these helpers; the
-per-layer mathematics lives in :mod:`fusion.solver` (closed form and L-BFGS).
+A :class:`Recorder` produces the rows: ``nodes/fusion_recording.py`` inside ComfyUI, or a plain-torch
+stand-in in the unit tests. Everything here is plain torch.
 
 Conventions
 -----------
-* A module's concept target is always ``W_i = W0 + α_i · ΔW_i`` with ``ΔW_i = up @ down`` computed
-  from the raw LoRA factors (4-D 1×1-conv factors are squeezed to 2-D), never from module outputs
-  or ``module.weight``. The fusion passes it to the solver *factored*, as the pair
-  ``(α_i · up, down)`` (:func:`lora_factors`): the right-hand side ``Σ ΔW_i G_i`` then costs
-  ``r·in²`` instead of ``out·in²`` and only ``r``-row systems are solved (much faster on wide layers). A concept that has no LoRA on a fused module contributes ``ΔW_i = 0``: its
-  recorded inputs still count, so the fused layer keeps behaving like ``W0`` on that concept.
-* Weights are solved as 2-D ``[out, in]`` float32; :func:`restore_shape` puts conv shapes back.
-* Modules that always receive the same input share one recording ("input groups"): attn1
-  ``to_q/to_k/to_v`` in the UNet, ``q_proj/k_proj/v_proj`` in CLIP, and attn2 ``to_k/to_v`` of one
-  cross-attention layer.
+* Weights are named by their ComfyUI state-dict key: MODEL keys (``diffusion_model.….weight``) and CLIP
+  keys relative to ``cond_stage_model`` (``clip_l.transformer.….weight``). A concept's LoRA is
+  ``(up, down)`` per key with the file's alpha/rank folded into ``up`` and no strength;
+  ``ΔW_i = strength · up @ down``.
+* Stage of a weight: every CLIP weight is "text"; ``attn2.to_k`` / ``attn2.to_v`` are "cross_kv" (their
+  input is the text encoder's output); every other MODEL weight is "unet".
+* Input groups: modules that always see the same input share one recording: attn1 ``to_q/to_k/to_v``
+  in the UNet, ``q_proj/k_proj/v_proj`` in CLIP, ``to_k/to_v`` of one cross-attention layer.
+* Only linear and 1×1-conv weights are fused (their input rows determine the output); a LoRA on a
+  larger convolution (LoCon) is refused (unfolding a 3×3 conv's inputs multiplies the recorded width
+  by 9: ~0.5 GB of Gram per 1280-channel layer).
+* The result per weight is the factored change ``(U, C)``: ``W* = W0 + U @ C`` (fusion.solver).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
 from . import solver as S
+from .layers import LDM_TRANSFORMER_PREFIXES
 
-CACHE_FORMAT_VERSION = "1"
+STAGES = ("text", "cross_kv", "unet")
 SOLVERS = ("closed_form", "lbfgs")
 # Reference L-BFGS iteration counts (design §3): text encoder and cross-attention k/v, other UNet layers.
 LBFGS_ITERATIONS = {"text": 500, "cross_kv": 500, "unet": 50}
+# The reference's schedule: DPM-Solver++ (2M) on linspace timesteps (see fusion_recording).
+REFERENCE_SAMPLER = "reference"
+# Ridge of every closed-form solve, relative to tr(G)/in; chosen by benchmarks/bench_fusion_quality.py.
+DEFAULT_RIDGE = 0.1
+UNET_ROOT = "diffusion_model."
+
+Factors = Mapping[str, "tuple[torch.Tensor, torch.Tensor]"]
+
+
+class FusionError(ValueError):
+    """Concepts that cannot be fused (the message names the concept and the module)."""
 
 
 @dataclass(frozen=True)
@@ -41,74 +55,59 @@ class FusionSettings:
     height: int = 512
     seed: int = 0
     solver: str = "closed_form"
-    sampler: str = "dpmpp_2m"
+    sampler: str = REFERENCE_SAMPLER
     scheduler: str = "normal"
+    ridge: float = DEFAULT_RIDGE
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, not {self.solver!r}")
+        if not self.ridge >= 0.0:
+            raise ValueError(f"ridge must be >= 0, not {self.ridge}")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------- prompts
-
-def concept_prompts(tokens: Sequence[str]) -> tuple[str, str]:
-    """The two recording prompts of one concept, tokens in file order:
-    ``("photo of a <c1> <c2>", "<c1> <c2>")``."""
-    if not tokens:
-        raise ValueError("a concept needs at least one token")
-    joined = " ".join(tokens)
-    return f"photo of a {joined}", joined
+def concept_prompts(words: str) -> tuple[str, str]:
+    """The two recording prompts of a concept named by ``words`` (its tokens in file order, or a plain
+    LoRA's trigger words): ``("photo of a <words>", "<words>")``."""
+    if not words.strip():
+        raise ValueError("a concept needs tokens or trigger words")
+    return f"photo of a {words}", words
 
 
-# --------------------------------------------------------------------------- deltas
+# --------------------------------------------------------------------------- the plan
 
-def lora_delta(up: torch.Tensor, down: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """``strength · up @ down`` as a 2-D float32 ``[out, in]`` matrix (1×1-conv factors squeezed)."""
-    if up.ndim == 4:
-        up = up.reshape(up.shape[0], up.shape[1])
-        down = down.reshape(down.shape[0], down.shape[1])
-    return float(strength) * (up.float() @ down.float())
-
-
-def lora_factors(up: torch.Tensor, down: torch.Tensor, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(strength · up, down)`` as 2-D float32 ``[out, r]``, ``[r, in]`` (1×1-conv factors squeezed):
-    the factored form of :func:`lora_delta` that the solvers take directly."""
-    if up.ndim == 4:
-        up = up.reshape(up.shape[0], up.shape[1])
-        down = down.reshape(down.shape[0], down.shape[1])
-    return float(strength) * up.float(), down.float()
+@dataclass(frozen=True)
+class ConceptLoRA:
+    """What fusion needs of one concept: its LoRA factors by weight key, and its strengths."""
+    name: str
+    text: Factors
+    unet: Factors
+    text_strength: float = 1.0
+    unet_strength: float = 1.0
 
 
-def dense_delta(delta) -> torch.Tensor | None:
-    """A concept's ``ΔW`` as a dense 2-D float32 matrix: ``None`` stays ``None``, a pair
-    ``(up, down)`` is multiplied out, a tensor is flattened to ``[out, in]``."""
-    if delta is None:
-        return None
-    if isinstance(delta, (tuple, list)):
-        up, down = delta
-        return lora_delta(up, down)
-    return as_matrix(delta)
+@dataclass(frozen=True)
+class Target:
+    """One weight to fuse."""
+    key: str                  # state-dict key (MODEL key, or CLIP key relative to cond_stage_model)
+    part: str                 # "model" | "clip"
+    stage: str                # "text" | "cross_kv" | "unet"
+    group: str                # module path whose input is recorded (its input group)
+    shape: tuple[int, ...]    # weight shape
+    layer: Optional[int] = None  # cross-attention layer 0..15 (cross_kv only)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.shape[1])
 
 
-def _delta_to(delta, device):
-    if delta is None:
-        return None
-    if isinstance(delta, (tuple, list)):
-        up, down = lora_factors(*delta)
-        return up.to(device), down.to(device)
-    return as_matrix(delta).to(device)
-
-
-def as_matrix(w: torch.Tensor) -> torch.Tensor:
-    """A weight as 2-D float32 ``[out, in]`` (``[out, in, 1, 1]`` convs are flattened)."""
-    return w.reshape(w.shape[0], -1).float() if w.ndim != 2 else w.float()
-
-
-def restore_shape(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return w.reshape(like.shape)
+def stage_of(part: str, key: str) -> str:
+    if part == "clip":
+        return "text"
+    return "cross_kv" if re.search(r"\.attn2\.to_[kv]\.weight$", key) else "unet"
 
 
 def input_group(module: str) -> str:
@@ -118,194 +117,199 @@ def input_group(module: str) -> str:
     return re.sub(r"\.self_attn\.[kv]_proj$", ".self_attn.q_proj", module)
 
 
-def group_modules(modules: Iterable[str]) -> dict[str, list[str]]:
-    """input-group name -> member modules (sorted, deterministic)."""
-    groups: dict[str, list[str]] = {}
-    for m in sorted(set(modules)):
-        groups.setdefault(input_group(m), []).append(m)
-    return groups
-
-
-# --------------------------------------------------------------------------- solving
-
-def gram_of_rows(rows: torch.Tensor) -> torch.Tensor:
-    rows = rows.reshape(-1, rows.shape[-1]).float()
-    return rows.T @ rows
-
-
-def accumulate(rows: torch.Tensor, device=None) -> S.GramAccumulator:
-    """A :class:`fusion.solver.GramAccumulator` holding ``rows`` (``[..., in]``)."""
-    acc = S.GramAccumulator(rows.shape[-1], device=device)
-    acc.add(rows)
-    return acc
-
-
-def gram_tensor(g) -> torch.Tensor:
-    """A Gram matrix given as a tensor or as a :class:`fusion.solver.GramAccumulator`."""
-    return g.gram if isinstance(g, S.GramAccumulator) else g
-
-
-def gram_sqrt(gram: torch.Tensor) -> torch.Tensor:
-    """A ``[d, d]`` matrix ``R`` with ``Rᵀ R = G`` (symmetric PSD square root). Substituting ``R`` for
-    the recorded rows leaves ``Σ‖X (W − W_i)ᵀ‖²`` unchanged, so L-BFGS can run on Gram matrices."""
-    vals, vecs = torch.linalg.eigh(gram.double())
-    return (vals.clamp_min(0).sqrt()[:, None] * vecs.T).to(gram.dtype)
+def cross_attention_layer(key: str) -> int:
+    """Which of the 16 cross-attention layers (ED-LoRA table rows) an attn2 weight belongs to."""
+    for i, prefix in enumerate(LDM_TRANSFORMER_PREFIXES):
+        if key.startswith(f"{UNET_ROOT}{prefix}."):
+            return i
+    raise FusionError(f"{key}: not in one of SD1.x's 16 cross-attention layers")
 
 
 @dataclass
-class LayerProblem:
-    """One module to fuse: its original weight, each concept's ``α_i ΔW_i`` (dense, a factored pair
-    ``(α_i·up, down)``, or None = no LoRA there), and each concept's recorded inputs as a Gram matrix
-    / :class:`fusion.solver.GramAccumulator` or raw rows (exactly one per concept). Accumulators keep
-    their rows while they have few (at most ``in``), which lets the closed form solve in the row
-    space."""
-    name: str
-    w0: torch.Tensor
-    deltas: list
-    grams: list | None = None
-    rows: list | None = None
-    kind: str = "unet"  # "text" | "cross_kv" | "unet" (picks the reference L-BFGS iteration count)
+class FusionPlan:
+    targets: list[Target]
+    deltas: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]  # per concept: key -> (α·up [out, r], down [r, in])
+    names: list[str]
+
+    @property
+    def concepts(self) -> int:
+        return len(self.deltas)
+
+    def stage_groups(self, stage: str) -> dict[str, list[Target]]:
+        groups: dict[str, list[Target]] = {}
+        for t in self.targets:
+            if t.stage == stage:
+                groups.setdefault(t.group, []).append(t)
+        return groups
+
+    def keys(self, part: str) -> set[str]:
+        return {t.key for t in self.targets if t.part == part}
 
 
-def solve_layer(problem: LayerProblem, solver: str = "closed_form", device=None,
-                iterations: int | None = None) -> torch.Tensor:
-    """Fused weight for one module, same shape and dtype as ``problem.w0``; solved in float32 on
-    ``device`` (default: where ``w0`` is)."""
-    device = device if device is not None else problem.w0.device
-    w0 = as_matrix(problem.w0).to(device)
-    deltas = [_delta_to(d, device) for d in problem.deltas]
-    if solver == "closed_form":
-        if problem.grams is not None:
-            grams = [g if isinstance(g, S.GramAccumulator) else g.to(device) for g in problem.grams]
-        else:
-            grams = [accumulate(r, device) for r in problem.rows]
-        w = S.solve_closed_form(w0, deltas, grams)
-    elif solver == "lbfgs":
-        if problem.rows is not None:
-            inputs = [r.to(device).float().reshape(-1, w0.shape[1]) for r in problem.rows]
-        else:  # the rows where an accumulator still has them, else a square root of the Gram
-            inputs = [g.rows.to(device).float() if isinstance(g, S.GramAccumulator) and g.rows is not None
-                      else gram_sqrt(gram_tensor(g).to(device).float()) for g in problem.grams]
-        w = S.solve_lbfgs(w0, deltas, inputs, iterations or LBFGS_ITERATIONS.get(problem.kind, 50))
-    else:
-        raise ValueError(f"unknown solver {solver!r}")
-    return restore_shape(w.float(), problem.w0).to(problem.w0.dtype)
+def make_plan(concepts: Sequence[ConceptLoRA], clip_shapes: Mapping[str, tuple[int, ...]],
+              model_shapes: Mapping[str, tuple[int, ...]]) -> FusionPlan:
+    """Every weight some concept has a LoRA on, validated against the weights' shapes.
 
-
-def exact_merge(w0: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    """One concept: the fused weight is simply its merged weight ``W0 + α ΔW`` (objective 0)."""
-    if delta is None:
-        return w0.clone()
-    return restore_shape(as_matrix(w0) + dense_delta(delta).to(w0.device), w0).to(w0.dtype)
-
-
-def _inputs_key(p: LayerProblem):
-    """Identity of a problem's recorded inputs (the same Gram / row objects, per concept) and width."""
-    xs = p.grams if p.grams is not None else p.rows
-    return None if xs is None else (tuple(id(x) for x in xs), as_matrix(p.w0).shape[1])
-
-
-def _stacked(members: Sequence[LayerProblem]) -> LayerProblem:
-    """Modules sharing one input group solved as one: ``[W0_a; W0_b; …]`` against the same Grams.
-    The closed form treats every output row independently with the same ``G``, so stacking gives
-    exactly the per-module solutions, with one factorisation of ``G`` instead of one per module.
-    Factored deltas stack as ``(blockdiag(up_a, up_b, …), [down_a; down_b; …])``; a member without a
-    LoRA for a concept contributes a zero block (``ΔW = 0``, same as ``None``)."""
-    w0s = [as_matrix(m.w0) for m in members]
-    in_f = w0s[0].shape[1]
+    Raises :class:`FusionError` naming the concept and key for a key the MODEL/CLIP lacks, factors of
+    the wrong shape, or a LoRA on a convolution larger than 1×1."""
+    targets: dict[str, Target] = {}
     deltas = []
-    for i in range(len(members[0].deltas)):
-        ds = [m.deltas[i] for m in members]
-        if all(d is None for d in ds):
-            deltas.append(None)
-        elif all(d is None or isinstance(d, (tuple, list)) for d in ds):
-            ups, downs = [], []
-            for d, w in zip(ds, w0s):
-                u, v = lora_factors(*d) if d is not None else (torch.zeros(w.shape[0], 1), torch.zeros(1, in_f))
-                ups.append(u)
-                downs.append(v)
-            deltas.append((torch.block_diag(*ups), torch.cat(downs)))
-        else:
-            deltas.append(torch.cat([torch.zeros_like(w) if d is None else dense_delta(d) for d, w in zip(ds, w0s)]))
-    m0 = members[0]
-    return LayerProblem("+".join(m.name for m in members), torch.cat(w0s), deltas, grams=m0.grams, rows=m0.rows,
-                        kind=m0.kind)
+    for c in concepts:
+        mine = {}
+        for part, factors, strength, shapes in (("clip", c.text, c.text_strength, clip_shapes),
+                                                ("model", c.unet, c.unet_strength, model_shapes)):
+            for key, (up, down) in factors.items():
+                shape = shapes.get(key)
+                what = "CLIP" if part == "clip" else "MODEL"
+                if shape is None:
+                    raise FusionError(f"{c.name}: its LoRA patches '{key}', which this {what} does not have "
+                                      f"(a LoRA for another base model?)")
+                if len(shape) == 4 and tuple(shape[2:]) != (1, 1):
+                    raise FusionError(f"{c.name}: its LoRA patches the {shape[2]}x{shape[3]} convolution '{key}' "
+                                      f"(LoCon); gradient fusion fuses linear and 1x1-conv layers only -- use a "
+                                      f"LoRA without conv layers, or give this concept its own region instead")
+                if len(shape) not in (2, 4) or up.shape[0] != shape[0] or down.shape[0] != up.shape[1] \
+                        or down[0].numel() != shape[1]:
+                    raise FusionError(f"{c.name}: LoRA factors {tuple(up.shape)} @ {tuple(down.shape)} do not fit "
+                                      f"the {what} weight '{key}' {tuple(shape)} (another base model?)")
+                if key not in targets:
+                    stage = stage_of(part, key)
+                    module = key[:-len(".weight")] if key.endswith(".weight") else key
+                    targets[key] = Target(key, part, stage, input_group(module), tuple(shape),
+                                          cross_attention_layer(key) if stage == "cross_kv" else None)
+                if float(strength) != 0.0:
+                    mine[key] = (float(strength) * up.reshape(up.shape[0], -1).float(),
+                                 down.reshape(down.shape[0], -1).float())
+        deltas.append(mine)
+    ordered = sorted(targets.values(), key=lambda t: (STAGES.index(t.stage), t.key))
+    for t in ordered:  # members of one input group must agree on its width
+        first = next(x for x in ordered if x.group == t.group)
+        if first.in_features != t.in_features:
+            raise FusionError(f"{t.key} and {first.key} should share their input but are {t.in_features} and "
+                              f"{first.in_features} wide")
+    return FusionPlan(ordered, deltas, [c.name for c in concepts])
 
 
-def solve_layers(problems: Sequence[LayerProblem], solver: str = "closed_form", device=None,
-                 on_layer: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
-    """Solve a list of modules; ``on_layer(name)`` runs after each (progress / interrupt checks).
+# --------------------------------------------------------------------------- running it
 
-    With the closed form, modules that share their recorded inputs (the same Gram / row objects:
-    q/k/v of one attention, k/v of one cross-attention) are solved together (:func:`_stacked`)."""
-    batches: dict = {}
-    for p in problems:
-        key = _inputs_key(p) if solver == "closed_form" and len(p.deltas) > 1 else None
-        batches.setdefault(key if key is not None else ("single", id(p)), []).append(p)
-    out = {}
-    for members in batches.values():
-        p = members[0]
-        if len(p.deltas) == 1:
-            out[p.name] = exact_merge(p.w0, p.deltas[0])
-        elif len(members) == 1:
-            out[p.name] = solve_layer(p, solver, device)
-        else:
-            w = solve_layer(_stacked(members), solver, device)
-            start = 0
-            for m in members:
-                rows = m.w0.shape[0]
-                out[m.name] = restore_shape(w[start:start + rows], m.w0).to(m.w0.dtype)
-                start += rows
-        if on_layer is not None:
-            for m in members:
-                on_layer(m.name)
-    return {p.name: out[p.name] for p in problems}
+Sink = Callable[[str, torch.Tensor, bool], None]          # (group, rows, channels_first)
+Progress = Callable[[int, int, str], None]                # (done, total, what is happening)
+Tap = Callable[[str, int, str, torch.Tensor, bool], None]  # (stage, concept, group, rows, channels_first)
 
 
-def objective(w: torch.Tensor, problem: LayerProblem) -> float:
-    """``Σ_i ‖X_i (W − W_i)ᵀ‖²`` (from Grams: ``Σ_i tr((W − W_i) G_i (W − W_i)ᵀ)``)."""
-    w = as_matrix(w).double()
-    w0 = as_matrix(problem.w0).double().to(w.device)
-    total = 0.0
-    grams = problem.grams or [gram_of_rows(r) for r in problem.rows]
-    for d, g in zip(problem.deltas, map(gram_tensor, grams)):
-        e = w - w0 - (0 if d is None else dense_delta(d).double().to(w.device))
-        total += float(((e @ g.double().to(w.device)) * e).sum())
-    return total
+class Recorder(Protocol):
+    def record(self, stage: str, concept: int, fused: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+               groups: Mapping[str, Optional[int]], sink: Sink, on_step: Callable[[int, int], None]) -> None:
+        """Produce concept ``concept``'s rows for ``stage`` and pass them to ``sink(group, rows,
+        channels_first)``, for every group in ``groups`` (group -> cross-attention layer for "cross_kv").
+        ``fused``: the changes solved by the earlier stages (key -> ``(U, C)``), which the recording
+        uses in place of the concept's own LoRA on those weights. ``on_step(step, steps)`` while sampling."""
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``‖a − b‖ / ‖b‖``."""
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+@dataclass
+class SolvedLayer:
+    """One solved weight with its recorded problem (kept on request: tests and benchmarks)."""
+    target: Target
+    inputs: S.FoldedInputs
+    problem: S.LayerProblem
 
 
-# --------------------------------------------------------------------------- cache keys
-
-def _h(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()
+@dataclass
+class FusionResult:
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]  # key -> (U [out, R], C [R, in]) float32, CPU
+    seconds: dict[str, float] = field(default_factory=dict)
+    unrecorded: list[str] = field(default_factory=list)  # weights whose input never ran (left at W0)
+    solved: list[SolvedLayer] = field(default_factory=list)
 
 
-def cache_key(base_identity: str, concepts: Sequence[tuple[str, float, float]], settings: FusionSettings) -> str:
-    """Key of a whole fusion result: base model identity, each ED-LoRA's file digest with its
-    (text-encoder, UNet) strengths in set order, and the settings."""
-    return _h("fused", CACHE_FORMAT_VERSION, base_identity, [list(c) for c in concepts], settings.as_dict())
+class _Progress:
+    def __init__(self, callback: Optional[Progress], total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def report(self, advance: int, text: str) -> None:
+        self.done = min(self.total, self.done + advance)
+        if self.callback is not None:
+            self.callback(self.done, self.total, text)
 
 
-def text_stats_key(clip_identity: str, digest: str, text_strength: float) -> str:
-    """Key of one concept's stage-1 recordings: they depend only on the base CLIP, the concept's own
-    file and its text-encoder strength — not on the other concepts."""
-    return _h("text-stats", CACHE_FORMAT_VERSION, clip_identity, digest, float(text_strength))
+def _stage_text(stage: str, i: int, n: int) -> str:
+    return {"text": f"text encoder {i + 1}/{n}", "cross_kv": f"cross-attention k/v {i + 1}/{n}"}[stage]
 
 
-def tensor_fingerprint(t: torch.Tensor, samples: int = 2048) -> str:
-    """Cheap content fingerprint: shape, dtype and an evenly strided sample of the values."""
-    flat = t.detach().reshape(-1)
-    step = max(1, flat.numel() // samples)
-    sample = flat[::step][:samples].float().cpu()
-    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
+def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, progress: Optional[Progress] = None,
+               *, keep_problems: bool = False, tap: Optional[Tap] = None) -> FusionResult:
+    """The three stages in order (text encoder, cross-attention k/v, other UNet layers); each stage records
+    every concept with the changes of the earlier stages, folding its rows into one
+    :class:`~fusion.solver.FoldedInputs` per input group (memory independent of the number of concepts),
+    then solves its weights. One concept: its own LoRA is the result (objective 0), nothing is recorded.
+
+    ``progress(done, total, text)`` runs after every concept, sampling step and solved weight (raise from
+    it to interrupt). ``keep_problems`` keeps every solved layer's inputs in the result; ``tap`` sees
+    every recorded row (tests, benchmarks)."""
+    n = plan.concepts
+    stages = [s for s in STAGES if plan.stage_groups(s)]
+    n_targets = len(plan.targets)
+    record_units = {"text": n, "cross_kv": n, "unet": n * settings.steps} if n > 1 else {}
+    bar = _Progress(progress, sum(record_units.get(s, 0) for s in stages) + n_targets)
+    result = FusionResult({})
+    solved = 0
+    for stage in stages:
+        groups = plan.stage_groups(stage)
+        t0 = time.perf_counter()
+        if n == 1:
+            for targets in groups.values():
+                for t in targets:
+                    if t.key in plan.deltas[0]:
+                        up, down = plan.deltas[0][t.key]
+                        result.deltas[t.key] = (up.clone(), down.clone())
+                    solved += 1
+                    bar.report(1, f"merging {solved}/{n_targets} layers")
+            result.seconds[stage] = time.perf_counter() - t0
+            continue
+        accs = {g: S.FoldedInputs(targets[0].in_features) for g, targets in groups.items()}
+        layers = {g: targets[0].layer for g, targets in groups.items()}
+        for i in range(n):
+            for g, targets in groups.items():
+                accs[g].begin_concept({t.key: plan.deltas[i][t.key][1] for t in targets if t.key in plan.deltas[i]})
+
+            def sink(group: str, rows: torch.Tensor, channels_first: bool = False, _i=i) -> None:
+                accs[group].add(rows, channels_first)
+                if tap is not None:
+                    tap(stage, _i, group, rows, channels_first)
+
+            def on_step(step: int, steps: int, _i=i) -> None:
+                bar.report(1, f"UNet: concept {_i + 1} of {n}, step {step}/{steps}")
+
+            if stage != "unet":
+                bar.report(0, _stage_text(stage, i, n))
+            recorder.record(stage, i, dict(result.deltas), layers, sink, on_step)
+            if stage != "unet":
+                bar.report(1, _stage_text(stage, i, n))
+        t1 = time.perf_counter()
+        result.seconds[f"{stage}_record"] = t1 - t0
+        for g, targets in groups.items():
+            acc = accs[g]
+            problems = [S.LayerProblem(t.key, {i: plan.deltas[i][t.key][0] for i in range(n) if t.key in plan.deltas[i]})
+                        for t in targets]
+            if acc.count == 0:
+                result.unrecorded += [t.key for t in targets]
+                solved += len(targets)
+                bar.report(len(targets), f"solving {solved}/{n_targets} layers")
+                continue
+            if settings.solver == "closed_form":
+                changes = S.solve_closed_form(acc, problems, ridge=settings.ridge)
+            else:
+                changes = {p.name: S.solve_lbfgs(acc, p, LBFGS_ITERATIONS[stage]) for p in problems}
+            for t, p in zip(targets, problems):
+                up, down = changes[p.name]
+                result.deltas[t.key] = (up.cpu(), down.cpu())
+                if keep_problems:
+                    result.solved.append(SolvedLayer(t, acc, p))
+            solved += len(targets)
+            bar.report(len(targets), f"solving {solved}/{n_targets} layers")
+        del accs
+        result.seconds[f"{stage}_solve"] = time.perf_counter() - t1
+        result.seconds[stage] = time.perf_counter() - t0
+    if progress is not None:
+        progress(bar.total, bar.total, f"fused {n} concept{'s' if n != 1 else ''} into {len(result.deltas)} layers")
+    return result

@@ -1,80 +1,77 @@
 """Per-layer solvers for Mix-of-Show gradient fusion (design §3). Plain torch, no ComfyUI imports.
 
-For one linear (or 1×1-conv) layer with original weight ``W0 [out, in]``, concepts ``i`` with tuned
-weights ``Wi = W0 + ΔWi`` (``ΔWi`` already scaled by the concept's strength) and recorded input
-rows ``Xi [n_i, in]``, gradient fusion looks for
+One linear (or 1×1-conv) layer with original weight ``W0 [out, in]``; concept ``i`` tuned it to
+``Wi = W0 + Ui Di`` (``Ui = αi·upi [out, ri]`` with the strength folded in, ``Di = downi [ri, in]``)
+and produced the input rows ``Xi [ni, in]``. Gradient fusion looks for
 
-    W* = argmin_W  Σ_i ‖Xi Wᵀ − Xi Wiᵀ‖²          (biases are left alone)
+    W* = argmin_W  Σ_i ‖Xi Wᵀ − Xi Wiᵀ‖²  +  λ‖W − W0‖²          (biases are left alone)
 
-Only the Gram matrices ``Gi = Xiᵀ Xi`` matter, so the rows never have to be stored
-(:class:`GramAccumulator` sums them on the fly). Setting the gradient to zero gives
+Setting the gradient to zero, with ``G = Σ_i XiᵀXi`` (every concept's rows, also those of concepts
+without a LoRA on this layer) and ``Mi = Di XiᵀXi``:
 
-    (W − W0) G = B,    G = Σ_i Gi,    B = Σ_i ΔWi Gi,
+    (W − W0)(G + λI) = Σ_i Ui Mi = U M,      U = [U1 … Un]  [out, R],   M = [M1; …; Mn]  [R, in]
 
-and the solution closest to ``W0`` (the one L-BFGS started at ``W0`` converges to: its steps are
-combinations of gradients, whose rows lie in the row space of the data) is
+so the fused change is itself a LoRA of rank ``R = Σ ri``: ``W* − W0 = U C`` with the right factor
 
-    W* = W0 + B G⁺.
+    C = M (G + λI)⁻¹            (λ = 0: the pseudo-inverse, the solution closest to W0 -- the one
+                                 the reference L-BFGS started at W0 converges to)
 
-With few rows (``n = Σ n_i ≤ in``) the same solution lives in the row space: with ``X`` the stacked
-rows, ``K = X Xᵀ`` (``n × n``) and ``T`` the stacked targets ``Xi ΔWiᵀ``,
+With few rows (``n = Σ ni ≤ in``) the same ``C`` is computed in the row space: ``X`` the stacked rows,
+``K = X Xᵀ``, ``Z`` the stacked ``Di Xiᵀ`` (in the columns of concept i's rows): ``C = Z (K + λI)⁻¹ X``.
 
-    W* = W0 + Tᵀ K⁺ X,
+Only ``G``, the ``Mi`` and (while there are at most ``in`` of them) the rows are ever needed:
+:class:`FoldedInputs` keeps exactly these for one input group, whatever the number of concepts.
+``λ = ridge · tr(G) / in`` (:func:`solve_closed_form`); ``ridge = 0`` is the unregularised minimiser.
 
-which needs only ``n²·in`` work and lies exactly in the span of the rows.
-
-:func:`solve_closed_form` computes that; :func:`solve_lbfgs` is the reference optimiser, run on the
-raw rows, kept as an independent check and for users who want the published behaviour;
-:func:`layer_objective` scores any candidate with the Gram matrices.
+:func:`solve_closed_form` returns the factored change ``(U, C)``; :func:`solve_lbfgs` runs the
+reference optimiser on the same objective (and its iterates are ``U·C`` too, see there);
+:func:`layer_objective` scores any change ``A B`` with the folded data.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "GramAccumulator",
+    "FoldedInputs",
+    "LayerProblem",
     "solve_closed_form",
-    "layer_objective",
     "solve_lbfgs",
+    "layer_objective",
 ]
 
-# A concept's ΔW: a dense [out, in] matrix ([out, in, 1, 1] for 1×1 convs), a low-rank pair
-# (up [out, r], down [r, in]) -- cheaper for wide layers -- or None for "no LoRA on this layer"
-# (ΔW = 0: the concept's rows still count, so the layer keeps behaving like W0 on them).
-DeltaLike = Union[Tensor, "tuple[Tensor, Tensor]", None]
-
-# Safety margin between the estimated smallest eigenvalue and the cutoff before the Cholesky
-# path is trusted (the inverse-iteration estimate can only over-estimate λmin).
+# Safety margin between the estimated smallest eigenvalue and the cutoff before the Cholesky path
+# of the unregularised solve is trusted (the inverse-iteration estimate can only over-estimate λmin).
 _CHOL_MARGIN = 10.0
 
 
-# --------------------------------------------------------------------------- Gram accumulation
+# --------------------------------------------------------------------------- recorded inputs
 
-class GramAccumulator:
-    """Running ``XᵀX`` (and row count) of one layer's inputs for one concept.
+class FoldedInputs:
+    """The recorded inputs of one input group (modules that see the same input), folded over concepts.
 
-    Why: the closed form only needs ``Gi = XiᵀXi``; for UNet layers the recorded rows are huge
-    (20 steps × 4096 pixels per concept), the Gram matrix is only ``in × in``.
+    Per concept, call :meth:`begin_concept` with the concept's LoRA down factors on the group's modules,
+    then :meth:`add` its rows. What is kept does not grow with the number of concepts:
 
-    While at most ``in`` rows have been added (text-encoder layers, low-resolution UNet blocks) the
-    rows themselves are kept instead -- no more memory than the Gram -- so that
-    :func:`solve_closed_form` can solve in the row space: exactly, with no Gram rounding, and in
-    ``n²·in`` instead of ``in³`` work. The first add beyond ``in`` rows folds them into the Gram.
+    * ``G = Σ XᵀX`` over all rows (float32 by default, upper triangle accumulated in strips);
+    * per concept and module ``M = D XᵀX`` (``r × in``), accumulated with the rows;
+    * while there are at most ``in`` rows in all (text-encoder layers, cross-attention k/v, UNet blocks
+      recorded at low resolution) the rows themselves instead -- no more memory than ``G`` -- so that
+      :func:`solve_closed_form` can solve exactly in the row space. The first add beyond ``in`` rows
+      folds them into ``G`` and the ``M``.
 
-    ``dtype`` is the accumulation precision: float32 (default; rounding floor of the Gram about
-    1e-8 of its largest eigenvalue, which :func:`solve_closed_form` knows about) or float64.
-    ``device=None`` adopts the device of the first tensor added.
+    ``device=None`` adopts the device of the first rows added; ``keep_rows=False`` folds from the first
+    row on (the Gram path only: tests and benchmarks compare both paths).
     """
 
     _CHUNK_ROWS = 65536  # bounds the temporary up-cast copy of a low-precision input
     _STRIP = 256  # width of the upper-triangle strips (wide Grams: ~1.6x fewer flops than a full GEMM)
 
-    def __init__(self, in_features: int, device=None, dtype: torch.dtype = torch.float32):
+    def __init__(self, in_features: int, device=None, dtype: torch.dtype = torch.float32, keep_rows: bool = True):
         if int(in_features) <= 0:
             raise ValueError(f"in_features must be positive, got {in_features}")
         if dtype not in (torch.float32, torch.float64):
@@ -83,200 +80,183 @@ class GramAccumulator:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
         self.count = 0
+        self._downs: list[dict[str, Tensor]] = []  # per concept: module -> D [r, in]
+        self._stacked: list[Optional[Tensor]] = []  # per concept: all its D stacked [Σr, in], None without LoRA
+        self._rhs: list[Optional[Tensor]] = []  # per concept: stacked D XᵀX (Gram mode)
+        self._rows: Optional[list[list[Tensor]]] = [] if keep_rows else None  # per concept: row chunks; None once folded
         self._gram: Optional[Tensor] = None
-        self._kept: Optional[list[Tensor]] = []  # rows while count <= in_features; None once folded
         self._lower_stale = False  # only the upper triangle is accumulated; mirrored on read
         n_strips = min(8, max(1, self.in_features // self._STRIP))
         step = -(-self.in_features // n_strips)
         self._strips = [(i, min(i + step, self.in_features)) for i in range(0, self.in_features, step)]
 
-    # internal: allocate lazily so that device=None can follow the data
-    def _buffer(self, device: torch.device) -> Tensor:
-        if self._gram is None:
-            self.device = self.device if self.device is not None else device
-            self._gram = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=self.device)
-        elif self._gram.is_inference() and not torch.is_inference_mode_enabled():
-            # created under inference_mode, now updated outside it: in-place would be refused
-            self._gram = self._gram.clone()
-        return self._gram
+    # ---- recording
+    def begin_concept(self, downs: Mapping[str, Tensor]) -> int:
+        """Start the next concept; ``downs``: its LoRA down factors ``D [r, in]`` (or ``[r, in, 1, 1]``)
+        on this group's modules (empty: no LoRA here -- its rows still count). Returns its index."""
+        flat = {}
+        for name, d in downs.items():
+            d = d.reshape(d.shape[0], -1)
+            if d.shape[1] != self.in_features:
+                raise ValueError(f"down factor of {name} is {tuple(d.shape)}; the inputs are {self.in_features} wide")
+            flat[name] = d
+        self._downs.append(flat)
+        self._stacked.append(torch.cat(list(flat.values())) if flat else None)
+        self._rhs.append(None)
+        if self._rows is not None:
+            self._rows.append([])
+        return len(self._downs) - 1
 
-    def _add_upper(self, g: Tensor, cols: Tensor) -> None:
-        """``g += cols @ colsᵀ`` for ``cols [in, n]`` (transposed rows): upper strips only when there
-        are several (the lower triangle is then stale, see :meth:`_mirrored`)."""
-        if len(self._strips) == 1:
-            g.addmm_(cols, cols.mT)
-            return
-        for i0, i1 in self._strips:
-            g[i0:i1, i0:].addmm_(cols[i0:i1], cols[i0:].mT)
-
-    def _mirrored(self, g: Tensor) -> Tensor:
-        return g if len(self._strips) == 1 else torch.triu(g) + torch.triu(g, 1).mT
-
-    def _accumulate(self, cols: Tensor) -> None:
-        self._add_upper(self._buffer(cols.device), cols)
-        self._lower_stale = len(self._strips) > 1
-
-    def _fold_kept(self) -> None:
-        """Leave row mode: the kept rows go into the Gram."""
-        if self._kept is None:
-            return
-        kept, self._kept = self._kept, None
-        for r in kept:
-            self._accumulate(r.mT)
-
-    def _take(self, cols: Tensor) -> None:
-        """Record ``cols [in, n]`` (rows transposed, already in the accumulation dtype/device)."""
-        n = cols.shape[1]
-        if self._kept is not None and self.count + n <= self.in_features:
-            self.device = self.device if self.device is not None else cols.device
-            self._kept.append(cols.mT.clone(memory_format=torch.contiguous_format))
-        else:
-            self._fold_kept()
-            self._accumulate(cols)
-        self.count += n
+    @property
+    def concepts(self) -> int:
+        return len(self._downs)
 
     def add(self, x: Tensor, channels_first: bool = False) -> None:
-        """Accumulate the rows of ``x``.
-
-        ``x``: any tensor whose last dim is ``in_features`` (all leading dims are rows), or with
-        ``channels_first=True`` a conv input ``[B, C, H, W]`` (or ``[B, C, ...]``) whose rows are the
-        ``B·H·W`` pixels (a 1×1 conv is a linear layer applied per pixel).
-        """
+        """Rows of the current concept: any tensor whose last dim is ``in_features`` (all leading dims
+        are rows), or with ``channels_first=True`` a conv input ``[B, C, H, W]`` (rows = the pixels)."""
+        if not self._downs:
+            raise RuntimeError("begin_concept() before add()")
         if not isinstance(x, Tensor):
-            raise TypeError("GramAccumulator.add expects a tensor")
+            raise TypeError("FoldedInputs.add expects a tensor")
         with torch.no_grad():
-            target_device = self.device if self.device is not None else x.device
+            target = self.device if self.device is not None else x.device
             if channels_first and x.ndim >= 3:
                 if x.shape[1] != self.in_features:
                     raise ValueError(f"expected {self.in_features} channels at dim 1, got shape {tuple(x.shape)}")
                 cols = x.reshape(x.shape[0], self.in_features, -1)  # [B, C, P]: no transposed copy
                 for b in range(cols.shape[0]):
-                    self._take(cols[b].to(target_device, self.dtype))
+                    self._take(cols[b].to(target, self.dtype))
                 return
             if x.ndim == 0 or x.shape[-1] != self.in_features:
                 raise ValueError(f"expected last dim {self.in_features}, got shape {tuple(x.shape)}")
             rows = x.reshape(-1, self.in_features)
             for start in range(0, rows.shape[0], self._CHUNK_ROWS):
-                self._take(rows[start:start + self._CHUNK_ROWS].to(target_device, self.dtype).mT)
+                self._take(rows[start:start + self._CHUNK_ROWS].to(target, self.dtype).mT)
 
-    @property
-    def rows(self) -> Optional[Tensor]:
-        """The recorded rows ``[count, in]`` while they are still kept (at most ``in`` of them),
-        else None (they are in the Gram)."""
-        if self._kept is None:
-            return None
-        if not self._kept:
-            return torch.zeros(0, self.in_features, dtype=self.dtype,
-                               device=self.device if self.device is not None else "cpu")
-        if len(self._kept) > 1:
-            self._kept = [torch.cat(self._kept)]
-        return self._kept[0]
+    def _take(self, cols: Tensor) -> None:
+        """Record ``cols [in, n]`` (rows transposed) of the current concept."""
+        n = cols.shape[1]
+        if n == 0:
+            return
+        self.device = self.device if self.device is not None else cols.device
+        if self._rows is not None and self.count + n <= self.in_features:
+            self._rows[-1].append(cols.mT.clone(memory_format=torch.contiguous_format))
+        else:
+            self._fold_rows()
+            self._accumulate(len(self._downs) - 1, cols)
+        self.count += n
 
+    def _fold_rows(self) -> None:
+        """Leave row mode: the kept rows go into G and the M."""
+        if self._rows is None:
+            return
+        kept, self._rows = self._rows, None
+        for i, chunks in enumerate(kept):
+            for r in chunks:
+                self._accumulate(i, r.mT)
+
+    def _accumulate(self, i: int, cols: Tensor) -> None:
+        if self._gram is None:
+            self._gram = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=cols.device)
+        elif self._gram.is_inference() and not torch.is_inference_mode_enabled():
+            # created under inference_mode, now updated outside it: in-place would be refused
+            self._gram = self._gram.clone()
+            self._rhs = [None if m is None else m.clone() for m in self._rhs]
+        g = self._gram
+        if len(self._strips) == 1:
+            g.addmm_(cols, cols.mT)
+        else:
+            for i0, i1 in self._strips:
+                g[i0:i1, i0:].addmm_(cols[i0:i1], cols[i0:].mT)
+            self._lower_stale = True
+        d = self._stacked[i]
+        if d is not None:
+            if d.device != cols.device or d.dtype != cols.dtype:
+                d = self._stacked[i] = d.to(cols.device, cols.dtype)  # moved once, not per chunk
+            m = (d @ cols) @ cols.mT  # D XᵀX without forming XᵀX: [Σr, in]
+            self._rhs[i] = m if self._rhs[i] is None else self._rhs[i].add_(m)
+
+    # ---- reading
     @property
-    def gram(self) -> Tensor:
-        """``Σ XᵀX`` so far: symmetric ``[in, in]`` in the accumulation dtype (zeros when nothing
-        was added). Treat it as read-only; later ``add`` calls may update it in place."""
-        kept = self.rows
+    def in_row_mode(self) -> bool:
+        """True while the rows themselves are kept (at most ``in`` of them)."""
+        return self._rows is not None
+
+    def rows(self, i: int) -> Tensor:
+        """Concept ``i``'s rows ``[n_i, in]`` (row mode only)."""
+        if self._rows is None:
+            raise RuntimeError("the rows were folded into the Gram matrix")
+        chunks = self._rows[i]
+        if not chunks:
+            return torch.zeros(0, self.in_features, dtype=self.dtype, device=self.device or "cpu")
+        if len(chunks) > 1:
+            self._rows[i] = chunks = [torch.cat(chunks)]
+        return chunks[0]
+
+    def gram(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``Σ XᵀX`` over every concept's rows: symmetric ``[in, in]`` (zeros when nothing was added), in
+        ``dtype`` (default: the accumulation dtype; from kept rows it is computed in that precision)."""
+        dtype = dtype or self.dtype
         with torch.no_grad():
-            if kept is not None:  # computed on demand: the rows stay kept
-                g = torch.zeros(self.in_features, self.in_features, dtype=kept.dtype, device=kept.device)
-                self._add_upper(g, kept.mT)
-                return self._mirrored(g)
+            if self._rows is not None:
+                x = torch.cat([self.rows(i) for i in range(self.concepts)]).to(dtype) if self.concepts else \
+                    torch.zeros(0, self.in_features, dtype=dtype)
+                return x.mT @ x
+            if self._gram is None:
+                return torch.zeros(self.in_features, self.in_features, dtype=dtype, device=self.device or "cpu")
             if self._lower_stale:
-                self._gram = self._mirrored(self._gram)
+                self._gram = torch.triu(self._gram) + torch.triu(self._gram, 1).mT
                 self._lower_stale = False
-        return self._gram
+            return self._gram.to(dtype)
 
-    def merge(self, other: "GramAccumulator") -> "GramAccumulator":
-        """Add another accumulator's rows into this one (e.g. per-step or per-prompt partial sums);
-        returns ``self``."""
-        if other.in_features != self.in_features:
-            raise ValueError(f"cannot merge in_features {other.in_features} into {self.in_features}")
-        if other.count == 0:
-            return self
-        with torch.no_grad():
-            rows = other.rows
-            if rows is not None:
-                self._take(rows.to(self.device if self.device is not None else rows.device, self.dtype).mT)
-                return self
-            self._fold_kept()
-            src = other.gram
-            g = self._buffer(self.device if self.device is not None else src.device)
-            g.add_(src.to(g.device, g.dtype))  # only the upper triangle of g is read later if stale
-        self.count += other.count
-        return self
+    def down(self, i: int, module: str) -> Optional[Tensor]:
+        """Concept ``i``'s down factor ``D [r, in]`` on ``module`` (None: no LoRA there)."""
+        return self._downs[i].get(module)
+
+    def rhs(self, i: int, module: str, dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+        """``M = D XᵢᵀXᵢ [r, in]`` of concept ``i`` on ``module`` (None: no LoRA there), in ``dtype``
+        (default: the accumulation dtype; from kept rows it is computed in that precision)."""
+        dtype = dtype or self.dtype
+        d = self._downs[i].get(module)
+        if d is None:
+            return None
+        if self._rows is not None:
+            x = self.rows(i).to(dtype)
+            return (d.to(x.device, dtype) @ x.mT) @ x
+        if self._rhs[i] is None:  # the concept has no rows
+            return torch.zeros(d.shape, dtype=dtype, device=self.device or "cpu")
+        start = 0
+        for name, dd in self._downs[i].items():
+            if name == module:
+                return self._rhs[i][start:start + dd.shape[0]].to(dtype)
+            start += dd.shape[0]
+        raise AssertionError("unreachable")
 
     def __repr__(self) -> str:
-        mode = "rows" if self._kept is not None else "gram"
-        return (f"GramAccumulator(in_features={self.in_features}, count={self.count}, {mode}, "
-                f"dtype={self.dtype}, device={self.device})")
+        mode = "rows" if self.in_row_mode else "gram"
+        return (f"FoldedInputs(in_features={self.in_features}, concepts={self.concepts}, count={self.count}, "
+                f"{mode}, dtype={self.dtype}, device={self.device})")
+
+
+@dataclass
+class LayerProblem:
+    """One module to fuse against a :class:`FoldedInputs`: ``ups[i] = Ui = αi·upi [out, ri]`` for every
+    concept ``i`` with a LoRA on it (the matching ``Di`` is ``inputs.down(i, name)``)."""
+    name: str
+    ups: dict[int, Tensor] = field(default_factory=dict)
+
+    def stacked_up(self, device, dtype) -> Tensor:
+        """``U = [U_i …]`` in concept order, ``[out, R]``."""
+        return torch.cat([self.ups[i].reshape(self.ups[i].shape[0], -1).to(device, dtype) for i in sorted(self.ups)],
+                         dim=1)
 
 
 # --------------------------------------------------------------------------- helpers
 
-def _as_2d(w: Tensor, what: str = "weight") -> Tensor:
-    """``[out, in]`` view of a linear weight or a 1×1-conv weight ``[out, in, 1, 1]``."""
-    if w.ndim == 2:
-        return w
-    if w.ndim == 4 and w.shape[2] == 1 and w.shape[3] == 1:
-        return w.reshape(w.shape[0], w.shape[1])
-    raise ValueError(f"{what} must be [out, in] or [out, in, 1, 1], got shape {tuple(w.shape)}")
-
-
-def _work_device(device: torch.device) -> torch.device:
-    # MPS has no float64: solve on the CPU there (the one place a host copy is made).
+def _work_device(device) -> torch.device:
+    # MPS has no float64: solve on the CPU there.
+    device = torch.device(device) if device is not None else torch.device("cpu")
     return torch.device("cpu") if device.type == "mps" else device
-
-
-def _split_delta(delta: DeltaLike, out_f: int, in_f: int, device, dtype):
-    """``None`` | ``(None, dense [out, in])`` | ``(up [out, r], down [r, in])``, converted."""
-    if delta is None:
-        return None
-    if isinstance(delta, (tuple, list)):
-        if len(delta) != 2:
-            raise ValueError("a factored delta must be a pair (up, down)")
-        up, down = delta
-        up = up.reshape(up.shape[0], up.shape[1]) if up.ndim == 4 else up
-        down = down.reshape(down.shape[0], down.shape[1]) if down.ndim == 4 else down
-        if up.ndim != 2 or down.ndim != 2 or up.shape[0] != out_f or down.shape[1] != in_f \
-                or up.shape[1] != down.shape[0]:
-            raise ValueError(f"delta factors {tuple(up.shape)} @ {tuple(down.shape)} do not give [{out_f}, {in_f}]")
-        return up.to(device, dtype), down.to(device, dtype)
-    dense = _as_2d(delta, "delta")
-    if tuple(dense.shape) != (out_f, in_f):
-        raise ValueError(f"delta shape {tuple(delta.shape)} does not match weight [{out_f}, {in_f}]")
-    return None, dense.to(device, dtype)
-
-
-def _dense(part) -> Optional[Tensor]:
-    """The dense ``ΔW`` of a :func:`_split_delta` result (None stays None)."""
-    if part is None:
-        return None
-    up, down = part
-    return down if up is None else up @ down
-
-
-def _unpack_grams(grams, in_f: int) -> list[Tensor]:
-    tensors = []
-    for g in grams:
-        if isinstance(g, GramAccumulator):
-            g = g.gram
-        if not isinstance(g, Tensor) or tuple(g.shape) != (in_f, in_f):
-            shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
-            raise ValueError(f"Gram matrices must be [{in_f}, {in_f}], got {shape}")
-        tensors.append(g)
-    return tensors
-
-
-def _kept_rows(grams, in_f: int) -> Optional[list[Tensor]]:
-    """Every concept's rows when all of them were kept (accumulators in row mode) and there are at
-    most ``in_f`` in all -- the row-space path -- else None."""
-    if not all(isinstance(g, GramAccumulator) and g.in_features == in_f for g in grams):
-        return None
-    rows = [g.rows for g in grams]
-    if any(r is None for r in rows) or sum(r.shape[0] for r in rows) > in_f:
-        return None
-    return rows
 
 
 def _randn(shape, like: Tensor, seed: int) -> Tensor:
@@ -291,8 +271,8 @@ def _randn(shape, like: Tensor, seed: int) -> Tensor:
 
 
 def _lambda_min_upper(chol: Tensor, iters: int = 12) -> float:
-    """Inverse iteration with the Cholesky factor: an estimate of λmin(G) that can only be too
-    high (``‖G⁻¹x‖ ≤ 1/λmin`` for unit ``x``); four start vectors guard against an unlucky one."""
+    """Inverse iteration with the Cholesky factor: an estimate of λmin(A) that can only be too
+    high (``‖A⁻¹x‖ ≤ 1/λmin`` for unit ``x``); four start vectors guard against an unlucky one."""
     x = _randn((chol.shape[0], 4), chol, seed=1234)
     x = x / x.norm(dim=0)
     growth = None
@@ -303,295 +283,248 @@ def _lambda_min_upper(chol: Tensor, iters: int = 12) -> float:
     return float(1.0 / growth.max())
 
 
-def _lambda_max_lower(g: Tensor, iters: int = 20) -> float:
-    """Power iteration: an estimate of λmax(G) that can only be too low."""
-    x = _randn((g.shape[0], 4), g, seed=4321)
+def _lambda_max_lower(a: Tensor, iters: int = 20) -> float:
+    """Power iteration: an estimate of λmax(A) that can only be too low."""
+    x = _randn((a.shape[0], 4), a, seed=4321)
     x = x / x.norm(dim=0)
     growth = None
     for _ in range(iters):
-        y = g @ x
+        y = a @ x
         growth = y.norm(dim=0)
-        x = y / growth.clamp_min(torch.finfo(g.dtype).tiny)
+        x = y / growth.clamp_min(torch.finfo(a.dtype).tiny)
     return float(growth.max())
 
 
-# --------------------------------------------------------------------------- closed form
+def _solve_psd(A: Tensor, rhs: Tensor, ridge_abs: float, tol_abs: Optional[float], rcond: Optional[float]):
+    """``rhs (A + ridge·I)⁻¹`` for the symmetric PSD ``A`` (``rhs [k, d]``); returns (solution, info).
 
-def solve_closed_form(w0: Tensor, deltas: Sequence[DeltaLike], grams: Sequence[Union[Tensor, GramAccumulator]],
-                      rcond: Optional[float] = None,
-                      *, compute_dtype: torch.dtype = torch.float64, return_info: bool = False):
-    """``W* = W0 + (Σ ΔWi Gi)(Σ Gi)⁺``: the exact minimiser of ``Σ_i ‖Xi Wᵀ − Xi Wiᵀ‖²`` closest
-    to ``W0`` (what the reference L-BFGS converges to), in one linear solve instead of hundreds of
-    optimiser passes over the rows.
-
-    Args:
-        w0: original weight ``[out, in]`` or ``[out, in, 1, 1]``, any float dtype/device.
-        deltas: per concept ``ΔWi`` (strength included): dense ``[out, in]`` / ``[out, in, 1, 1]``,
-            a pair ``(up, down)`` (cheaper for wide layers), or ``None`` for ΔWi = 0.
-        grams: per concept ``Gi = XiᵀXi`` ``[in, in]`` (any float dtype), or :class:`GramAccumulator`
-            objects. When every accumulator still holds its rows and there are at most ``in`` of
-            them in all, the solve runs in the row space (``W0 + Tᵀ K⁺ X``, see the module text).
-            A zero Gram (concept with no rows) contributes nothing.
-        rcond: relative eigenvalue cutoff: eigen-directions of ``G = Σ Gi`` with eigenvalue
-            ``≤ rcond·λmax(G)`` count as "no data" and get no change. ``None`` (default) sets the cutoff
-            at the rounding floor of a Gram summed in the inputs' dtype,
-            ``max(2·eps_G·tr(G)/√in, 10·eps_compute·tr(G))`` (eps_G: machine epsilon of the least
-            precise Gram or rows) -- about 1e-8…5e-7 of λmax for float32 data: far below what the
-            reference's float32 L-BFGS resolves in its iteration budget, yet above the Gram's own
-            rounding noise, which would otherwise be inverted into O(‖ΔW‖) garbage along directions
-            the data never visits. Pass float64 Grams for a lower floor. The row-space path uses the
-            same cutoff (``K`` has the nonzero eigenvalues of ``G``), so both paths agree.
-        compute_dtype: precision of the solve (float64 default; the result is float32 anyway).
-        return_info: also return a dict (``method``: ``cholesky`` | ``eigh`` | ``zero``; ``space``:
-            ``rows`` (``K = X Xᵀ``) | ``inputs`` (``G``); ``rank``, ``tol``, ...).
-
-    Returns:
-        ``W*`` as float32, same shape and device as ``w0`` (the caller casts back).
-
-    Method: the matrix to invert (``K`` for few rows, else ``G``) is Cholesky-factored when it is
-    well conditioned -- its estimated λmin (inverse iteration on the factor) must clear the cutoff
-    by 10× -- with no inverse formed; otherwise it is eigendecomposed and the cutoff applied.
-    """
-    if len(deltas) == 0 or len(grams) == 0:
-        raise ValueError("gradient fusion needs at least one concept")
-    if len(deltas) != len(grams):
-        raise ValueError(f"{len(deltas)} deltas but {len(grams)} Gram matrices")
-    if rcond is not None and not (rcond >= 0.0):
-        raise ValueError(f"rcond must be >= 0, got {rcond}")
-    w0_2d = _as_2d(w0, "w0")
-    out_f, in_f = w0_2d.shape
-    kept = _kept_rows(grams, in_f)
-    data = kept if kept is not None else _unpack_grams(grams, in_f)
-    if not all(t.is_floating_point() for t in data):
-        raise ValueError("Gram matrices must be floating point")
-
-    dev = _work_device(w0.device)
-    cdt = compute_dtype
-    eps_c = torch.finfo(cdt).eps
-    eps_g = max(max(torch.finfo(t.dtype).eps for t in data), eps_c)
-
-    with torch.no_grad():
-        w0c = w0_2d.to(dev, cdt)
-        parts = [_split_delta(d, out_f, in_f, dev, cdt) for d in deltas]
-        space = "rows" if kept is not None else "inputs"
-
-        def finish(delta: Optional[Tensor], info: dict):
-            w = w0c if delta is None else w0c + delta
-            w = w.to(torch.float32).reshape(w0.shape).to(w0.device)
-            info = {**info, "space": space}
-            return (w, info) if return_info else w
-
-        # When every delta is a pair (up, down) the right-hand side stays factored, B = U @ M with
-        # M = [down_i Gi] (Σ r rows): only M is solved against G (or K).
-        live = [i for i, p in enumerate(parts) if p is not None]
-        U = torch.cat([parts[i][0] for i in live], dim=1) if live and all(parts[i][0] is not None for i in live) \
-            else None
-        outer = (lambda z: z) if U is None else (lambda z: U @ z)
-
-        xs = [t.to(dev, cdt) for t in data]  # rows [n_i, in], or Grams [in, in]
-        if kept is not None:
-            X = torch.cat(xs)
-            A = X @ X.mT  # K = X Xᵀ, [n, n]
-        else:
-            A = xs[0].clone()
-            for g in xs[1:]:
-                A += g
-            A = 0.5 * (A + A.mT)  # GEMM-accumulated XᵀX is symmetric only up to rounding
-        trace = float(A.diagonal().sum())
-        if not math.isfinite(trace):
-            raise ValueError("non-finite values in the recorded inputs")
-        if trace <= 0.0 or not live:
-            return finish(None, {"method": "zero", "rank": 0, "tol": 0.0})
-        tol_abs = max(2.0 * eps_g * trace / math.sqrt(in_f), 10.0 * eps_c * trace) if rcond is None else None
-
-        if kept is not None:
-            # Row space: Z = the targets Tᵀ ([Σr or out, n]); the change is outer(Z K⁺ X).
-            Z = torch.zeros((U.shape[1] if U is not None else out_f), X.shape[0], dtype=cdt, device=dev)
-            r0, c0 = 0, 0
-            for p, x in zip(parts, xs):
-                if p is not None:
-                    up, down = p
-                    if U is not None:
-                        Z[r0:r0 + down.shape[0], c0:c0 + x.shape[0]] = down @ x.mT
-                        r0 += down.shape[0]
-                    else:
-                        Z[:, c0:c0 + x.shape[0]] = down @ x.mT if up is None else up @ (down @ x.mT)
-                c0 += x.shape[0]
-
-            rhs = lambda: Z  # noqa: E731
-            rhs_times = None
-            to_change = lambda c: outer(c @ X)  # noqa: E731
-        else:
-            gs = xs
-
-            def rhs() -> Tensor:
-                """M (= B when dense): [Σr or out, in]."""
-                if U is not None:
-                    return torch.cat([parts[i][1] @ gs[i] for i in live], dim=0)
-                m = None
-                for i in live:
-                    up, down = parts[i]
-                    term = down @ gs[i] if up is None else up @ (down @ gs[i])
-                    m = term if m is None else m.add_(term)
-                return m
-
-            def rhs_times(V: Tensor) -> Tensor:
-                """M @ V without forming M when V is thin (few kept directions, many outputs)."""
-                if U is not None or V.shape[1] >= out_f:
-                    return rhs() @ V
-                m = None
-                for i in live:
-                    up, down = parts[i]
-                    gv = gs[i] @ V
-                    term = down @ gv if up is None else up @ (down @ gv)
-                    m = term if m is None else m.add_(term)
-                return m
-
-            to_change = outer
-        return finish(*_apply_pinv(A, rhs, rhs_times, to_change, tol_abs, rcond))
-
-
-def _apply_pinv(A: Tensor, rhs, rhs_times, to_change, tol_abs: Optional[float], rcond: Optional[float]):
-    """``to_change(M A⁺)`` for the symmetric PSD ``A`` (``M = rhs()``), with eigen-directions at or
-    below the cutoff (``tol_abs``, or ``rcond·λmax``) left out; returns (change, info).
-
-    Well conditioned ``A`` → Cholesky solve, provided the estimated λmin clears the cutoff by 10×;
-    otherwise → eigendecomposition. ``rhs_times(V)`` (optional) computes ``M @ V`` more cheaply for
-    a thin ``V``."""
-    L, status = torch.linalg.cholesky_ex(A)
-    if int(status) == 0:
-        lam_min = _lambda_min_upper(L)
-        tol = tol_abs if tol_abs is not None else rcond * _lambda_max_lower(A)
-        if lam_min > _CHOL_MARGIN * tol:
-            C = torch.cholesky_solve(rhs().mT, L).mT
-            return to_change(C), {"method": "cholesky", "rank": A.shape[0], "tol": tol, "lambda_min_est": lam_min}
+    With a ridge the matrix is positive definite: Cholesky. Without, eigen-directions at or below the
+    cutoff (``tol_abs``, or ``rcond·λmax``) are left out (pseudo-inverse): Cholesky when the estimated
+    λmin clears the cutoff by 10×, else an eigendecomposition."""
+    if ridge_abs > 0.0:
+        A = A + ridge_abs * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        L, status = torch.linalg.cholesky_ex(A)
+        if int(status) == 0:
+            return torch.cholesky_solve(rhs.mT, L).mT, {"method": "cholesky", "rank": A.shape[0], "ridge": ridge_abs}
+        tol_abs, rcond = 0.0, None  # numerically indefinite despite the ridge: fall through to eigh
+    else:
+        L, status = torch.linalg.cholesky_ex(A)
+        if int(status) == 0:
+            lam_min = _lambda_min_upper(L)
+            tol = tol_abs if tol_abs is not None else rcond * _lambda_max_lower(A)
+            if lam_min > _CHOL_MARGIN * tol:
+                return torch.cholesky_solve(rhs.mT, L).mT, {"method": "cholesky", "rank": A.shape[0], "tol": tol,
+                                                             "lambda_min_est": lam_min}
     e, V = torch.linalg.eigh(A)
     lam_max = float(e[-1])
     tol = tol_abs if tol_abs is not None else rcond * lam_max
     keep = e > tol
-    rank = int(keep.sum())
-    info = {"method": "eigh", "rank": rank, "tol": tol, "lambda_max": lam_max}
-    if rank == 0:
-        return None, info
+    info = {"method": "eigh", "rank": int(keep.sum()), "tol": tol, "lambda_max": lam_max, "ridge": ridge_abs}
     Vk = V[:, keep]
-    MV = rhs_times(Vk) if rhs_times is not None else rhs() @ Vk
-    return to_change((MV / e[keep]) @ Vk.mT), info
+    return ((rhs @ Vk) / e[keep]) @ Vk.mT, info
+
+
+# --------------------------------------------------------------------------- closed form
+
+def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ridge: float = 0.0,
+                      rcond: Optional[float] = None, *, compute_dtype: torch.dtype = torch.float64,
+                      return_info: bool = False):
+    """The fused change of every module in ``problems`` (all reading ``inputs``), factored:
+    ``W* − W0 = U C`` with ``U = [Ui …]`` and ``C = M (G + λI)⁻¹`` (module text), in one solve shared by
+    the modules (one factorisation of ``G`` or ``K`` for q/k/v).
+
+    Args:
+        inputs: the group's recorded inputs (:class:`FoldedInputs`). In row mode the solve runs in the
+            row space (``n × n``), else against ``G`` (``in × in``).
+        problems: the modules; each needs at least one concept with a LoRA.
+        ridge: ``λ = ridge · tr(G) / in`` (scale-free: relative to the mean eigenvalue of ``G``). 0 is the
+            exact, unregularised minimiser closest to ``W0``.
+        rcond: only for ``ridge = 0``: relative eigenvalue cutoff; directions of ``G`` with eigenvalue
+            ``≤ rcond·λmax`` count as "no data" and get no change. ``None`` (default) puts the cutoff at
+            the rounding floor of a Gram summed in the accumulation dtype,
+            ``max(2·eps_G·tr(G)/√in, 10·eps_compute·tr(G))`` -- below it the Gram's rounding noise would
+            be inverted into garbage. The row-space path uses the same cutoff (``K`` has the nonzero
+            eigenvalues of ``G``).
+        compute_dtype: precision of the solve (float64 default; the factors are returned as float32).
+        return_info: also return a dict (``method``: ``cholesky`` | ``eigh`` | ``zero``; ``space``:
+            ``rows`` | ``inputs``; ``rank``, ``tol``, ``ridge``).
+
+    Returns:
+        ``{name: (U [out, R], C [R, in])}`` float32 on the inputs' device (``C = 0`` when nothing was
+        recorded: the module keeps ``W0``).
+    """
+    if not problems:
+        return ({}, {"method": "zero"}) if return_info else {}
+    if any(not p.ups for p in problems):
+        raise ValueError("every module to fuse needs at least one concept with a LoRA on it")
+    if not ridge >= 0.0 or (rcond is not None and not rcond >= 0.0):
+        raise ValueError(f"ridge and rcond must be >= 0, got {ridge}, {rcond}")
+    in_f = inputs.in_features
+    dev = _work_device(inputs.device)
+    cdt = compute_dtype
+    eps_c = torch.finfo(cdt).eps
+    eps_g = max(torch.finfo(inputs.dtype).eps, eps_c)
+    with torch.no_grad():
+        ups = [p.stacked_up(dev, cdt) for p in problems]
+        sizes = [u.shape[1] for u in ups]
+        space = "rows" if inputs.in_row_mode else "inputs"
+        if inputs.in_row_mode:
+            xs = [inputs.rows(i).to(dev, cdt) for i in range(inputs.concepts)]
+            X = torch.cat(xs)
+            A = X @ X.mT  # K = X Xᵀ
+            # Z: per module and concept, D_i X_iᵀ in the columns of concept i's rows
+            Z = torch.zeros(sum(sizes), X.shape[0], dtype=cdt, device=dev)
+            r0 = 0
+            for p in problems:
+                for i in sorted(p.ups):
+                    d = inputs.down(i, p.name).to(dev, cdt)
+                    c0 = sum(x.shape[0] for x in xs[:i])
+                    Z[r0:r0 + d.shape[0], c0:c0 + xs[i].shape[0]] = d @ xs[i].mT
+                    r0 += d.shape[0]
+            rhs, finish = Z, (lambda c: c @ X)
+        else:
+            A = inputs.gram(cdt).to(dev)
+            A = 0.5 * (A + A.mT)  # GEMM-accumulated XᵀX is symmetric only up to rounding
+            rhs = torch.cat([inputs.rhs(i, p.name, cdt).to(dev) for p in problems for i in sorted(p.ups)])
+            finish = lambda c: c  # noqa: E731
+        trace = float(A.diagonal().sum())
+        if not math.isfinite(trace):
+            raise ValueError("non-finite values in the recorded inputs")
+        if trace <= 0.0:
+            C, info = torch.zeros(sum(sizes), in_f, dtype=cdt, device=dev), {"method": "zero", "rank": 0}
+        else:
+            ridge_abs = ridge * trace / in_f
+            tol_abs = None
+            if ridge == 0.0 and rcond is None:
+                tol_abs = max(2.0 * eps_g * trace / math.sqrt(in_f), 10.0 * eps_c * trace)
+            C, info = _solve_psd(A, rhs, ridge_abs, tol_abs, rcond)
+            C = finish(C)
+        out, r0 = {}, 0
+        for p, u, r in zip(problems, ups, sizes):
+            out[p.name] = (u.to(torch.float32), C[r0:r0 + r].to(torch.float32))
+            r0 += r
+        info = {**info, "space": space}
+        return (out, info) if return_info else out
 
 
 # --------------------------------------------------------------------------- objective
 
-def layer_objective(w: Tensor, w0: Tensor, deltas: Sequence[DeltaLike],
-                    grams: Sequence[Union[Tensor, GramAccumulator]]) -> float:
-    """``Σ_i tr((W − Wi) Gi (W − Wi)ᵀ)`` in float64: the summed squared output error over every
-    recorded row (what both solvers minimise), without needing the rows; from the rows themselves,
-    ``Σ_i ‖Xi (W − Wi)ᵀ‖²``, where an accumulator kept them (exact, no Gram rounding). ``W − Wi``
-    is formed as ``(W − W0) − ΔWi`` in float64 so that nearly equal weights do not cancel in float32."""
-    if len(deltas) != len(grams):
-        raise ValueError(f"{len(deltas)} deltas but {len(grams)} Gram matrices")
-    w2, w02 = _as_2d(w, "w"), _as_2d(w0, "w0")
-    if w2.shape != w02.shape:
-        raise ValueError(f"w {tuple(w.shape)} and w0 {tuple(w0.shape)} differ")
-    out_f, in_f = w02.shape
-    kept = [g.rows if isinstance(g, GramAccumulator) and g.in_features == in_f else None for g in grams]
-    data = [r if r is not None else _unpack_grams([g], in_f)[0] for r, g in zip(kept, grams)]
-    dev = _work_device(w0.device)
+def _folded_terms(inputs: FoldedInputs, problem: LayerProblem, dev, f64):
+    """(U, M, constant): ``Σ_i Ui Mi = U M`` and ``Σ_i tr(Ui Di Gi Diᵀ Uiᵀ)``, float64."""
+    U = problem.stacked_up(dev, f64)
+    M = torch.cat([inputs.rhs(i, problem.name, f64).to(dev) for i in sorted(problem.ups)])
+    const = 0.0
+    r0 = 0
+    for i in sorted(problem.ups):
+        u = problem.ups[i].reshape(problem.ups[i].shape[0], -1).to(dev, f64)
+        m = M[r0:r0 + u.shape[1]]
+        d = inputs.down(i, problem.name).to(dev, f64)
+        const += float(((u.mT @ u) * (m @ d.mT)).sum())
+        r0 += u.shape[1]
+    return U, M, const
+
+
+def layer_objective(inputs: FoldedInputs, problem: LayerProblem,
+                    change: Optional[tuple[Tensor, Tensor]] = None) -> float:
+    """``Σ_i ‖Xi (W − Wi)ᵀ‖²`` for ``W = W0 + A B`` (``change = (A [out, k], B [k, in])``; None = W0),
+    in float64: the summed squared output error over every recorded row that both solvers minimise
+    (ridge term not included). From the rows where they are kept (exact), else from ``G`` and the ``M``:
+    ``tr(ΔGΔᵀ) − 2 tr(Δ Mᵀ Uᵀ) + Σ_i tr(Ui Mi Diᵀ Uiᵀ)``."""
+    dev = _work_device(inputs.device)
     f64 = torch.float64
     with torch.no_grad():
-        change = w2.to(dev, f64) - w02.to(dev, f64)
-        total = torch.zeros((), dtype=f64, device=dev)
-        for d, x, rows in zip(deltas, data, kept):
-            dense = _dense(_split_delta(d, out_f, in_f, dev, f64))
-            e = change if dense is None else change - dense
-            x = x.to(dev, f64)
-            total += (x @ e.mT).square().sum() if rows is not None else ((e @ x) * e).sum()
-        return float(total)
+        if change is not None:
+            A, B = (t.reshape(t.shape[0], -1).to(dev, f64) for t in change)
+        if inputs.in_row_mode:
+            total = 0.0
+            for i in range(inputs.concepts):
+                x = inputs.rows(i).to(dev, f64)
+                err = torch.zeros(x.shape[0], next(iter(problem.ups.values())).shape[0], dtype=f64, device=dev)
+                if change is not None:
+                    err += (x @ B.mT) @ A.mT
+                if i in problem.ups:
+                    u = problem.ups[i].reshape(problem.ups[i].shape[0], -1).to(dev, f64)
+                    err -= (x @ inputs.down(i, problem.name).to(dev, f64).mT) @ u.mT
+                total += float(err.square().sum())
+            return total
+        U, M, const = _folded_terms(inputs, problem, dev, f64)
+        if change is None:
+            return const
+        G = inputs.gram(f64).to(dev)
+        quad = float(((A.mT @ A) * (B @ G @ B.mT)).sum())
+        cross = float(((U.mT @ A) * (M @ B.mT)).sum())
+        return quad - 2.0 * cross + const
 
 
 # --------------------------------------------------------------------------- reference L-BFGS
 
-def _rows_of(x: Tensor, in_f: int, channels_first: bool) -> Tensor:
-    if channels_first and x.ndim >= 3:
-        if x.shape[1] != in_f:
-            raise ValueError(f"expected {in_f} channels at dim 1, got shape {tuple(x.shape)}")
-        return x.movedim(1, -1).reshape(-1, in_f)
-    if x.ndim == 0 or x.shape[-1] != in_f:
-        raise ValueError(f"inputs must end in {in_f} features, got shape {tuple(x.shape)}")
-    return x.reshape(-1, in_f)
+def solve_lbfgs(inputs: FoldedInputs, problem: LayerProblem, iterations: int, *, lr: float = 1.0,
+                history_size: int = 25, return_info: bool = False):
+    """The reference optimiser on the same objective: a check of the closed form, and the published
+    behaviour for users who want it.
 
+    As in the published gradient fusion: loss = mean squared bias-free output error over all concepts'
+    rows and outputs (``layer_objective / (rows·out)``), one ``torch.optim.LBFGS.step`` with ``lr=1,
+    history_size=25, line_search_fn='strong_wolfe', max_iter=iterations`` (default ``max_eval``),
+    tolerances 1e-16, started at ``W0``, returning the best iterate seen by any loss evaluation.
+    Reference counts: 500 iterations for text-encoder and cross-attention k/v layers, 50 for the rest.
 
-def solve_lbfgs(w0: Tensor, deltas: Sequence[DeltaLike], inputs: Sequence[Tensor], iterations: int, *,
-                lr: float = 1.0, history_size: int = 25, channels_first: bool = False,
-                chunk_size: int = 8192, device=None, return_info: bool = False):
-    """The reference optimiser, from the raw rows: an independent check of the closed form.
-
-    Mirrors the published gradient fusion: targets ``Xi Wiᵀ`` (float32, bias-free), loss = mean
-    squared error over all concepts' rows and outputs, one ``torch.optim.LBFGS.step`` with
-    ``lr=1, history_size=25, line_search_fn='strong_wolfe', max_iter=iterations`` (default
-    ``max_eval = 1.25·max_iter``), tolerances 1e-16 (no early stop in practice), started at ``W0``,
-    returning the best iterate seen by any loss evaluation. Reference counts: 500 iterations for
-    text-encoder and cross-attention k/v layers, 50 for other UNet layers.
-
-    ``inputs``: per concept, rows ``[..., in]`` (or conv inputs ``[B, C, H, W]`` with
-    ``channels_first=True``). Works when called under ``torch.inference_mode()`` (ComfyUI runs
-    nodes that way): autograd is re-enabled locally and every input is cloned into a normal tensor.
-    Returns float32 ``W`` shaped like ``w0`` (and an info dict with ``n_iter``, ``func_evals``,
-    ``best_loss`` -- the MSE -- when ``return_info``).
+    Done exactly but cheaply: the gradient ``2(ΔG − UM)/norm`` always lies in the column space of ``U``,
+    so every iterate is ``Δ = Q Y`` with ``Q`` an orthonormal basis of that space. Running L-BFGS on
+    ``Y`` gives the same iterates as on ``W`` (``Q`` preserves every inner product and norm the
+    optimiser uses) at ``R·in²`` instead of ``out·in²`` (or ``rows·in·out``) per evaluation, on the folded
+    objective in float64 (the reference's float32 row sums are no more accurate). Returns
+    ``(Q [out, k], Y [k, in])`` float32 -- the change as a LoRA, like the closed form -- and with
+    ``return_info`` a dict (``n_iter``, ``func_evals``, ``best_loss``: the MSE).
     """
-    if len(deltas) == 0 or len(inputs) == 0:
-        raise ValueError("gradient fusion needs at least one concept")
-    if len(deltas) != len(inputs):
-        raise ValueError(f"{len(deltas)} deltas but {len(inputs)} input sets")
     if int(iterations) < 0:
         raise ValueError("iterations must be >= 0")
-    w0_2d = _as_2d(w0, "w0")
-    out_f, in_f = w0_2d.shape
-    dev = torch.device(device) if device is not None else w0.device
-    f32 = torch.float32
+    if not problem.ups:
+        raise ValueError("the module needs at least one concept with a LoRA on it")
+    dev = _work_device(inputs.device)
+    f64 = torch.float64
+    with torch.inference_mode(False), torch.no_grad():
+        U, M, const = (t.clone() if torch.is_tensor(t) else t for t in _folded_terms(inputs, problem, dev, f64))
+        G = inputs.gram(f64).to(dev).clone()
+        P, s, Vh = torch.linalg.svd(U, full_matrices=False)
+        keep = s > s.max().clamp_min(torch.finfo(f64).tiny) * max(U.shape) * torch.finfo(f64).eps
+        Q = P[:, keep]
+        N = (s[keep, None] * Vh[keep]) @ M  # Qᵀ U M
+        out_f = U.shape[0]
+        norm = float(max(inputs.count, 1) * out_f)
+        Y = torch.zeros(Q.shape[1], inputs.in_features, dtype=f64, device=dev)
+        best = {"loss": const / norm, "y": Y.clone()}
 
-    with torch.inference_mode(False), torch.enable_grad():
-        base = w0_2d.detach().to(dev, f32).clone()
-        xs, ts = [], []
-        with torch.no_grad():
-            for d, x in zip(deltas, inputs):
-                rows = _rows_of(x.detach(), in_f, channels_first).to(dev, f32).clone()
-                dense = _dense(_split_delta(d, out_f, in_f, dev, f32))
-                wi = base if dense is None else base + dense
-                xs.append(rows)
-                ts.append(rows @ wi.mT)
-            X = torch.cat(xs)
-            T = torch.cat(ts)
-        del xs, ts
-        n_rows = X.shape[0]
+        def result(y: Tensor, info: dict):
+            pair = (Q.to(torch.float32), y.to(torch.float32))
+            return (pair, info) if return_info else pair
 
-        def result(w: Tensor, info: dict):
-            w = w.detach().reshape(w0.shape)
-            return (w, info) if return_info else w
-
-        if n_rows == 0 or int(iterations) == 0:
-            return result(base, {"n_iter": 0, "func_evals": 0, "best_loss": None})
-
-        w = base.clone().requires_grad_(True)
-        norm = float(n_rows * out_f)
-        opt = torch.optim.LBFGS([w], lr=lr, max_iter=int(iterations), history_size=history_size,
-                                line_search_fn="strong_wolfe", tolerance_grad=1e-16, tolerance_change=1e-16)
-        best = {"loss": math.inf, "w": base.clone()}
+        if inputs.count == 0 or int(iterations) == 0 or Q.shape[1] == 0:
+            return result(best["y"], {"n_iter": 0, "func_evals": 0, "best_loss": best["loss"]})
+        budget = int(iterations) * 5 // 4  # LBFGS's default max_eval for the reference's one step() call
+        opt = torch.optim.LBFGS([Y], lr=lr, max_iter=1, history_size=history_size, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-16, tolerance_change=1e-16)
 
         def closure():
-            opt.zero_grad()
-            total = torch.zeros((), dtype=f32, device=dev)
-            for s in range(0, n_rows, chunk_size):  # chunked: bounded activation memory
-                r = F.linear(X[s:s + chunk_size], w) - T[s:s + chunk_size]
-                part = r.square().sum() / norm
-                part.backward()
-                total += part.detach()
-            value = float(total)
-            if value < best["loss"]:
-                best["loss"] = value
-                best["w"] = w.detach().clone()
-            return total
+            yg = Y @ G
+            loss = (float((yg * Y).sum()) - 2.0 * float((Y * N).sum()) + const) / norm
+            Y.grad = 2.0 * (yg - N) / norm
+            if loss < best["loss"]:
+                best["loss"] = loss
+                best["y"] = Y.clone()
+            return torch.tensor(loss, dtype=f64)
 
+        # The first iteration's trial step is min(1, 1/‖gradient‖₁)·lr: the L1 norm is the one quantity
+        # that is not the same in W and in Y, so that iteration runs with the W-space value; the rest
+        # continue the same optimiser state with the reference's remaining iteration and evaluation budget.
+        g0 = -2.0 * N / norm
+        opt.param_groups[0]["lr"] = lr * min(1.0, 1.0 / float((Q @ g0).abs().sum())) / min(1.0, 1.0 / float(g0.abs().sum()))
         opt.step(closure)
-        state = opt.state[w]
-        info = {"n_iter": int(state.get("n_iter", 0)), "func_evals": int(state.get("func_evals", 0)),
-                "best_loss": best["loss"]}
-        return result(best["w"], info)
+        state = opt.state[Y]
+        used = int(state.get("func_evals", 1))
+        if int(iterations) > 1 and used < budget:
+            opt.param_groups[0].update(lr=lr, max_iter=int(iterations) - 1, max_eval=budget - (used - 1))
+            opt.step(closure)
+            used = int(state["func_evals"]) - 1  # step() re-evaluated the starting point once
+        return result(best["y"], {"n_iter": int(state.get("n_iter", 0)), "func_evals": used,
+                                  "best_loss": best["loss"]})

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..fusion.bundle import is_bundle
 from ..fusion.concepts import Concept, ConceptError, ConceptSet, normalise_trigger_words
 from ..fusion.edlora import EDLoRA, convert_to_safetensors, file_digest, load_edlora, unique_output_path
+from .fused_patches import apply_bundle
 from .layerwise import CONCEPTS_USED_KEY, encode_with_concepts, install_layerwise
 from .common import CONCEPTS, LOADERS, PackNode, check_choices, schema
 from .lora_patch import check_base, clip_patches, load_plain_lora, patch_factors, unet_patches
@@ -47,16 +48,14 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
     """Clone MODEL and CLIP, patch them with one ED-LoRA, and add its concepts to the set.
 
     Everything is validated before anything is patched, and the inputs are never modified. A fused
-    bundle (from Save Fused ED-LoRA Bundle) loads too: its fused weights replace the base weights and
-    its concepts join the set (the strengths do not apply: the bundle is already merged).
+    bundle (from Save Fused ED-LoRA Bundle) loads too: its fused LoRA patches the clones and its concepts
+    join the set (the strengths do not apply: the bundle is already merged).
     """
     if path.lower().endswith(".safetensors") and is_bundle(path):
-        from .fusion_nodes import apply_bundle  # only needed for bundles
-
         model_out, clip_out, fused = apply_bundle(model, clip, path)
         for concept in fused.concepts:
             concepts = (concepts or ConceptSet()).add(concept)
-        model_out.model_options[CONCEPTS_USED_KEY] = concepts.labels
+        model_out.model_options = {**model_out.model_options, CONCEPTS_USED_KEY: concepts.labels}
         return model_out, clip_out, concepts
     edlora = load_edlora(path)
     check_base(edlora, model, clip)

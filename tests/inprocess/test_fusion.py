@@ -1,8 +1,14 @@
-"""Issue 4: gradient fusion node, fused bundles and Checkpoint Save, in a real in-process ComfyUI."""
-import os
+"""Gradient fusion in a real in-process ComfyUI (tiny SD1.5-layout model): the fused result is the base
+plus ordinary LoRA patches that reproduce each concept, for ED-LoRAs and plain LoRAs alike; inputs are
+left alone; bundles round-trip (Load ED-LoRA, the stock Load LoRA, 0.1.0 bundles); the node runs in a
+prompt."""
+import importlib.util
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import comfy.model_management as mm
 import nodes as comfy_nodes
@@ -11,15 +17,27 @@ import pack_nodes as pn
 STEPS, SIZE = 2, 64
 
 
+def _unit_test_module(name):
+    path = Path(__file__).resolve().parents[1] / "unit" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_unit_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(autouse=True)
 def fusion_cache(tmp_path, monkeypatch):
-    """Each test gets its own empty fusion cache folder."""
+    """Each test gets its own (not yet existing) fusion cache folder."""
     monkeypatch.setenv("MIXOFSHOW_FUSION_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
-def fn(env):
-    return env.pack("nodes.fusion_nodes")
+def run(env):
+    return env.pack("nodes.fusion_run")
+
+
+def patches(env):
+    return env.pack("nodes.fused_patches")
 
 
 def settings(env, **kw):
@@ -30,9 +48,9 @@ def settings(env, **kw):
     return env.pack("fusion.gradient_fusion").FusionSettings(**kw)
 
 
-def load_set(env, tiny, names, te=1.0, unet=1.0, model=None, clip=None):
+def load_set(env, tiny, names, te=1.0, unet=1.0, model=None, clip=None, concepts=None):
     model0, clip0, _ = tiny
-    model, clip, concepts = model or model0, clip or clip0, None
+    model, clip = model or model0, clip or clip0
     en = env.pack("nodes.edlora_nodes")
     for name in names:
         model, clip, concepts = en.apply_edlora(model, clip, concepts, en.edlora_path(name), te, unet)
@@ -41,12 +59,23 @@ def load_set(env, tiny, names, te=1.0, unet=1.0, model=None, clip=None):
 
 def snapshot(model, clip):
     return ({k: [id(p[1]) for p in v] for k, v in model.patches.items()},
-            {k: [id(p[1]) for p in v] for k, v in clip.patcher.patches.items()})
+            {k: [id(p[1]) for p in v] for k, v in clip.patcher.patches.items()}, dict(model.model_options))
 
 
 def count_hooks(model, clip):
     mods = list(model.model.diffusion_model.modules()) + list(clip.cond_stage_model.modules())
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in mods)
+
+
+def effective_weight(module) -> torch.Tensor:
+    """The weight a forward pass really uses (patches may be applied in place or at cast time)."""
+    w = module.weight
+    eye = torch.eye(w.shape[1], dtype=torch.float32)
+    if w.ndim == 4:
+        eye = eye[:, :, None, None]
+    with torch.no_grad():
+        out = module(eye) - module(torch.zeros_like(eye))
+    return out.reshape(w.shape[1], w.shape[0]).t().reshape(w.shape)
 
 
 def own_vs_fused(env, tiny, name, text, fc, fcs, concepts):
@@ -60,23 +89,27 @@ def own_vs_fused(env, tiny, name, text, fc, fcs, concepts):
     ref = enc.layerwise_of(enc.encode_with_concepts(own_clip, text, own)[0])[:, :, :n]
     got = enc.layerwise_of(enc.encode_with_concepts(fc, text, fcs)[0])[:, :, :n]
     base = enc.layerwise_of(enc.encode_with_concepts(clip, text, concepts)[0])[:, :, :n]
-    return gf.relative_error(got, ref), gf.relative_error(base, ref)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    return rel(got, ref), rel(base, ref)
 
 
-def test_identical_loras_are_reproduced(env, tiny, write_edlora, capsys):
+@pytest.mark.parametrize("ridge", [0.0, None])
+def test_identical_loras_are_reproduced(env, tiny, write_edlora, capsys, ridge):
     """Two ED-LoRAs with the same LoRA (same seed, other token names): fusion reproduces each one's own
-    encoder on its recorded prompts."""
+    encoder on its recorded prompts -- exactly without regularisation, closely with the default ridge."""
     model, clip, _ = tiny
     a = write_edlora("fu_same_a.pth", tokens=("<ga1>",), seed=50)
     b = write_edlora("fu_same_b.pth", tokens=("<gb1>",), seed=50)
     _, _, concepts = load_set(env, tiny, [a, b])
-    fm, fc, fcs, _ = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
+    kw = {} if ridge is None else {"ridge": ridge}
+    fm, fc, fcs, _ = run(env).fuse(model, clip, concepts, settings(env, **kw), use_cache=False)
     for name, tok in ((a, "<ga1>"), (b, "<gb1>")):
         for text in (f"photo of a {tok}", tok):
             err, err_base = own_vs_fused(env, tiny, name, text, fc, fcs, concepts)
             with capsys.disabled():
-                print(f"\n[fusion] identical LoRAs, {text!r}: rel. error {err:.2e} (base {err_base:.3f})")
-            assert err < 1e-3
+                print(f"\n[fusion] identical LoRAs, ridge {ridge}, {text!r}: rel. error {err:.2e} (base {err_base:.3f})")
+            # the ridge shrinks the change where the rows are weak: still 20x closer than the base encoder
+            assert err < (1e-3 if ridge == 0.0 else 0.05 * err_base)
 
 
 @pytest.fixture(scope="module")
@@ -87,35 +120,34 @@ def two(env, write_edlora):
     return a, b, c
 
 
-def test_bad_inputs(env, tiny, two, write_edlora):
+def test_bad_inputs_fail_before_any_work(env, tiny, two, write_edlora):
     model, clip, _ = tiny
-    fuse = fn(env).fuse
+    fuse = run(env).fuse
     with pytest.raises(ValueError, match="at least one concept"):
         fuse(model, clip, None, settings(env))
-    ConceptSet = env.pack("fusion.concepts").ConceptSet
     with pytest.raises(ValueError, match="at least one concept"):
-        fuse(model, clip, ConceptSet(), settings(env))
-    # same token in two files -> error naming both (surfaces from the concept set)
+        fuse(model, clip, env.pack("fusion.concepts").ConceptSet(), settings(env))
     dup = write_edlora("fu_dup.pth", tokens=("<fa1>",), seed=30)
     with pytest.raises(ValueError, match="fu_a.pth.*fu_dup.pth"):
         load_set(env, tiny, [two[0], dup])
-    # an ED-LoRA for another base -> error before any work (no hook ever fires)
-    other = write_edlora("fu_other.pth", tokens=("<fo1>",), seed=31, model_channels=64)
+    # concepts whose factors do not fit this MODEL (e.g. loaded on another base): refused, no hook ever fires
     good = load_set(env, tiny, [two[0]])[2]
-    bad = good.add(env.pack("fusion.concepts").Concept(
-        env.pack("fusion.edlora").load_edlora(str(env.base / "models" / "edloras" / other)), 1.0, 1.0))
+    other_model, other_clip, _ = env.tiny.build_all("wide", 0)
+    bad = load_set(env, tiny, [write_edlora("fu_other.pth", tokens=("<fo1>",), seed=31, model_channels=64)],
+                   model=other_model, clip=other_clip, concepts=None)[2]
+    mixed = good.add(bad.concepts[0])
     calls = []
     h = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1.register_forward_pre_hook(
         lambda *a: calls.append(1))
     try:
-        with pytest.raises(ValueError, match="fu_other.pth"):
-            fuse(model, clip, bad, settings(env))
+        with pytest.raises(ValueError, match=r"fu_other\.pth.*do not fit the MODEL weight"):
+            fuse(model, clip, mixed, settings(env))
     finally:
         h.remove()
     assert calls == []
 
 
-def test_fusion_reproduces_each_concept_and_leaves_inputs_alone(env, tiny, two, capsys):
+def test_fusion_reproduces_each_concept_as_lora_patches_and_leaves_inputs_alone(env, tiny, two, capsys):
     model, clip, _ = tiny
     _, _, concepts = load_set(env, tiny, two[:2])
     before = snapshot(model, clip)
@@ -123,23 +155,38 @@ def test_fusion_reproduces_each_concept_and_leaves_inputs_alone(env, tiny, two, 
     enc = env.pack("nodes.layerwise")
     base_stack = enc.layerwise_of(enc.encode_with_concepts(clip, "a <fa1> <fa2>", concepts)[0])
 
-    fm, fc, fcs, stats = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
-    assert stats["recorded"]["text"] > 0 and stats["recorded"]["unet"] > 0
+    fm, fc, fcs, stats = run(env).fuse(model, clip, concepts, settings(env), use_cache=False)
+    assert stats["recorded"]["text"] > 0 and stats["recorded"]["unet"] > 0 and stats["cache"] == "off"
     assert snapshot(model, clip) == before and count_hooks(model, clip) == hooks_before
-    # every LoRA'd module fused, no LoRA left
-    unet_w, _ = fn(env).fused_weights_of(fm)
-    text_w, _ = fn(env).fused_weights_of(fc.patcher)
+    # every LoRA'd weight carries exactly one patch: an ordinary LoRA patch (no replaced weight), rank 4 + 4
+    FusedLoRA = patches(env).FusedLoRA
+    import comfy.weight_adapter as wa
+    unet_w, info = patches(env).fused_of(fm)
+    text_w, _ = patches(env).fused_of(fc.patcher)
     assert len(unet_w) == 192 and len(text_w) == 2 * 6
-    assert all(len(v) == 1 for k, v in fm.patches.items() if k in unet_w)
-    patches = fm.model_options["transformer_options"]["patches"]["attn2_patch"]
-    assert any(isinstance(p, env.pack("nodes.layerwise").LayerwiseAttn2Patch) for p in patches)
+    for patcher, keys in ((fm, unet_w), (fc.patcher, text_w)):
+        for k in keys:
+            (entry,) = patcher.patches[k]
+            assert isinstance(entry[1], FusedLoRA) and isinstance(entry[1], wa.LoRAAdapter) and entry[0] == 1.0
+            assert entry[1].weights[0].shape[1] == 8 and entry[1].weights[0].dtype == torch.float32
+    assert info["base"] and [c["tokens"] for c in info["concepts"]] == [["<fa1>", "<fa2>"], ["<fb1>"]]
+    patches_ = fm.model_options["transformer_options"]["patches"]["attn2_patch"]
+    assert any(isinstance(p, env.pack("nodes.layerwise").LayerwiseAttn2Patch) for p in patches_)
     assert [c.edlora.tokens for c in fcs.concepts] == [["<fa1>", "<fa2>"], ["<fb1>"]]
-    assert all(c.text_encoder_strength == 0 and c.unet_strength == 0 and not c.edlora.unet
-               for c in fcs.concepts)
+    assert all(c.text_encoder_strength == 0 and c.unet_strength == 0 and not c.unet_factors for c in fcs.concepts)
+    # the effective fused weight is W0 + up @ down (ComfyUI applies the patch when the model loads)
+    key = next(k for k in unet_w if k.endswith("proj_in.weight"))
+    w0 = fm.get_key_patches()[key][0][0].float().clone()
+    mm.load_models_gpu([fm])
+    try:
+        got = effective_weight(fm.model.get_submodule(key[:-len(".weight")]))
+    finally:
+        mm.unload_all_models()
+    up, down = unet_w[key]
+    torch.testing.assert_close(got, w0 + (up.flatten(1) @ down.flatten(1)).reshape(w0.shape), atol=1e-5, rtol=1e-5)
 
-    # fused CLIP vs each concept's own merged CLIP on "a <c1> <c2>" (unpadded positions: start..end token).
-    # Random synthetic LoRAs conflict on shared inputs (start token, "photo of a"), so the fused encoder is a
-    # compromise: it must be clearly closer to each concept's own encoder than the base encoder is.
+    # fused CLIP vs each concept's own merged CLIP on "a <c1> <c2>" (unpadded positions): random synthetic
+    # LoRAs conflict on shared inputs, so the fused encoder is a compromise, clearly closer than the base
     report = []
     for name, tokens in ((two[0], "<fa1> <fa2>"), (two[1], "<fb1>")):
         err, err_base = own_vs_fused(env, tiny, name, f"a {tokens}", fc, fcs, concepts)
@@ -149,15 +196,14 @@ def test_fusion_reproduces_each_concept_and_leaves_inputs_alone(env, tiny, two, 
         for name, err, err_base in report:
             print(f"\n[fusion] {name}: rel. error of 'a <c..>' fused vs own merged CLIP {err:.4f} "
                   f"(base CLIP vs own: {err_base:.4f})")
-    # base CLIP still encodes as before
     assert torch.equal(enc.layerwise_of(enc.encode_with_concepts(clip, "a <fa1> <fa2>", concepts)[0]), base_stack)
 
 
 def test_single_and_embedding_only_concepts(env, tiny, two, write_edlora):
     model, clip, _ = tiny
     _, own_clip, concepts = load_set(env, tiny, [two[1]], te=0.8, unet=0.6)
-    fm, fc, fcs, stats = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
-    assert stats["recorded"] == {"text": 0, "cross_kv": 0, "unet": 0}  # one concept: merged, nothing recorded
+    fm, fc, fcs, stats = run(env).fuse(model, clip, concepts, settings(env), use_cache=True)
+    assert stats["recorded"] == {"text": 0, "cross_kv": 0, "unet": 0}  # one concept: its LoRA, nothing recorded
     enc = env.pack("nodes.layerwise")
     got = enc.layerwise_of(enc.encode_with_concepts(fc, "a <fb1>", fcs)[0])
     ref = enc.layerwise_of(enc.encode_with_concepts(own_clip, "a <fb1>", concepts)[0])
@@ -165,31 +211,32 @@ def test_single_and_embedding_only_concepts(env, tiny, two, write_edlora):
 
     emb = write_edlora("fu_emb.pth", tokens=("<fe1>",), seed=40, text_lora=False, unet_lora=False)
     _, _, mixed = load_set(env, tiny, [two[0], emb])
-    fm, fc, fcs, _ = fn(env).fuse(model, clip, mixed, settings(env), use_cache=False)
+    fm, fc, fcs, _ = run(env).fuse(model, clip, mixed, settings(env), use_cache=False)
     assert [c.edlora.tokens for c in fcs.concepts] == [["<fa1>", "<fa2>"], ["<fe1>"]]
     _, _, only_emb = load_set(env, tiny, [emb])
-    fm, fc, fcs, stats = fn(env).fuse(model, clip, only_emb, settings(env), use_cache=False)
-    assert not fn(env).fused_weights_of(fm)[0] and not fn(env).fused_weights_of(fc.patcher)[0]
+    fm, fc, fcs, stats = run(env).fuse(model, clip, only_emb, settings(env), use_cache=False)
+    assert not patches(env).fused_of(fm)[0] and not patches(env).fused_of(fc.patcher)[0]
 
 
 def test_connected_loader_outputs_are_stripped(env, tiny, two):
     model, clip, _ = tiny
     lm, lc, concepts = load_set(env, tiny, two[:2])
-    a = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
-    b = fn(env).fuse(lm, lc, concepts, settings(env), use_cache=False)
-    wa, wb = fn(env).fused_weights_of(a[0])[0], fn(env).fused_weights_of(b[0])[0]
-    ta, tb = fn(env).fused_weights_of(a[1].patcher)[0], fn(env).fused_weights_of(b[1].patcher)[0]
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
-    for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], atol=1e-5, rtol=1e-4)
+    a = run(env).fuse(model, clip, concepts, settings(env), use_cache=False)
+    b = run(env).fuse(lm, lc, concepts, settings(env), use_cache=False)
+    for pa, pb in ((a[0], b[0]), (a[1].patcher, b[1].patcher)):
+        wa, wb = patches(env).fused_of(pa)[0], patches(env).fused_of(pb)[0]
+        assert wa.keys() == wb.keys()
+        assert all(len(pb.patches[k]) == 1 for k in wb)  # the loaders' own patches on those weights are gone
+        for k in wa:
+            torch.testing.assert_close(wa[k][0].flatten(1) @ wa[k][1].flatten(1),
+                                       wb[k][0].flatten(1) @ wb[k][1].flatten(1), atol=1e-5, rtol=1e-4)
 
 
 def test_error_and_interrupt_leave_nothing_behind(env, tiny, two):
     model, clip, _ = tiny
     _, _, concepts = load_set(env, tiny, two[:2])
     before, hooks_before = snapshot(model, clip), count_hooks(model, clip)
-    ref = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)[0]
+    ref = run(env).fuse(model, clip, concepts, settings(env), use_cache=False)[0]
     target = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].ff.net[2]
 
     def interrupt(*_):
@@ -198,7 +245,7 @@ def test_error_and_interrupt_leave_nothing_behind(env, tiny, two):
     h = target.register_forward_pre_hook(interrupt)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
+            run(env).fuse(model, clip, concepts, settings(env), use_cache=False)
     finally:
         h.remove()
         mm.interrupt_current_processing(False)
@@ -210,57 +257,33 @@ def test_error_and_interrupt_leave_nothing_behind(env, tiny, two):
     h = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[1].mlp.fc2.register_forward_pre_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
+            run(env).fuse(model, clip, concepts, settings(env), use_cache=False)
     finally:
         h.remove()
     assert snapshot(model, clip) == before and count_hooks(model, clip) == hooks_before
-
-    again = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)[0]
-    wr, wa = fn(env).fused_weights_of(ref)[0], fn(env).fused_weights_of(again)[0]
+    again = run(env).fuse(model, clip, concepts, settings(env), use_cache=False)[0]
+    wr, wa = patches(env).fused_of(ref)[0], patches(env).fused_of(again)[0]
     assert wr.keys() == wa.keys()
     for k in wr:
-        torch.testing.assert_close(wa[k], wr[k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(wa[k][0], wr[k][0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(wa[k][1], wr[k][1], atol=1e-6, rtol=1e-5)
 
 
-def test_cache_hits_and_per_concept_text_statistics(env, tiny, two, fusion_cache):
-    model, clip, _ = tiny
-    _, _, ab = load_set(env, tiny, two[:2])
-    first = fn(env).fuse(model, clip, ab, settings(env))
-    calls = []
-    mods = [clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1,
-            model.model.diffusion_model.middle_block[1].proj_in]
-    hs = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in mods]
-    try:
-        second = fn(env).fuse(model, clip, ab, settings(env))
-    finally:
-        for h in hs:
-            h.remove()
-    assert second[3]["cache"] == "hit" and calls == []
-    w1, w2 = fn(env).fused_weights_of(first[0])[0], fn(env).fused_weights_of(second[0])[0]
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)
-    # other settings: a new fusion
-    assert fn(env).fuse(model, clip, ab, settings(env, seed=6))[3]["cache"] == "miss"
-    # {A, B, C} after {A, B}: stage-1 recordings of A and B are reused, only C is recorded
-    _, _, abc = load_set(env, tiny, two)
-    stats = fn(env).fuse(model, clip, abc, settings(env))[3]
-    per_concept = first[3]["recorded"]["text"] / 2
-    assert stats["cache"] == "miss" and stats["recorded"]["text"] == per_concept
-    assert any(f.endswith(".rows") for f in os.listdir(fusion_cache))
-
-
-def test_bundle_round_trip_and_checkpoint_save(env, tiny, two):
+def test_bundle_round_trip_stock_lora_loader_and_checkpoint_save(env, tiny, two):
     model, clip, vae = tiny
     _, _, concepts = load_set(env, tiny, two[:2])
-    fm, fc, fcs, _ = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
+    fm, fc, fcs, _ = run(env).fuse(model, clip, concepts, settings(env), use_cache=False)
     name = pn.save_fused_bundle(fm, fc, fcs, "fu_bundle")
     loader = env.pack("nodes.edlora_nodes")
     assert name in loader.edlora_choices()
-    # Load ED-LoRA loads bundles (its strengths do not apply: the bundle is already merged)
+    # Load ED-LoRA: the same LoRA patches and concepts (its strengths do not apply: the bundle is merged)
     lm, lc, lcs = pn.load_edlora(model, clip, name, 0.3, 0.3)
     assert lm.model_options["mixofshow_concepts"] == lcs.labels
     for a, b in ((fm, lm), (fc.patcher, lc.patcher)):
-        wa, wb = fn(env).fused_weights_of(a)[0], fn(env).fused_weights_of(b)[0]
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        wa, wb = patches(env).fused_of(a)[0], patches(env).fused_of(b)[0]
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k][0].flatten(1), wb[k][0].flatten(1)) and torch.equal(wa[k][1], wb[k][1])
     assert [c.edlora.tokens for c in lcs.concepts] == [c.edlora.tokens for c in fcs.concepts]
     for t, table in fcs.tables.items():
         torch.testing.assert_close(lcs.tables[t], table)
@@ -269,48 +292,105 @@ def test_bundle_round_trip_and_checkpoint_save(env, tiny, two):
                                enc.layerwise_of(enc.encode_with_concepts(fc, "a <fa1>", fcs)[0]))
     with pytest.raises(ValueError, match="another base model"):  # a bundle on a base it was not fused on
         pn.load_edlora(*env.tiny.build_all("wide", 0)[:2], name, 1.0, 1.0)
+    upper = Path(env.folder_paths.get_full_path("edloras", name)).with_name("FU_BUNDLE_UPPER.SAFETENSORS")
+    shutil.copy(env.folder_paths.get_full_path("edloras", name), upper)
+    _, _, ucs = loader.apply_edlora(model, clip, None, str(upper), 1.0, 1.0)  # still a bundle
+    assert [c.edlora.tokens for c in ucs.concepts] == [c.edlora.tokens for c in fcs.concepts]
 
-    # stock Checkpoint Save on the fused MODEL/CLIP
+    # the stock Load LoRA at strength 1.0 gives the same sample as the fused MODEL/CLIP (tokens aside)
+    shutil.copy(env.folder_paths.get_full_path("edloras", name), env.base / "models" / "loras" / name)
+    sm, sc = comfy_nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    outs = []
+    for m, c in ((fm, fc), (sm, sc)):
+        pos = comfy_nodes.CLIPTextEncode().encode(c, "a photo of a castle")[0]
+        neg = comfy_nodes.CLIPTextEncode().encode(c, "blurry")[0]
+        outs.append(comfy_nodes.common_ksampler(m, 3, 2, 5.0, "euler", "normal", pos, neg, latent)[0]["samples"])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5 * float(outs[0].abs().max()), rtol=0)
+
+    # stock Checkpoint Save on the fused MODEL/CLIP writes W0 + up @ down
     import comfy_extras.nodes_model_merging as merging
     saver = merging.CheckpointSave()
     saver.output_dir = str(env.base / "output")
     saver.save(fm, fc, vae, "fused/fu_ckpt")
     files = list((env.base / "output" / "fused").glob("fu_ckpt*.safetensors"))
-    assert files
     from safetensors.torch import load_file
     sd = load_file(str(files[0]))
-    key = next(k for k in fn(env).fused_weights_of(fm)[0] if k.endswith("proj_in.weight"))
-    torch.testing.assert_close(sd["model." + key].float(), fn(env).fused_weights_of(fm)[0][key].float())
+    unet_w = patches(env).fused_of(fm)[0]
+    key = next(k for k in unet_w if k.endswith("proj_in.weight"))
+    w0 = fm.get_key_patches()[key][0][0].float()
+    expected = w0 + (unet_w[key][0].flatten(1) @ unet_w[key][1].flatten(1)).reshape(w0.shape)
+    torch.testing.assert_close(sd["model." + key].float(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="carry no fused LoRA"):
+        pn.save_fused_bundle(model, clip, fcs, "fu_nothing")
 
 
-def test_node_in_a_prompt(env, two):
+def test_a_0_1_0_bundle_still_loads(env, tiny, two):
+    """0.1.0 bundles hold full fused weights ("set" patches); Load ED-LoRA keeps loading them."""
+    write_v1_bundle = _unit_test_module("test_fusion_bundle").write_v1_bundle  # 0.1.0's writer
+    model, clip, _ = tiny
+    _, _, concepts = load_set(env, tiny, two[:1])
+    mk, ck = model.get_key_patches(), clip.patcher.get_key_patches()
+    g = torch.Generator().manual_seed(9)
+    ukey = "diffusion_model.input_blocks.1.1.proj_in.weight"
+    tkey = "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    fused_u = mk[ukey][0][0] + 0.1 * torch.randn(mk[ukey][0][0].shape, generator=g)
+    fused_t = ck[tkey][0][0] + 0.1 * torch.randn(ck[tkey][0][0].shape, generator=g)
+    path = env.base / "models" / "edloras" / "fu_v010.safetensors"
+    write_v1_bundle(str(path), {ukey: fused_u}, {tkey: fused_t},
+                    [{"name": "fu_a.pth", "tokens": ["<fa1>", "<fa2>"], "digest": "d"}], dict(concepts.tables))
+    lm, lc, lcs = pn.load_edlora(model, clip, "fu_v010.safetensors", 1.0, 1.0)
+    assert lm.patches[ukey][-1][1][0] == "set" and [c.edlora.tokens for c in lcs.concepts] == [["<fa1>", "<fa2>"]]
+    mm.load_models_gpu([lm])
+    try:
+        torch.testing.assert_close(effective_weight(lm.model.get_submodule(ukey[:-7])), fused_u.float())
+    finally:
+        mm.unload_all_models()
+    lc.load_model()
+    try:
+        # (the text encoder may compute in float16 here: its rounding)
+        torch.testing.assert_close(effective_weight(lc.cond_stage_model.get_submodule(tkey[:-7])), fused_t.float(),
+                                   atol=1e-3, rtol=1e-3)
+    finally:
+        mm.unload_all_models()
+    with pytest.raises(ValueError, match="0.1.0 bundles hold full weights"):
+        pn.save_fused_bundle(lm, lc, lcs, "fu_again")
+
+
+def test_node_in_a_prompt_old_and_new_inputs(env, two):
     from comfy_env import execution_error, run_prompt
-    graph = {
-        "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": 0}},
-        "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                              "edlora_name": two[0], "text_encoder_strength": 1.0,
-                                                              "unet_strength": 1.0}},
-        "3": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["2", 0], "clip": ["2", 1],
-                                                              "edlora_name": two[1], "text_encoder_strength": 1.0,
-                                                              "unet_strength": 1.0, "concepts": ["2", 2]}},
-        "4": {"class_type": "MixOfShowGradientFusion", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "concepts": ["3", 2], "steps": 1, "width": 64, "height": 64,
-            "seed": 0, "solver": "closed_form", "cache": False}},
-        "5": {"class_type": "MixOfShowTextEncode", "inputs": {"clip": ["4", 1], "concepts": ["4", 2],
-                                                              "text": "a <fa1> <fa2> and <fb1>"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "blurry"}},
-        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "8": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["5", 0], "negative": ["6", 0],
-                                                   "latent_image": ["7", 0], "seed": 0, "steps": 1, "cfg": 5.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "9": {"class_type": "MixOfShowSaveFusedBundle", "inputs": {"model": ["4", 0], "clip": ["4", 1],
-                                                                   "concepts": ["4", 2],
-                                                                   "filename_prefix": "fu_prompt"}},
-        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
-        "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},
-    }
-    executor, _ = run_prompt(graph)
-    assert executor.success, execution_error(executor) or executor.validation
+
+    def graph(**extra):
+        return {
+            "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": 0}},
+            "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                                  "edlora_name": two[0], "text_encoder_strength": 1.0,
+                                                                  "unet_strength": 1.0}},
+            "3": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["2", 0], "clip": ["2", 1],
+                                                                  "edlora_name": two[1], "text_encoder_strength": 1.0,
+                                                                  "unet_strength": 1.0, "concepts": ["2", 2]}},
+            "4": {"class_type": "MixOfShowGradientFusion", "inputs": {  # 0.1.0's inputs, in 0.1.0's order
+                "model": ["1", 0], "clip": ["1", 1], "concepts": ["3", 2], "steps": 1, "width": 64, "height": 64,
+                "seed": 0, "solver": "closed_form", "cache": False, **extra}},
+            "5": {"class_type": "MixOfShowTextEncode", "inputs": {"clip": ["4", 1], "concepts": ["4", 2],
+                                                                  "text": "a <fa1> <fa2> and <fb1>"}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "blurry"}},
+            "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "8": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["5", 0], "negative": ["6", 0],
+                                                       "latent_image": ["7", 0], "seed": 0, "steps": 1, "cfg": 5.0,
+                                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "9": {"class_type": "MixOfShowSaveFusedBundle", "inputs": {"model": ["4", 0], "clip": ["4", 1],
+                                                                       "concepts": ["4", 2],
+                                                                       "filename_prefix": "fu_prompt"}},
+            "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+            "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},
+        }
+
+    for extra in ({}, {"sampler_name": "euler", "scheduler": "karras", "ridge": 0.001}):
+        executor, _ = run_prompt(graph(**extra))
+        assert executor.success, execution_error(executor) or executor.validation
+    executor, _ = run_prompt(graph(sampler_name="not_a_sampler"))
+    assert not executor.success and "sampler_name" in str(executor.validation)
 
 
 def test_fused_model_accepts_regions_encoded_with_the_fused_concepts(env, tiny, write_edlora):
@@ -318,7 +398,7 @@ def test_fused_model_accepts_regions_encoded_with_the_fused_concepts(env, tiny, 
     a = write_edlora("fu_reg_a.pth", tokens=("<ra1>",), seed=80)
     b = write_edlora("fu_reg_b.pth", tokens=("<rb1>",), seed=81)
     _, _, concepts = load_set(env, tiny, [a, b])
-    fm, fc, fcs, _ = fn(env).fuse(model, clip, concepts, settings(env), use_cache=False)
+    fm, fc, fcs, _ = run(env).fuse(model, clip, concepts, settings(env), use_cache=False)
     assert fm.model_options["mixofshow_concepts"] == fcs.labels == concepts.labels
     enc = env.pack("nodes.layerwise").encode_with_concepts
     regional = env.pack("nodes.regional_attention")
@@ -331,3 +411,95 @@ def test_fused_model_accepts_regions_encoded_with_the_fused_concepts(env, tiny, 
     out = comfy_nodes.common_ksampler(patched, 1, 1, 5.0, "euler", "normal", enc(fc, "two people", fcs),
                                       enc(fc, "blurry", fcs), latent)[0]["samples"]
     assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- plain LoRAs as concepts (issue 8)
+
+def write_kohya_lora(env, name, seed, rank=4, alpha=2.0, text=True, locon=False):
+    """A plain LoRA for the tiny model in kohya's key layout (lora_unet_<diffusers module>, lora_te_…)."""
+    from fusion.synthetic import text_module_shapes, unet_module_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    shapes = {f"lora_unet_{m.replace('.', '_')}": s for m, s in unet_module_shapes(32, whole_block=False).items()}
+    if text:
+        shapes.update({f"lora_te_{m.replace('.', '_')}": s for m, s in text_module_shapes(2, 512).items()})
+    if locon:
+        shapes["lora_unet_down_blocks_0_resnets_0_conv1"] = (32, 32, 3, 3)
+    for key, shape in shapes.items():
+        kernel = tuple(shape[2:])
+        sd[f"{key}.lora_up.weight"] = torch.randn(shape[0], rank, *((1, 1) if kernel else ()), generator=g) * 0.5
+        sd[f"{key}.lora_down.weight"] = torch.randn(rank, shape[1], *kernel, generator=g) / shape[1] ** 0.5
+        sd[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(sd, str(env.base / "models" / "loras" / name))
+    return name
+
+
+def lora_concept(env, model, clip, concepts, name, words, strength=1.0):
+    en = env.pack("nodes.edlora_nodes")
+    path = env.folder_paths.get_full_path_or_raise("loras", name)
+    return en.apply_lora_concept(model, clip, concepts, path, words, strength, strength)
+
+
+def test_two_plain_loras_and_an_ed_lora_fuse_better_than_weight_summing(env, tiny, two, capsys):
+    """Issue 8: LoRAs as concepts fuse like ED-LoRAs. On the same recordings the closed form's objective
+    is at most L-BFGS's, and each concept's own layers reproduce it on its recordings far better than
+    plain weight summing (relative output error of those layers, fused vs summed)."""
+    model, clip, _ = tiny
+    a = write_kohya_lora(env, "fu_plain_a.safetensors", seed=61)
+    b = write_kohya_lora(env, "fu_plain_b.safetensors", seed=62, text=False, alpha=4.0)
+    m, c, concepts = lora_concept(env, model, clip, None, a, "ohwx woman")
+    m, c, concepts = lora_concept(env, m, c, concepts, b, "sks man")
+    m, c, concepts = load_set(env, tiny, [two[0]], model=m, clip=c, concepts=concepts)
+    rows = {}
+
+    def tap(stage, i, group, x, channels_first):
+        x = x.flatten(2).transpose(1, 2) if channels_first else x
+        rows.setdefault((i, group), []).append(x.reshape(-1, x.shape[-1]).double())
+
+    s = settings(env, ridge=0.0)
+    fm, fc, fcs, stats = run(env).fuse(model, clip, concepts, s, use_cache=False, keep_problems=True, tap=tap)
+    assert [cc.trigger_words for cc in fcs.concepts] == ["ohwx woman", "sks man", ""]
+    solver = env.pack("fusion.solver")
+    result = stats["result"]
+    plan = run(env).plan_for(model, clip, concepts)
+    w0s = {**{k: v[0][0].double() for k, v in model.get_key_patches().items()},
+           **{k: v[0][0].double() for k, v in clip.patcher.get_key_patches().items()}}
+    errors = {}  # (concept, stage) -> [Σ fused err², Σ summed err², Σ ‖X Wᵢᵀ‖²]
+    for layer in result.solved:
+        t, acc, prob = layer.target, layer.inputs, layer.problem
+        # the closed form's objective on these recordings is at most the reference optimiser's
+        o_cf = solver.layer_objective(acc, prob, result.deltas[t.key])
+        o_lb = solver.layer_objective(acc, prob, solver.solve_lbfgs(acc, prob, 200 if t.stage == "unet" else 500))
+        assert o_cf <= o_lb * (1 + 1e-6) + 1e-9 * solver.layer_objective(acc, prob), (t.key, o_cf, o_lb)
+        fused = result.deltas[t.key][0].double() @ result.deltas[t.key][1].double()
+        summed = sum(d[t.key][0].double() @ d[t.key][1].double() for d in plan.deltas if t.key in d)
+        w0 = w0s[t.key].reshape(w0s[t.key].shape[0], -1)
+        for i, d in enumerate(plan.deltas):
+            if t.key not in d:
+                continue
+            x = torch.cat(rows[(i, t.group)])
+            own = d[t.key][0].double() @ d[t.key][1].double()
+            e = errors.setdefault((i, t.stage), [0.0, 0.0, 0.0])
+            e[0] += float((x @ (fused - own).T).square().sum())
+            e[1] += float((x @ (summed - own).T).square().sum())
+            e[2] += float((x @ (w0 + own).T).square().sum())
+    names = ["plain A (ohwx woman)", "plain B (sks man)", "ED-LoRA fu_a"]
+    with capsys.disabled():
+        print("\n[fusion, issue 8] relative output error of each concept's own layers on its recordings")
+        print(f"  {'concept':22s} {'stage':9s} {'fused':>10s} {'summed':>10s}")
+        for (i, stage), (ef, es, ref) in sorted(errors.items()):
+            print(f"  {names[i]:22s} {stage:9s} {(ef / ref) ** .5:10.3e} {(es / ref) ** .5:10.3e}")
+    assert {i for i, _ in errors} == {0, 1, 2} and (1, "text") not in errors  # B has no text LoRA
+    for (i, stage), (ef, es, _ref) in errors.items():
+        assert ef < 0.5 * es, (names[i], stage, ef, es)
+
+
+def test_locon_conv_layers_are_refused_naming_file_and_module(env, tiny, two):
+    model, clip, _ = tiny
+    name = write_kohya_lora(env, "fu_locon.safetensors", seed=63, locon=True)
+    m, c, concepts = lora_concept(env, model, clip, None, name, "zxc cat")
+    m, c, concepts = load_set(env, tiny, [two[1]], model=m, clip=c, concepts=concepts)
+    with pytest.raises(ValueError, match=r"fu_locon\.safetensors.*3x3 convolution "
+                                         r"'diffusion_model\.input_blocks\.1\.0\.in_layers\.2\.weight' \(LoCon\)"):
+        run(env).fuse(model, clip, concepts, settings(env), use_cache=False)

@@ -1,201 +1,222 @@
-"""Issue 4 (pure part): gradient-fusion orchestration helpers and fused bundles."""
+"""fusion/gradient_fusion.py: the plan (targets, stages, input groups, validation) and the three-stage run
+(each stage records with the earlier stages' result, rows folded per group, one progress bar), driven by
+a plain-torch recorder."""
 import pytest
 import torch
 
 from fusion import gradient_fusion as gf
-from fusion.bundle import FusedBundle, is_bundle, load_bundle, save_bundle
-from fusion.edlora import EDLoRAError
+from fusion.solver import FoldedInputs, LayerProblem, solve_closed_form
+
+T = "clip_l.transformer.text_model.encoder.layers.0."
+U = "diffusion_model.input_blocks.1.1."
+KEYS = {  # key -> weight shape: SD1.x names, tiny sizes
+    ("clip", T + "self_attn.q_proj.weight"): (12, 12), ("clip", T + "self_attn.k_proj.weight"): (12, 12),
+    ("clip", T + "mlp.fc1.weight"): (20, 12),
+    ("model", U + "transformer_blocks.0.attn2.to_k.weight"): (8, 12),
+    ("model", U + "transformer_blocks.0.attn2.to_v.weight"): (8, 12),
+    ("model", U + "transformer_blocks.0.attn1.to_q.weight"): (8, 8),
+    ("model", U + "proj_in.weight"): (8, 8, 1, 1),
+}
+SHAPES = {part: {k: s for (p, k), s in KEYS.items() if p == part} for part in ("clip", "model")}
 
 
-def test_prompts_use_tokens_in_file_order():
-    assert gf.concept_prompts(["<c1>", "<c2>"]) == ("photo of a <c1> <c2>", "<c1> <c2>")
-    assert gf.concept_prompts(["<x>"]) == ("photo of a <x>", "<x>")
+def concept(i, rank=2, skip=(), te=1.0, unet=1.0):
+    g = torch.Generator().manual_seed(100 + i)
+    factors = {"clip": {}, "model": {}}
+    for (part, key), shape in KEYS.items():
+        if key in skip:
+            continue
+        up = torch.randn(shape[0], rank, *shape[2:], generator=g) * 0.3
+        down = torch.randn(rank, shape[1], *shape[2:], generator=g)
+        factors[part][key] = (up, down)
+    return gf.ConceptLoRA(f"c{i}.safetensors", factors["clip"], factors["model"], te, unet)
+
+
+class PlainRecorder:
+    """Rows from seeded noise per (stage, concept, group); cross-attention k/v rows depend on the fused
+    text deltas (as the fused text encoder's outputs do), so that the stage order is visible."""
+
+    def __init__(self, rows=9, skip_groups=()):
+        self.rows, self.skip_groups, self.calls = rows, set(skip_groups), []
+
+    def record(self, stage, concept, fused, groups, sink, on_step):
+        self.calls.append((stage, concept, sorted(fused), dict(groups)))
+        for gi, (group, layer) in enumerate(sorted(groups.items())):
+            if group in self.skip_groups:
+                continue
+            g = torch.Generator().manual_seed(1000 * concept + 10 * gf.STAGES.index(stage) + gi)
+            width = next(s for (p, k), s in KEYS.items() if gf.input_group(k[:-7]) == group)[1]
+            x = torch.randn(self.rows, width, generator=g)
+            if stage == "cross_kv":
+                x = x + 0.01 * sum(float((up @ down).sum()) for up, down in fused.values())
+            if stage == "unet" and group.endswith("proj_in"):
+                sink(group, x.T.reshape(1, width, self.rows, 1), True)  # a conv input [B, C, H, W]
+            else:
+                sink(group, x, False)
+        if stage == "unet":
+            for step in range(2):
+                on_step(step + 1, 2)
+
+
+def settings(**kw):
+    kw.setdefault("steps", 2)
+    return gf.FusionSettings(**kw)
+
+
+def test_prompts_and_settings():
+    assert gf.concept_prompts("<c1> <c2>") == ("photo of a <c1> <c2>", "<c1> <c2>")
+    assert gf.concept_prompts("ohwx woman") == ("photo of a ohwx woman", "ohwx woman")
     with pytest.raises(ValueError):
-        gf.concept_prompts([])
-
-
-def test_lora_delta_linear_and_conv():
-    g = torch.Generator().manual_seed(0)
-    up, down = torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)
-    torch.testing.assert_close(gf.lora_delta(up, down, 0.7), 0.7 * up @ down)
-    d4 = gf.lora_delta(up[:, :, None, None], down[:, :, None, None], 0.7)
-    assert d4.shape == (6, 5)
-    torch.testing.assert_close(d4, 0.7 * up @ down)
-    w = torch.randn(6, 5, 1, 1)
-    assert gf.restore_shape(gf.as_matrix(w), w).shape == w.shape
-
-
-def test_input_groups_share_recordings():
-    groups = gf.group_modules([
-        "a.attn1.to_q", "a.attn1.to_k", "a.attn1.to_v", "a.attn1.to_out.0", "a.attn2.to_k", "a.attn2.to_v",
-        "a.attn2.to_q", "l.0.self_attn.k_proj", "l.0.self_attn.v_proj", "l.0.mlp.fc1"])
-    assert groups["a.attn1.to_q"] == ["a.attn1.to_k", "a.attn1.to_q", "a.attn1.to_v"]
-    assert groups["a.attn2.to_k"] == ["a.attn2.to_k", "a.attn2.to_v"]
-    assert groups["l.0.self_attn.q_proj"] == ["l.0.self_attn.k_proj", "l.0.self_attn.v_proj"]  # q not LoRA'd
-    assert groups["a.attn2.to_q"] == ["a.attn2.to_q"] and groups["l.0.mlp.fc1"] == ["l.0.mlp.fc1"]
-
-
-def test_gram_sqrt_reproduces_the_gram():
-    x = torch.randn(7, 12, dtype=torch.float64)
-    g = x.T @ x  # rank 7 of 12
-    r = gf.gram_sqrt(g)
-    torch.testing.assert_close(r.T @ r, g, atol=1e-9, rtol=1e-9)
-
-
-def test_cache_keys_change_with_every_input():
-    s = gf.FusionSettings()
-    base = gf.cache_key("base", [("d1", 1.0, 1.0), ("d2", 1.0, 1.0)], s)
-    assert base == gf.cache_key("base", [("d1", 1.0, 1.0), ("d2", 1.0, 1.0)], gf.FusionSettings())
-    others = {
-        gf.cache_key("other", [("d1", 1.0, 1.0), ("d2", 1.0, 1.0)], s),
-        gf.cache_key("base", [("dX", 1.0, 1.0), ("d2", 1.0, 1.0)], s),
-        gf.cache_key("base", [("d1", 0.9, 1.0), ("d2", 1.0, 1.0)], s),
-        gf.cache_key("base", [("d1", 1.0, 0.9), ("d2", 1.0, 1.0)], s),
-        gf.cache_key("base", [("d1", 1.0, 1.0)], s),
-        gf.cache_key("base", [("d1", 1.0, 1.0), ("d2", 1.0, 1.0)], gf.FusionSettings(steps=4)),
-        gf.cache_key("base", [("d1", 1.0, 1.0), ("d2", 1.0, 1.0)], gf.FusionSettings(solver="lbfgs")),
-        gf.cache_key("base", [("d1", 1.0, 1.0), ("d2", 1.0, 1.0)], gf.FusionSettings(seed=1)),
-    }
-    assert base not in others and len(others) == 8
-    assert gf.text_stats_key("c", "d", 1.0) != gf.text_stats_key("c", "d", 0.5)
+        gf.concept_prompts(" ")
     with pytest.raises(ValueError):
         gf.FusionSettings(solver="adam")
+    with pytest.raises(ValueError):
+        gf.FusionSettings(ridge=-1.0)
+    assert gf.FusionSettings().ridge == gf.DEFAULT_RIDGE and gf.FusionSettings().sampler == "reference"
 
 
-def test_tensor_fingerprint_sees_values_and_shape():
-    t = torch.arange(10000, dtype=torch.float32)
-    assert gf.tensor_fingerprint(t) == gf.tensor_fingerprint(t.clone())
-    assert gf.tensor_fingerprint(t) != gf.tensor_fingerprint(t + 1)
-    assert gf.tensor_fingerprint(t) != gf.tensor_fingerprint(t.reshape(100, 100))
+def test_plan_targets_stages_groups_and_layers():
+    plan = gf.make_plan([concept(0), concept(1, skip={T + "mlp.fc1.weight"}, unet=0.0)], SHAPES["clip"],
+                        SHAPES["model"])
+    by_key = {t.key: t for t in plan.targets}
+    assert [t.stage for t in plan.targets] == ["text"] * 3 + ["cross_kv"] * 2 + ["unet"] * 2
+    assert by_key[T + "self_attn.k_proj.weight"].group == T + "self_attn.q_proj"
+    assert by_key[U + "transformer_blocks.0.attn2.to_v.weight"].group == U + "transformer_blocks.0.attn2.to_k"
+    assert by_key[U + "transformer_blocks.0.attn2.to_k.weight"].layer == 0 and by_key[U + "proj_in.weight"].layer is None
+    assert plan.keys("clip") == {k for k in SHAPES["clip"]}
+    # strengths folded into up; strength 0 or no LoRA: no delta (the concept's rows still count)
+    c0 = concept(0)
+    up, down = plan.deltas[0][T + "mlp.fc1.weight"]
+    torch.testing.assert_close(up, c0.text[T + "mlp.fc1.weight"][0])
+    assert T + "mlp.fc1.weight" not in plan.deltas[1] and not any(k.startswith("diffusion") for k in plan.deltas[1])
+    assert plan.deltas[0][U + "proj_in.weight"][1].shape == (2, 8)  # conv factors as 2-D
+    half = gf.make_plan([concept(0, te=0.5)], SHAPES["clip"], SHAPES["model"])
+    torch.testing.assert_close(half.deltas[0][T + "mlp.fc1.weight"][0], 0.5 * up)
 
 
-def _problem(n_concepts=2, out=6, d=10, rows=4, conv=False, seed=0, identical=False):
-    g = torch.Generator().manual_seed(seed)
-    w0 = torch.randn(out, d, generator=g)
-    deltas = [torch.randn(out, d, generator=g) * 0.3 for _ in range(n_concepts)]
-    xs = [torch.randn(rows, d, generator=g) for _ in range(n_concepts)]
-    if identical:
-        deltas = [deltas[0]] * n_concepts
-    if conv:
-        w0 = w0[:, :, None, None]
-    return gf.LayerProblem("m", w0, deltas, rows=xs)
+def test_plan_refuses_what_cannot_be_fused_naming_concept_and_module():
+    c = concept(0)
+    with pytest.raises(gf.FusionError, match=r"c0\.safetensors.*'diffusion_model\.x\.weight'.*does not have"):
+        gf.make_plan([gf.ConceptLoRA(c.name, {}, {"diffusion_model.x.weight": c.unet[U + "proj_in.weight"]})],
+                     SHAPES["clip"], SHAPES["model"])
+    with pytest.raises(gf.FusionError, match=r"c0\.safetensors.*do not fit"):
+        gf.make_plan([c], SHAPES["clip"], {**SHAPES["model"], U + "proj_in.weight": (9, 8, 1, 1)})
+    conv3 = {U + "proj_in.weight": (torch.randn(8, 2, 1, 1), torch.randn(2, 8, 3, 3))}
+    with pytest.raises(gf.FusionError, match=r"c0\.safetensors.*3x3 convolution '.*proj_in\.weight' \(LoCon\)"):
+        gf.make_plan([gf.ConceptLoRA(c.name, {}, conv3)], {}, {U + "proj_in.weight": (8, 8, 3, 3)})
 
 
-def test_single_concept_is_its_merged_weight():
-    p = _problem(1, conv=True)
-    w = gf.solve_layers([p])["m"]
-    assert w.shape == p.w0.shape
-    torch.testing.assert_close(gf.as_matrix(w), gf.as_matrix(p.w0) + p.deltas[0])
-    p.deltas = [None]
-    torch.testing.assert_close(gf.solve_layers([p])["m"], p.w0)
+def _reference(plan, captured, key, group):
+    """Independent dense closed form from the captured rows: (Σ ΔWi Gi) G⁺ in float64."""
+    grams = []
+    for i in range(plan.concepts):
+        rows = [r for (s, c, g, r) in captured if c == i and g == group]
+        x = torch.cat(rows).double() if rows else torch.zeros(0, 1, dtype=torch.float64)
+        grams.append(x.T @ x)
+    g = sum(grams)
+    b = sum(plan.deltas[i][key][0].double() @ plan.deltas[i][key][1].double() @ grams[i]
+            for i in range(plan.concepts) if key in plan.deltas[i])
+    return b @ torch.linalg.pinv(g, hermitian=True, rtol=1e-10)
 
 
-def test_closed_form_through_helpers():
-    p = _problem(3, rows=4, d=10)  # 12 rows for 10 inputs: full rank, nonzero objective
-    w = gf.solve_layers([p], "closed_form")["m"]
-    assert gf.objective(w, p) < gf.objective(p.w0, p)
-    # from Grams instead of rows: same answer
-    q = gf.LayerProblem("m", p.w0, p.deltas, grams=[gf.gram_of_rows(x) for x in p.rows])
-    torch.testing.assert_close(gf.solve_layers([q])["m"], w, atol=1e-4, rtol=1e-4)
-    # identical concepts fuse to that concept (on the recorded span: exactly its weight here)
-    ident = _problem(2, rows=8, d=6, identical=True)
-    torch.testing.assert_close(gf.solve_layers([ident])["m"], ident.w0 + ident.deltas[0], atol=1e-4, rtol=1e-4)
-    # a conv-shaped weight keeps its shape and dtype
-    c = _problem(2, conv=True)
-    c.w0 = c.w0.half()
-    wc = gf.solve_layers([c])["m"]
-    assert wc.shape == c.w0.shape and wc.dtype == torch.float16
+def test_run_fuses_in_stage_order_and_matches_the_closed_form():
+    plan = gf.make_plan([concept(0), concept(1, skip={U + "proj_in.weight"}), concept(2)], SHAPES["clip"],
+                        SHAPES["model"])
+    rec, captured, seen = PlainRecorder(), [], []
+
+    def tap(stage, i, group, rows, channels_first):
+        captured.append((stage, i, group, rows.flatten(2).transpose(1, 2).reshape(-1, rows.shape[1])
+                         if channels_first else rows))
+
+    result = gf.run_fusion(plan, rec, settings(ridge=0.0), lambda *a: seen.append(a), keep_problems=True, tap=tap)
+    assert [(s, i) for s, i, _, _ in rec.calls] == [(s, i) for s in gf.STAGES for i in range(3)]
+    text_keys = sorted(SHAPES["clip"])
+    kv_keys = sorted(k for k in SHAPES["model"] if "attn2" in k)
+    for stage, i, fused, groups in rec.calls:  # each stage sees exactly the earlier stages' result
+        assert fused == {"text": [], "cross_kv": text_keys, "unet": sorted(text_keys + kv_keys)}[stage]
+        if stage == "cross_kv":
+            assert groups == {U + "transformer_blocks.0.attn2.to_k": 0}
+    assert set(result.deltas) == {k for (_p, k) in KEYS} and not result.unrecorded
+    for layer in result.solved:
+        up, down = result.deltas[layer.target.key]
+        assert up.shape[1] == down.shape[0] == sum(2 for d in plan.deltas if layer.target.key in d)
+        ref = _reference(plan, captured, layer.target.key, layer.target.group)
+        torch.testing.assert_close(up.double() @ down.double(), ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    # the default ridge regularises the same problems
+    ridged = gf.run_fusion(plan, PlainRecorder(), settings())
+    key = U + "transformer_blocks.0.attn1.to_q.weight"
+    assert float((ridged.deltas[key][0] @ ridged.deltas[key][1]).norm()) < \
+        float((result.deltas[key][0] @ result.deltas[key][1]).norm())
+    assert set(result.seconds) >= {f"{s}_{p}" for s in gf.STAGES for p in ("record", "solve")}
 
 
-def test_lbfgs_mode_on_grams_reaches_the_closed_form_objective():
-    p = _problem(2, rows=3, d=8)  # rank-deficient: 6 rows for 8 inputs
-    q = gf.LayerProblem("m", p.w0, p.deltas, grams=[gf.gram_of_rows(x) for x in p.rows])
-    cf = gf.solve_layer(q, "closed_form")
-    lb = gf.solve_layer(q, "lbfgs", iterations=200)
-    assert gf.objective(cf, q) <= gf.objective(lb, q) + 1e-4
-    assert gf.objective(lb, q) < 1e-3 * gf.objective(p.w0, q) + 1e-4
-    torch.testing.assert_close(lb, cf, atol=1e-3, rtol=1e-3)  # both the minimum-change solution
-
-
-def test_bundle_round_trip(tmp_path):
-    b = FusedBundle(model={"diffusion_model.x.weight": torch.randn(4, 3).half()},
-                    clip={"clip_l.transformer.y.weight": torch.randn(2, 2)},
-                    concepts=[{"name": "a.pth", "tokens": ["<a1>", "<a2>"], "digest": "d"}],
-                    embeddings={"<a1>": torch.randn(16, 1, 768), "<a2>": torch.randn(16, 1, 768)},
-                    base="base-id", settings={"steps": 2})
-    path = str(tmp_path / "b.safetensors")
-    save_bundle(b, path)
-    assert is_bundle(path) and not is_bundle(str(tmp_path / "missing.safetensors"))
-    r = load_bundle(path)
-    assert r.base == "base-id" and r.settings == {"steps": 2} and r.concepts == b.concepts
-    assert torch.equal(r.model["diffusion_model.x.weight"], b.model["diffusion_model.x.weight"])
-    assert r.model["diffusion_model.x.weight"].dtype == torch.float16
-    assert torch.equal(r.clip["clip_l.transformer.y.weight"], b.clip["clip_l.transformer.y.weight"])
-    (e,) = r.edloras()
-    assert e.tokens == ["<a1>", "<a2>"] and not e.text_encoder and not e.unet
-    torch.testing.assert_close(e.embeddings["<a1>"], b.embeddings["<a1>"])
-    from safetensors.torch import save_file
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "n.safetensors"), metadata={"format": "other"})
-    with pytest.raises(EDLoRAError, match="not a fused"):
-        load_bundle(str(tmp_path / "n.safetensors"))
-
-
-def _factored_problem(n_concepts=3, out=5, d=12, rows=3, seed=1, missing=()):
-    g = torch.Generator().manual_seed(seed)
-    w0 = torch.randn(out, d, generator=g)
-    deltas = [None if i in missing else (torch.randn(out, 2, generator=g), torch.randn(2, d, generator=g))
-              for i in range(n_concepts)]
-    xs = [torch.randn(rows, d, generator=g) for _ in range(n_concepts)]
-    return gf.LayerProblem("m", w0, deltas, rows=xs)
-
-
-def test_factored_deltas_match_dense():
-    from fusion.solver import GramAccumulator
-
-    p = _factored_problem(missing=(1,))
-    dense = gf.LayerProblem("m", p.w0, [gf.dense_delta(d) for d in p.deltas], rows=p.rows)
-    assert dense.deltas[1] is None
-    torch.testing.assert_close(gf.dense_delta(p.deltas[0]), p.deltas[0][0] @ p.deltas[0][1])
-    up4, down4 = p.deltas[0][0][:, :, None, None], p.deltas[0][1][:, :, None, None]
-    torch.testing.assert_close(gf.lora_factors(up4, down4, 0.5)[0], 0.5 * p.deltas[0][0])
-    w = gf.solve_layers([p])["m"]
-    torch.testing.assert_close(w, gf.solve_layers([dense])["m"], atol=1e-5, rtol=1e-5)
-    assert abs(gf.objective(w, p) - gf.objective(w, dense)) <= 1e-6 * gf.objective(p.w0, p)
-    # Gram accumulators (row counts known) give the same answer
-    accs = []
-    for x in p.rows:
-        a = GramAccumulator(x.shape[1])
-        a.add(x)
-        accs.append(a)
-    q = gf.LayerProblem("m", p.w0, p.deltas, grams=accs)
-    torch.testing.assert_close(gf.solve_layers([q])["m"], w, atol=1e-5, rtol=1e-5)
-    # one concept: its merged weight, also from factors
-    one = gf.LayerProblem("m", p.w0, [p.deltas[0]], rows=p.rows[:1])
-    torch.testing.assert_close(gf.solve_layers([one])["m"], p.w0 + gf.dense_delta(p.deltas[0]))
-
-
-def test_modules_sharing_inputs_are_solved_together_with_the_same_result():
-    a = _factored_problem(seed=2, missing=(2,))
-    b = _factored_problem(seed=3, out=7)
-    c = _factored_problem(seed=4, out=4, missing=(0, 1, 2))
-    d = _factored_problem(seed=5, out=3)  # dense deltas in the group
-    d.deltas = [gf.dense_delta(x) for x in d.deltas]
-    for q, name in ((b, "b"), (c, "c"), (d, "d")):
-        q.rows, q.name = a.rows, name  # same recorded inputs as a
-    a.name = "a"
-    other = _factored_problem(seed=6)
-    other.name = "other"
-    alone = {p.name: gf.solve_layers([p])[p.name] for p in (a, b, c, d, other)}
+def test_one_progress_bar_with_stage_texts():
+    plan = gf.make_plan([concept(0), concept(1), concept(2)], SHAPES["clip"], SHAPES["model"])
     seen = []
-    together = gf.solve_layers([a, other, b, c, d], on_layer=seen.append)
-    assert list(together) == ["a", "other", "b", "c", "d"] and sorted(seen) == sorted(together)
-    for name, w in alone.items():
-        assert together[name].shape == w.shape and together[name].dtype == w.dtype
-        torch.testing.assert_close(together[name], w, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(together["c"], c.w0)  # no LoRA anywhere: unchanged
-    # factored pairs only: stacked as (block-diagonal ups, stacked downs)
-    stacked = gf._stacked([a, b, c])
-    assert isinstance(stacked.deltas[0], tuple) and stacked.deltas[0][0].shape == (16, 5)
-    pairs = gf.solve_layers([a, b, c])
-    for name in "abc":
-        torch.testing.assert_close(pairs[name], alone[name], atol=1e-5, rtol=1e-5)
+    gf.run_fusion(plan, PlainRecorder(), settings(), lambda *a: seen.append(a))
+    dones = [d for d, _t, _x in seen]
+    totals = {t for _d, t, _x in seen}
+    assert totals == {3 + 3 + 3 * 2 + 7}  # concepts per recording stage, sampling steps, weights
+    assert dones == sorted(dones) and dones[-1] == 19
+    texts = [x for _d, _t, x in seen]
+    for expected in ("text encoder 1/3", "text encoder 3/3", "cross-attention k/v 2/3", "UNet: concept 2 of 3, step 1/2",
+                     "UNet: concept 3 of 3, step 2/2", "solving 7/7 layers", "fused 3 concepts into 7 layers"):
+        assert expected in texts
+    assert texts.index("text encoder 1/3") < texts.index("cross-attention k/v 1/3") < \
+        texts.index("UNet: concept 1 of 3, step 1/2")
+
+
+def test_interrupt_from_progress_stops_the_run():
+    plan = gf.make_plan([concept(0), concept(1)], SHAPES["clip"], SHAPES["model"])
+    rec = PlainRecorder()
+
+    def stop(done, total, text):
+        if text.startswith("cross-attention"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        gf.run_fusion(plan, rec, settings(), stop)
+    assert {s for s, *_ in rec.calls} <= {"text", "cross_kv"}
+
+
+def test_one_concept_is_its_own_lora_and_nothing_is_recorded():
+    plan = gf.make_plan([concept(0, te=0.8)], SHAPES["clip"], SHAPES["model"])
+    rec, seen = PlainRecorder(), []
+    result = gf.run_fusion(plan, rec, settings(), lambda *a: seen.append(a))
+    assert rec.calls == [] and seen[-1][0] == seen[-1][1] == 7
+    for key, (up, down) in result.deltas.items():
+        torch.testing.assert_close(up, plan.deltas[0][key][0])
+        torch.testing.assert_close(down, plan.deltas[0][key][1])
+
+
+def test_groups_that_never_ran_keep_their_weights():
+    plan = gf.make_plan([concept(0), concept(1)], SHAPES["clip"], SHAPES["model"])
+    result = gf.run_fusion(plan, PlainRecorder(skip_groups={T + "mlp.fc1"}), settings())
+    assert result.unrecorded == [T + "mlp.fc1.weight"] and T + "mlp.fc1.weight" not in result.deltas
+
+
+def test_lbfgs_mode_reaches_the_closed_form_objective():
+    plan = gf.make_plan([concept(0), concept(1)], SHAPES["clip"], SHAPES["model"])
+    cf = gf.run_fusion(plan, PlainRecorder(rows=5), settings(ridge=0.0), keep_problems=True)
+    lb = gf.run_fusion(plan, PlainRecorder(rows=5), settings(solver="lbfgs"))
+    from fusion.solver import layer_objective
+
+    for layer in cf.solved:
+        o_cf = layer_objective(layer.inputs, layer.problem, cf.deltas[layer.target.key])
+        o_lb = layer_objective(layer.inputs, layer.problem, lb.deltas[layer.target.key])
+        assert o_cf <= o_lb * (1 + 1e-6) + 1e-9 * layer_objective(layer.inputs, layer.problem)
+
+
+def test_solving_a_group_directly_is_what_the_run_does():
+    """run_fusion's solve of one group equals solve_closed_form on FoldedInputs built by hand."""
+    plan = gf.make_plan([concept(0), concept(1)], SHAPES["clip"], SHAPES["model"])
+    result = gf.run_fusion(plan, PlainRecorder(rows=5), settings(ridge=1e-3), keep_problems=True)
+    layer = next(s for s in result.solved if s.target.key.endswith("q_proj.weight"))
+    acc = FoldedInputs(12)
+    for i in range(2):
+        acc.begin_concept({k: plan.deltas[i][k][1] for k in (T + "self_attn.k_proj.weight", T + "self_attn.q_proj.weight")})
+        acc.add(layer.inputs.rows(i))
+    problem = LayerProblem(layer.target.key, {i: plan.deltas[i][layer.target.key][0] for i in range(2)})
+    up, down = solve_closed_form(acc, [problem], ridge=1e-3)[layer.target.key]
+    torch.testing.assert_close(up @ down, result.deltas[layer.target.key][0] @ result.deltas[layer.target.key][1],
+                               atol=1e-6, rtol=1e-5)

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# The GPU check of gradient fusion, in under 8 minutes on one large NVIDIA GPU, printed as one table:
+#   1. whole fusion at the reference settings (20 steps at 512x512, whole-block rank-4 ED-LoRAs) for 3 and
+#      14 concepts: total and per-stage times, peak VRAM (targets on an H200: < 10 s and < 60 s);
+#   2. the per-layer solver benchmark on CUDA (closed form vs the node's lbfgs mode vs the published L-BFGS);
+#   3. the regional-sampling ratio (benchmarks/bench_regional.py; it runs on the CPU).
+#
+#   bash benchmarks/gpu_check.sh            # from a checkout with .host (the test host) carried
+#   bash benchmarks/gpu_check.sh --dry-run  # the same plumbing on the CPU with tiny settings (no GPU needed)
+#
+# Python: the first of $MIXOFSHOW_GPU_PYTHON, .host/venv/bin/python, python3 whose torch sees CUDA. The host
+# venv has a CPU torch; a system Python with a CUDA torch but without ComfyUI's packages gets a throw-away
+# venv (--system-site-packages) that adds the host venv's packages after its own (same Python version only).
+# Models: made by tools/host/make_models.sh when missing. Logs: $OUT (default: a temporary folder).
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+OUT=${OUT:-$(mktemp -d /tmp/mixofshow-gpu-check.XXXXXX)}
+mkdir -p "$OUT"
+VENV_PY="$REPO/.host/venv/bin/python"
+T0=$(date +%s)
+
+say() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*" >&2; }
+
+has_cuda() { "$1" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; }
+has_comfy_deps() {  # what ComfyUI imports to load a checkpoint and sample (torchvision/torchaudio aside)
+  (cd "$REPO/.host/ComfyUI" && "$1" -c "import torch, safetensors, einops, transformers, tokenizers, torchsde, scipy, \
+PIL, yaml, aiohttp, psutil, tqdm, sqlalchemy, numpy; import comfy.model_management" >/dev/null 2>&1)
+}
+
+pick_python() {
+  local candidates=() py
+  [ -n "${MIXOFSHOW_GPU_PYTHON:-}" ] && candidates+=("$MIXOFSHOW_GPU_PYTHON")
+  [ -x "$VENV_PY" ] && candidates+=("$VENV_PY")
+  for py in python3 python; do command -v "$py" >/dev/null && candidates+=("$(command -v "$py")"); done
+  for py in "${candidates[@]}"; do
+    has_cuda "$py" || continue
+    if has_comfy_deps "$py"; then echo "$py"; return 0; fi
+    # a CUDA torch without ComfyUI's packages: borrow them from the host venv (same Python version)
+    local want have
+    want=$("$VENV_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+    have=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    [ "$want" = "$have" ] || { say "$py has CUDA but not ComfyUI's packages (Python $have, host venv $want)"; continue; }
+    local overlay="$OUT/gpu-venv" site
+    "$py" -m venv --system-site-packages --without-pip "$overlay" >/dev/null 2>&1 || continue
+    site=$("$overlay/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+    host_site=$("$VENV_PY" -c 'import site; print(site.getsitepackages()[0])')
+    # sitecustomize runs after every site directory is on sys.path: the host packages come last, so the
+    # system's CUDA torch wins over the host venv's CPU torch
+    printf 'import sys\nsys.path.append(%s)\n' "'$host_site'" > "$site/sitecustomize.py"
+    if has_cuda "$overlay/bin/python" && has_comfy_deps "$overlay/bin/python"; then echo "$overlay/bin/python"; return 0; fi
+    say "$py has CUDA, but ComfyUI does not import with the host venv's packages added"
+  done
+  return 1
+}
+
+if [ "$DRY" = 1 ]; then
+  PY="$VENV_PY"
+  FUSION_ARGS=(--tiny --concepts 2,3 --steps 1 --size 64 --json)
+  SOLVER_ARGS=(--device cpu --quick --only q_proj --lbfgs-budget 2 --json)
+  REGIONAL_ARGS=(--steps 1 --repeats 1 --no-memory)
+  say "dry run on the CPU with tiny settings (the plumbing, not the numbers)"
+else
+  if ! PY=$(pick_python); then
+    cat >&2 <<EOF
+gpu_check: no Python here has a CUDA-enabled torch (checked: \$MIXOFSHOW_GPU_PYTHON, $VENV_PY, python3, python).
+The host venv's torch is the CPU build. Point MIXOFSHOW_GPU_PYTHON at a Python whose torch was built with CUDA
+(torch.cuda.is_available() must be True), e.g.  MIXOFSHOW_GPU_PYTHON=/opt/conda/bin/python bash benchmarks/gpu_check.sh
+EOF
+    exit 3
+  fi
+  FUSION_ARGS=(--gpu --concepts 3,14 --steps 20 --size 512 --json)
+  SOLVER_ARGS=(--device cuda --quick --lbfgs-budget 10 --json)
+  REGIONAL_ARGS=(--steps 2 --repeats 2 --no-memory)
+fi
+say "python: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1))"
+if [ ! -f "$REPO/.host/models/sd15_random_fp16.safetensors" ]; then
+  say "making the random full-size SD1.5 (tools/host/make_models.sh)"
+  bash "$REPO/tools/host/make_models.sh" >"$OUT/models.log" 2>&1 || { say "make_models.sh failed: $OUT/models.log"; exit 4; }
+fi
+[ "$DRY" = 0 ] && "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB')" >"$OUT/gpu.txt" 2>&1
+
+say "1/3 whole fusion, ${FUSION_ARGS[*]}"
+timeout 240 "$PY" benchmarks/bench_fusion.py "${FUSION_ARGS[@]}" >"$OUT/fusion.log" 2>&1
+echo "exit $?" >>"$OUT/fusion.log"
+say "2/3 per-layer solver, ${SOLVER_ARGS[*]}"
+timeout 80 "$PY" benchmarks/bench_solver.py "${SOLVER_ARGS[@]}" >"$OUT/solver.log" 2>&1
+echo "exit $?" >>"$OUT/solver.log"
+say "3/3 regional sampling ratio (CPU), ${REGIONAL_ARGS[*]}"
+timeout 80 "$VENV_PY" benchmarks/bench_regional.py "${REGIONAL_ARGS[@]}" >"$OUT/regional.log" 2>&1
+echo "exit $?" >>"$OUT/regional.log"
+
+"$VENV_PY" - "$OUT" "$DRY" "$(( $(date +%s) - T0 ))" <<'EOF'
+import json, re, sys
+from pathlib import Path
+
+out, dry, wall = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
+
+
+def last_json(log, prefix):
+    lines = [ln for ln in (out / log).read_text(errors="replace").splitlines() if ln.startswith(prefix)]
+    return json.loads(lines[-1][len(prefix):]) if lines else None
+
+
+def failed(log):
+    text = (out / log).read_text(errors="replace")
+    code = re.findall(r"^exit (\d+)$", text, re.M)
+    return None if code and code[-1] == "0" else f"failed (exit {code[-1] if code else '?'}; see {out / log})"
+
+
+gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "CPU (dry run)"
+rows = [f"GPU check of gradient fusion -- {gpu}; wall {wall} s{' -- DRY RUN, tiny settings' if dry else ''}", ""]
+fusion = None
+try:
+    fusion = json.loads([ln for ln in (out / "fusion.log").read_text().splitlines() if ln.startswith("[{")][-1])
+except (IndexError, json.JSONDecodeError):
+    pass
+rows.append("1. whole fusion (reference settings: 20 steps at 512x512, whole-block rank-4 ED-LoRAs)")
+head = (f"   {'N':>3s} {'total s':>8s} {'target':>8s} {'ident':>6s} {'text rec/sol':>13s} {'k/v rec/sol':>12s} "
+        f"{'unet rec/sol':>13s} {'peak VRAM':>10s} {'cache MiB':>9s}")
+rows += [head, "   " + "-" * (len(head) - 3)]
+if fusion:
+    targets = {3: 10.0, 14: 60.0}
+    for r in fusion:
+        s = r["seconds"]
+        rs = lambda st: f"{s.get(st + '_record', 0):.1f}/{s.get(st + '_solve', 0):.1f}"  # noqa: E731
+        target = targets.get(r["n"])
+        verdict = "" if dry or target is None else (f"<{target:.0f} ok" if r["total"] < target else f"<{target:.0f} NO")
+        vram = f"{r['peak_vram_mib'] / 1024:8.1f}G" if "peak_vram_mib" in r else f"{'-':>9s}"
+        rows.append(f"   {r['n']:3d} {r['total']:8.1f} {verdict:>8s} {s.get('identity', 0):6.1f} {rs('text'):>13s} "
+                    f"{rs('cross_kv'):>12s} {rs('unet'):>13s} {vram:>10s} {r['cache_mib']:9.1f}")
+else:
+    rows.append("   " + (failed("fusion.log") or "no result"))
+rows += ["", "2. per-layer solver (3 concepts, rank 4): seconds per layer"]
+solver = last_json("solver.log", "JSON ")
+head = f"   {'layer':24s} {'rows/c':>7s} {'closed':>8s} {'node lbfgs':>11s} {'published':>10s} {'speed-up':>9s} {'cf<=lb':>7s}"
+rows += [head, "   " + "-" * (len(head) - 3)]
+if solver:
+    for r in solver:
+        pub = f"{'~' if r['extrapolated'] else ''}{r['lbfgs_s']:.2f}"
+        rows.append(f"   {r['layer']:24s} {r['rows']:7d} {r['closed_s']:8.3f} {r['node_lbfgs_s']:11.2f} {pub:>10s} "
+                    f"{r['lbfgs_s'] / max(r['closed_s'], 1e-9):8.0f}x {'yes' if r['cf_le_lb'] else 'NO':>7s}")
+else:
+    rows.append("   " + (failed("solver.log") or "no result"))
+rows += ["", "3. regional sampling (bench_regional.py, CPU): per-step cost vs the stock KSampler"]
+regional = [ln for ln in (out / "regional.log").read_text(errors="replace").splitlines() if "ratio" in ln]
+rows += ["   " + ln for ln in regional] or ["   " + (failed("regional.log") or "no result")]
+print("\n".join(rows))
+EOF
