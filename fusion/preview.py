@@ -106,7 +106,7 @@ def draw_regions(masks: Sequence[np.ndarray], labels: Sequence[str], background:
         canvas = canvas * (1.0 - weight) + np.asarray(color, np.float32) * weight
     out = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     thickness = max(2, round(min(height, width) / 200))
-    font_scale = max(0.45, min(height, width) / 700)
+    font_scale = max(0.45, min(height, width) / 560)
     font = cv2.FONT_HERSHEY_SIMPLEX
     for i, (m, color, label) in enumerate(zip(fitted, palette, labels)):
         inside = (m >= 0.5).astype(np.uint8)
