@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from .previews import preview_ui, regions_preview
 from .region_nodes import add_region
 from .regions import box_mask
 
-log = logging.getLogger("mixofshow")
 POSES_DIR = Path(__file__).resolve().parents[1] / "assets" / "poses"
 _POSE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}
 _MAX_SIZE = 16384

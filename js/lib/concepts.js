@@ -14,12 +14,12 @@ export function widgetValue(node, name) {
   return node.widgets?.find((w) => w.name === name)?.value;
 }
 
-export function isLoader(node) {
+function isLoader(node) {
   return node.comfyClass === EDLORA_LOADER || node.comfyClass === LORA_CONCEPT;
 }
 
 /** Nodes upstream of `node` through inputs of the given socket types (and untyped reroutes), nearest first. */
-export function upstreamNodes(node, types) {
+function upstreamNodes(node, types) {
   const found = [];
   const seen = new Set([node.id]);
   const queue = [node];
@@ -57,7 +57,7 @@ export function tokensOfFile(api, name) {
 }
 
 /** One loader's own tokens: after a run what it reported, else the file's. */
-export async function loaderTokens(api, loader) {
+async function loaderTokens(api, loader) {
   if (loader.comfyClass === LORA_CONCEPT) {
     const words = String(widgetValue(loader, "trigger_words") ?? "").trim();
     return words ? [words] : [];

@@ -5,7 +5,7 @@ import { widgetValue } from "./concepts.js";
 export const REFERENCE_POSE = "MixOfShowLoadReferencePose";
 
 /** {filename, subfolder, type} of a Load Image value such as "poses/a.png [output]". */
-export function parseAnnotatedName(value) {
+function parseAnnotatedName(value) {
   let name = String(value ?? "");
   let type = "input";
   const annotated = /^(.*?)\s*\[(input|output|temp)\]$/.exec(name);

@@ -5,10 +5,10 @@
 // Same colours, same order as fusion/preview.py PALETTE (the backend's preview).
 export const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
   "#fabed4", "#469990"];
-export const MIN_BOX_PX = 4;
+const MIN_BOX_PX = 4;
 const TOKEN = /<[^<>\s()[\]{}:,]+>/;
 
-export function colorFor(index) {
+function colorFor(index) {
   return PALETTE[index % PALETTE.length];
 }
 
