@@ -6,6 +6,8 @@ Fixtures are session-scoped and parametrised, so pytest runs every test of one f
 and one renderer (one page) together. Screenshots go to .host/artifacts/browser/ (git-ignored)."""
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +63,21 @@ def playwright_browser():
         browser.close()
 
 
+@contextlib.contextmanager
+def _environ(**values: str):
+    """os.environ with `values` set (for a child process started inside), restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session", params=list(FRONTENDS))
 def server(request, tmp_path_factory):
     """A ComfyUI server serving one frontend, with the demo models and two tiny ED-LoRAs."""
@@ -74,9 +91,13 @@ def server(request, tmp_path_factory):
     for name, tokens, seed in (("ui_tiny.pth", TINY_TOKENS, 50), ("ui_tiny_b.pth", TINY_TOKENS_B, 51)):
         torch.save(make_edlora_state(tokens, seed=seed, model_channels=32, text_layers=2, text_intermediate=512),
                    base / "models" / "edloras" / name)
-    with ComfyServer(base, {"mixofshow": REPO, "mixofshow_test_fixtures": FIXTURES}, front_end_root=root) as srv:
-        srv.frontend = request.param
-        yield srv
+    with contextlib.ExitStack() as stack:
+        with _environ(OMP_NUM_THREADS=str(min(2, os.cpu_count() or 1))):
+            # the examples sample the full-size SD1.5 while this process only waits: two threads
+            server = stack.enter_context(ComfyServer(base, {"mixofshow": REPO, "mixofshow_test_fixtures": FIXTURES},
+                                                     front_end_root=root))
+        server.frontend = request.param
+        yield server
 
 
 @pytest.fixture(scope="session", params=RENDERERS)
@@ -101,6 +122,7 @@ def ui_session(server, renderer, playwright_browser):
 @pytest.fixture
 def ui(ui_session):
     """The session's page with an empty graph; fails the test if the pack logged an error meanwhile."""
+    ui_session.close_dialogs()
     ui_session.page.evaluate("() => { app.graph.clear(); app.extensionManager.toast.removeAll?.(); }")
     start = len(ui_session.errors)
     yield ui_session

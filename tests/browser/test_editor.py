@@ -89,7 +89,11 @@ def test_a_drawn_box_changes_the_queued_regions_and_the_mask(ui):
     assert editor_boxes(ui, 6) == []
     rect = stage_box(ui, 6)
     drag(ui, at(rect, 0.25, 0.25), at(rect, 0.75, 1.0))
-    ui.page.keyboard.type("a <u1> <u2> on a bench")  # the new box's prompt has the focus
+    ui.page.keyboard.type("a <")  # the new box's prompt has the focus; "<" offers the connected tokens
+    popup = ui.page.locator(".mixofshow-autocomplete")
+    popup.wait_for(state="visible", timeout=10000)
+    assert [i.split()[0] for i in popup.locator(".mixofshow-autocomplete-item").all_inner_texts()] == list(TINY_TOKENS)
+    ui.page.keyboard.type("u1> <u2> on a bench")
     boxes = editor_boxes(ui, 6)
     assert len(boxes) == 1
     box = boxes[0]
@@ -138,6 +142,21 @@ def test_boxes_move_resize_and_delete_with_the_mouse(ui):
     ui.widget_element(6, "regions_json").query_selector('.mos-box[data-index="0"] .mos-box-delete').click()
     left = editor_boxes(ui, 6)
     assert [b["prompt"] for b in left] == ["a tree"] and left[0]["color"] == "#3cb44b"  # keeps its colour
+
+
+def test_boxes_round_trip_through_a_saved_workflow(ui):
+    g = editor_graph()
+    boxes = [{"top": 8, "left": 8, "bottom": 40, "right": 40, "prompt": "a <u1>", "negative": "blurry",
+              "control_strength": 0.5, "label": "reader", "color": "#00ff00"}]
+    g["6"]["inputs"]["regions_json"] = json.dumps(boxes)
+    ui.load_api(g)
+    saved = ui.page.evaluate("() => app.graph.serialize()")
+    ui.page.evaluate("async (wf) => { app.graph.clear(); await app.loadGraphData(wf); }", saved)
+    ui.settle()
+    assert editor_boxes(ui, 6) == boxes  # API format after a save/load
+    editor = ui.widget_element(6, "regions_json")
+    assert editor.query_selector(".mos-box-label").inner_text() == "1: reader"
+    assert editor.query_selector(".mos-prompt").input_value() == "a <u1>"
 
 
 def test_from_pose_fills_the_boxes_with_the_pose_regions_detector(ui):

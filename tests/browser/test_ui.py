@@ -159,3 +159,37 @@ def test_stage_text_sent_to_the_fusion_node_is_shown(ui):
     shown.wait_for(state="visible", timeout=10000)
     assert rendered_text(shown.element_handle())["onTop"]
     ui.shot("fusion-stage-text")
+
+
+def test_completion_and_box_helpers(ui):
+    """The pure modules of js/lib, imported as the page imports them."""
+    out = ui.page.evaluate("""async () => {
+        const t = await import('/extensions/mixofshow/lib/tokens.js');
+        const r = await import('/extensions/mixofshow/lib/regions.js');
+        const candidates = [{text: '<potter1>'}, {text: '<potter2>'}, {text: 'ohwx woman'}, {text: '<potter1>'}];
+        return {
+            query: [t.completionQuery('a <pot', 6), t.completionQuery('a pot', 5), t.completionQuery('(x:1.2) <', 9)],
+            matches: [t.matchCandidates(candidates, '<').map(c => c.text), t.matchCandidates(candidates, '<oh')
+                      .map(c => c.text)],
+            applied: [t.applyCompletion('a <pot, smiling', 2, 6, '<potter1>'), t.applyCompletion('<po', 0, 3, 'ohwx woman')],
+            tokens: t.tokensIn('a <p1> <p2>, (<p3>:1.2)'),
+            moved: r.moveBox({top: 10, left: 10, bottom: 20, right: 30}, 500, -50, 100, 50),
+            resized: r.resizeBox({top: 10, left: 10, bottom: 20, right: 30}, 'nw', 40, 40, 100, 50),
+            drawn: r.boxFromPoints(90, 45, -5, 60, 100, 50),
+            pose: r.boxesFromPose([[0, 0, 5, 5], [1, 1, 6, 6]], [{...r.parseBoxes('[{"prompt": "kept"}]')[0]}])
+                   .map(b => [b.prompt, b.color]),
+            parsed: [r.parseBoxes('not json'), r.parseBoxes('{"a": 1}')],
+            label: [r.labelOf({label: '', prompt: 'a <p1> here'}, 0), r.labelOf({label: '', prompt: '(big:1.2) red car'}, 1),
+                    r.labelOf({label: '', prompt: ''}, 2)],
+        };
+    }""")
+    assert out["query"] == [{"start": 2, "prefix": "<pot"}, None, {"start": 8, "prefix": "<"}]
+    assert out["matches"] == [["<potter1>", "<potter2>", "ohwx woman"], ["ohwx woman"]]
+    assert out["applied"] == [{"text": "a <potter1>, smiling", "caret": 11}, {"text": "ohwx woman ", "caret": 11}]
+    assert out["tokens"] == ["<p1>", "<p2>", "<p3>"]
+    assert out["moved"] == {"top": 0, "left": 80, "bottom": 10, "right": 100}  # stopped at the border
+    assert out["resized"] == {"top": 16, "left": 26, "bottom": 20, "right": 30}  # never below 4 px
+    assert out["drawn"] == {"top": 45, "left": 0, "bottom": 50, "right": 90}
+    assert out["pose"] == [["kept", "#e6194b"], ["", "#3cb44b"]]
+    assert out["parsed"] == [[], []]
+    assert out["label"] == ["<p1>", "big 1.2 red", "region 3"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -12,6 +13,7 @@ ARTIFACTS = REPO / ".host" / "artifacts" / "browser"
 TINY_TOKENS = ("<u1>", "<u2>")
 TINY_TOKENS_B = ("<w1>",)
 _PACK_URL = "/extensions/mixofshow/"
+_PACK_ROUTES = (_PACK_URL, "/mixofshow/", "/api/mixofshow/")
 _NOT_THE_PACK = ("Content Security Policy", "api.comfy.org")  # the frontend's own lookups of node packs
 
 
@@ -24,6 +26,7 @@ class UI:
         self.errors: list[str] = []  # console errors / page errors that come from the pack
         self.messages: list[str] = []
         self.pack_scripts: set[str] = set()  # pack files the page fetched (status 200)
+        self.responses: dict[str, int] = {}  # path -> last status
         page.on("response", lambda r: self._on_response(r))
         page.on("console", self._on_console)
         page.on("pageerror", lambda e: self._record_error(f"pageerror: {e}\n{e.stack or ''}"))
@@ -33,12 +36,12 @@ class UI:
         return f"{self.server.frontend}-{self.renderer}"
 
     def _on_response(self, response) -> None:
-        path = response.url.split("://", 1)[-1].partition("/")[2]
-        if ("/" + path).startswith(_PACK_URL) and response.status == 200:
-            self.pack_scripts.add("/" + path)
-        elif _PACK_URL in response.url or "/mixofshow/" in response.url:
-            if response.status >= 400:
-                self._record_error(f"HTTP {response.status}: {response.url}")
+        path = urllib.parse.unquote(urllib.parse.urlsplit(response.url).path)
+        self.responses[path] = response.status
+        if path.startswith(_PACK_URL) and response.status == 200:
+            self.pack_scripts.add(path)
+        elif path.startswith(_PACK_ROUTES) and response.status >= 400:
+            self._record_error(f"HTTP {response.status}: {response.url}")
 
     def _on_console(self, message) -> None:
         text = f"{message.type}: {message.text} @ {message.location.get('url', '')}"
@@ -56,6 +59,27 @@ class UI:
         self.page.wait_for_function("() => window.app && window.app.graph && window.comfyAPI "
                                     "&& window.__mixofshowExtension === true", timeout=120000)
         self.page.wait_for_timeout(1500)
+
+    def close_dialogs(self) -> None:
+        """Close what an earlier test left open (the template browser is a modal dialog): Escape, or
+        its × button (1.32.9's template browser ignores Escape)."""
+        for _ in range(3):
+            dialogs = self.page.locator(".p-dialog, [role=dialog]").filter(visible=True)
+            if not dialogs.count():
+                return
+            self.page.keyboard.press("Escape")
+            self.settle(300)
+            close = dialogs.first.locator("button:has(i.pi-times), button:has([class*='lucide--x'])")
+            if dialogs.count() and close.count():
+                close.first.click()
+                self.settle(300)
+
+    def wait_response(self, path: str, timeout: float = 15) -> int | None:
+        """The status of the page's request for `path` (once it has been answered), or None."""
+        deadline = time.time() + timeout
+        while path not in self.responses and time.time() < deadline:
+            self.page.wait_for_timeout(200)
+        return self.responses.get(path)
 
     def shot(self, name: str, **kwargs) -> Path:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
