@@ -10,6 +10,7 @@ from ..fusion.concepts import ConceptSet
 from ..fusion.regional import find_pose_boxes
 from .common import CONCEPTS, REGIONS, REGIONS_CATEGORY, PackNode, schema
 from .layerwise import encode_with_concepts
+from .previews import preview_ui, regions_preview
 from .regions import box_mask, make_region
 
 _MAX_SIZE = 16384
@@ -197,14 +198,17 @@ class PoseRegions(PackNode):
             outputs=[
                 REGIONS.Output(display_name="regions", tooltip="One region per person found."),
                 io.Mask.Output(display_name="masks", tooltip="[R, H, W]: the regions' masks, left to right."),
+                io.Image.Output(display_name="preview", tooltip="The pose with every region in its colour and label "
+                                                                "(also shown in the node)."),
             ],
         )
 
     @classmethod
     def execute(cls, image, clip, prompts, negative, margin, concepts=None, regions=None,
                 control_strength=1.0) -> io.NodeOutput:
-        return io.NodeOutput(*pose_regions(image, clip, prompts, negative, margin, concepts, regions,
-                                           control_strength))
+        regions_out, masks = pose_regions(image, clip, prompts, negative, margin, concepts, regions, control_strength)
+        preview = regions_preview(regions_out, image)
+        return io.NodeOutput(regions_out, masks, preview, ui=preview_ui(preview))
 
 
 NODES = [RegionNode, BoxMask, BoxMaskXYWH, PoseBoxMask, PoseRegions]

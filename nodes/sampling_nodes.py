@@ -6,6 +6,7 @@ import nodes as comfy_nodes
 from comfy_api.latest import io
 
 from .common import REGIONS, SAMPLING, PackNode, check_choices, schema
+from .previews import preview_ui, regions_preview
 from .regional_attention import install_regions
 
 _REGIONS_TOOLTIP = "Regions (Region / Regions from Pose nodes); without regions this is the stock behaviour."
@@ -52,7 +53,8 @@ class RegionalGuiderNode(PackNode):
 
     @classmethod
     def execute(cls, model, positive, negative, regions, cfg) -> io.NodeOutput:
-        return io.NodeOutput(regional_guider(model, positive, negative, regions, cfg))
+        return io.NodeOutput(regional_guider(model, positive, negative, regions, cfg),
+                             ui=preview_ui(regions_preview(regions)))
 
 
 def _stock_ksampler_inputs() -> list[io.Input]:
@@ -100,7 +102,8 @@ class RegionalKSampler(PackNode):
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise=1.0, regions=None) -> io.NodeOutput:
         return io.NodeOutput(regional_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                               latent_image, denoise, regions))
+                                               latent_image, denoise, regions),
+                             ui=preview_ui(regions_preview(regions)))
 
 
 NODES = [RegionalGuiderNode, RegionalKSampler]

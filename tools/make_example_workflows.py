@@ -1,47 +1,392 @@
-"""Regenerate example_workflows/*.json (ComfyUI's UI format) from the API-format graphs the demo uses,
-by loading each into the real web UI (app.loadApiJson) and serialising the graph, so widget order and
-links are exactly what the frontend expects.
+"""Regenerate example_workflows/<title>.json (ComfyUI's UI format) and their thumbnails <title>.jpg.
 
-usage: .host/venv/bin/python tools/make_example_workflows.py
+Each example is written as an API-format graph here, loaded into the real web UI (app.loadApiJson, so
+widget order and links are exactly what the frontend expects), given positions, groups and notes,
+and serialised. Then each one is RUN through the UI on the demo models (tools/demo.py writes them)
+and its region preview, which a node shows after the run, becomes the thumbnail: a sampled image from
+random weights is noise.
+
+The examples are sized for a CPU test run (they run as shipped in tests/browser/test_examples.py):
+sampling at 512×256 (one character: 384×512) with 8 steps, fusion recorded at 256×256 with 4 steps.
+Their notes say what to change for real models.
+
+usage: .host/venv/bin/python tools/make_example_workflows.py [--no-thumbnails] [--only 3]
 """
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools" / "host"))
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.append(str(REPO))
 from browser import comfy_page  # noqa: E402
-from comfy_server import ComfyServer  # noqa: E402
+from comfy_server import ComfyServer, error_message  # noqa: E402
 import demo  # noqa: E402
 
-EXAMPLES = {"mixofshow_multi_concept": lambda: demo.graph(20, 1024, 512),
-            "mixofshow_fusion_regional": lambda: demo.graph(20, 1024, 512, fused=True)}
+from fusion.regional import parse_box_file  # noqa: E402
+
+POSE = demo.POSE.name
+WIDTH, HEIGHT, STEPS = 512, 256, 8
+FUSION_STEPS, FUSION_SIZE = 4, 256
+NEGATIVE = "longbody, lowres, bad anatomy, bad hands, missing fingers, cropped, worst quality, low quality"
+GLOBAL_PROMPT = "three people standing near a lake, 4K, high quality, high resolution, best quality"
+PROMPTS = {"potter": "a <potter1> <potter2>, in Hogwarts uniform", "hermione": "a <hermione1> <hermione2>, smiling",
+           "thanos": "a <thanos1> <thanos2>, in armor"}
+THUMBNAIL_SIZE = 512
+
+
+def _ckpt() -> dict:
+    return {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": demo.CKPT}}
+
+
+def _loader(name: str, model, clip, concepts=None, strength: float = 0.7) -> dict:
+    inputs = {"model": model, "clip": clip, "edlora_name": f"demo_{name}.pth", "text_encoder_strength": strength,
+              "unet_strength": strength}
+    if concepts:
+        inputs["concepts"] = concepts
+    return {"class_type": "MixOfShowLoadEDLoRA", "inputs": inputs}
+
+
+def _sample(graph: dict, model, positive, negative, regions=None, width=WIDTH, height=HEIGHT, prefix="mixofshow"):
+    """Empty latent (22), sampler (23), decode (24), save (25)."""
+    graph["22"] = {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}}
+    inputs = {"model": model, "positive": positive, "negative": negative, "latent_image": ["22", 0], "seed": 19,
+              "steps": STEPS, "cfg": 7.5, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
+    if regions:
+        inputs["regions"] = regions
+    graph["23"] = {"class_type": "MixOfShowRegionalSampler" if regions else "KSampler", "inputs": inputs}
+    graph["24"] = {"class_type": "VAEDecode", "inputs": {"samples": ["23", 0], "vae": ["1", 2]}}
+    graph["25"] = {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": prefix}}
+    return graph
+
+
+def _adapter(graph: dict, positive, negative) -> tuple[list, list]:
+    """The OpenPose T2I-Adapter (32, 33) steered by the pose (30)."""
+    graph["32"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": demo.ADAPTER}}
+    graph["33"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": positive, "negative": negative, "control_net": ["32", 0], "image": ["30", 0], "strength": 1.0,
+        "start_percent": 0.0, "end_percent": 1.0}}
+    return ["33", 0], ["33", 1]
+
+
+def _chain(graph: dict, strength: float) -> tuple[list, list, list]:
+    """Three chained Load ED-LoRA (10, 11, 12) on the checkpoint (1); the last one's outputs."""
+    model, clip, concepts = ["1", 0], ["1", 1], None
+    for i, name in enumerate(demo.CHARACTERS):
+        graph[str(10 + i)] = _loader(name, model, clip, concepts, strength)
+        model, clip, concepts = [str(10 + i), 0], [str(10 + i), 1], [str(10 + i), 2]
+    return model, clip, concepts
+
+
+def one_character() -> dict:
+    g = {"1": _ckpt(), "10": _loader("potter", ["1", 0], ["1", 1])}
+    g["20"] = {"class_type": "MixOfShowTextEncode", "inputs": {"clip": ["10", 1], "concepts": ["10", 2], "text":
+               "a <potter1> <potter2>, in Hogwarts uniform, standing near a lake, 4K, high quality, best quality"}}
+    g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["10", 1], "text": NEGATIVE}}
+    return _sample(g, ["10", 0], ["20", 0], ["21", 0], width=384, height=512, prefix="mixofshow_one_character")
+
+
+def _pose_and_prompts(g: dict, clip, concepts) -> None:
+    g["30"] = {"class_type": "MixOfShowLoadReferencePose", "inputs": {"pose": POSE}}
+    g["20"] = {"class_type": "MixOfShowTextEncode", "inputs": {"clip": clip, "concepts": concepts,
+                                                               "text": GLOBAL_PROMPT}}
+    g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": NEGATIVE}}
+
+
+def pose_regions() -> dict:
+    g = {"1": _ckpt()}
+    model, clip, concepts = _chain(g, 0.7)
+    _pose_and_prompts(g, clip, concepts)
+    g["31"] = {"class_type": "MixOfShowPoseRegions", "inputs": {
+        "image": ["30", 0], "clip": clip, "concepts": concepts, "margin": 0.05, "control_strength": 1.0,
+        "prompts": "\n".join(PROMPTS.values()), "negative": NEGATIVE}}
+    positive, negative = _adapter(g, ["20", 0], ["21", 0])
+    return _sample(g, model, positive, negative, ["31", 0], prefix="mixofshow_pose_regions")
+
+
+def reference_boxes() -> list[dict]:
+    """The Mix-of-Show authors' boxes for the reference pose (assets/poses/<pose>.txt), one per character."""
+    boxes = [b for _, b in parse_box_file(demo.POSE.with_suffix(".txt"))]
+    return [{"top": t, "left": left, "bottom": b, "right": r, "prompt": prompt, "negative": NEGATIVE,
+             "control_strength": 1.0, "label": "", "color": color}
+            for (t, left, b, r), prompt, color in zip(boxes, PROMPTS.values(), ("#e6194b", "#3cb44b", "#4363d8"))]
+
+
+def fused_regions() -> dict:
+    g = {"1": _ckpt()}
+    _, _, concepts = _chain(g, 1.0)
+    g["40"] = {"class_type": "MixOfShowGradientFusion", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "concepts": concepts, "steps": FUSION_STEPS, "width": FUSION_SIZE,
+        "height": FUSION_SIZE, "seed": 0, "solver": "closed_form", "cache": True}}
+    model, clip, concepts = ["40", 0], ["40", 1], ["40", 2]
+    _pose_and_prompts(g, clip, concepts)
+    g["31"] = {"class_type": "MixOfShowRegionsEditor", "inputs": {
+        "clip": clip, "concepts": concepts, "image": ["30", 0], "width": 1024, "height": 512,
+        "regions_json": json.dumps(reference_boxes())}}
+    positive, negative = _adapter(g, ["20", 0], ["21", 0])
+    return _sample(g, model, positive, negative, ["31", 0], prefix="mixofshow_fused_regions")
+
+
+def lora_per_region() -> dict:
+    """Each character's own Load ED-LoRA from the base checkpoint; each Region gets its chain's MODEL and a
+    prompt encoded with its chain's CLIP; the sampler runs the base model."""
+    g = {"1": _ckpt(), "30": {"class_type": "MixOfShowLoadReferencePose", "inputs": {"pose": POSE}}}
+    g["63"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}}
+    regions = None
+    for i, (name, prompt) in enumerate(PROMPTS.items()):
+        loader, box, text, region = (str(10 + i), str(50 + i), str(60 + i), str(70 + i))
+        g[loader] = _loader(name, ["1", 0], ["1", 1])
+        g[box] = {"class_type": "MixOfShowPoseBoxMask", "inputs": {"image": ["30", 0], "index": i, "margin": 0.05}}
+        g[text] = {"class_type": "MixOfShowTextEncode", "inputs": {"clip": [loader, 1], "concepts": [loader, 2],
+                                                                   "text": prompt}}
+        inputs = {"positive": [text, 0], "negative": ["63", 0], "mask": [box, 0], "control_strength": 1.0,
+                  "model": [loader, 0]}
+        if regions:
+            inputs["regions"] = regions
+        g[region] = {"class_type": "MixOfShowRegion", "inputs": inputs}
+        regions = [region, 0]
+    g["20"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": GLOBAL_PROMPT}}
+    g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}}
+    positive, negative = _adapter(g, ["20", 0], ["21", 0])
+    return _sample(g, ["1", 0], positive, negative, regions, prefix="mixofshow_lora_per_region")
+
+
+MODELS_NOTE = (
+    "**Models.** These are the demo's random-weight models (`bash tools/demo.sh` writes them), so the picture is "
+    "noise. Swap in: an SD1.5 checkpoint (the one your ED-LoRAs were trained on); your ED-LoRAs in "
+    "`models/edloras`{tokens}{adapter}.\n\n"
+    "**Sized for a CPU run** ({cpu}). With real models on a GPU use {real}.")
+
+
+_ADAPTER_NOTE = "; the OpenPose T2I-Adapter `t2iadapter_openpose_sd14v1` in `models/controlnet`"
+
+
+def _note(title: str, description: str, tokens: str, cpu: str, real: str, adapter: bool = True) -> str:
+    return (f"# {title}\n\n{description}\n\n"
+            + MODELS_NOTE.format(tokens=tokens, adapter=_ADAPTER_NOTE if adapter else "", cpu=cpu, real=real))
+
+
+_TOKENS_NOTE = " (edit the prompts to their tokens: type `<` in a prompt to pick one)"
+_POSE_SIZE = "the pose's size 1024×512 (Empty Latent Image) and 20–30 steps"
+_CPU = f"{WIDTH}×{HEIGHT}, {STEPS} steps"
+
+
+# Each example, by file name (the template browser shows it as the title; its cards are narrow): API
+# graph, full title and description (the note on top), columns of nodes (width, node ids top to bottom), groups (title, node ids), the nodes that show
+# a region preview after a run (they get room for it) and the one whose preview is the thumbnail.
+EXAMPLES = {
+    "1 - One character (ED-LoRA)": {
+        "title": "One character with an ED-LoRA concept prompt",
+        "graph": one_character,
+        "note": ("Load one ED-LoRA and write its concept tokens in the prompt (`a <potter1> <potter2>, …`): Text "
+                 "Encode with Concepts gives each of SD1.5's 16 cross-attention layers its own context. Load ED-LoRA "
+                 "shows the file's tokens; typing `<` in the prompt offers them.", " (one file)",
+                 f"384×512, {STEPS} steps",
+                 "512×768 and 20–30 steps", False),
+        "columns": [(340, ["1", "10"]), (420, ["20", "21"]), (320, ["22", "23"]), (340, ["24", "25"])],
+        "groups": [("1. character", ["1", "10"]), ("2. prompt", ["20", "21"]),
+                   ("3. sample", ["22", "23", "24", "25"])],
+        "previews": [],
+        "thumbnail": "10",
+    },
+    "2 - Three characters from a pose": {
+        "title": "Three characters from a pose (regions + OpenPose adapter)",
+        "graph": pose_regions,
+        "note": ("Three ED-LoRAs chained into one concept set; **Regions from Pose** finds one region per skeleton "
+                 "of the reference pose (left to right) and gives each its line of the prompt; the pose also steers "
+                 "the OpenPose T2I-Adapter; the Regional KSampler samples all three at once. After a run, Regions "
+                 "from Pose shows its regions over the pose.", _TOKENS_NOTE, _CPU, _POSE_SIZE),
+        "columns": [(340, ["1", "10", "11", "12"]), (520, ["30", "31"]), (400, ["20", "21", "32", "33"]),
+                    (320, ["22", "23", "24", "25"])],
+        "groups": [("1. characters", ["1", "10", "11", "12"]), ("2. regions", ["30", "31"]),
+                   ("3. sample", ["20", "21", "32", "33", "22", "23", "24", "25"])],
+        "previews": ["31", "23"],
+        "thumbnail": "31",
+    },
+    "3 - Fused ED-LoRAs in regions": {
+        "title": "Fuse three ED-LoRAs, then sample the regions",
+        "graph": fused_regions,
+        "note": ("**Gradient Fusion** merges the three ED-LoRAs into one model (Mix-of-Show's fusion; cached on disk, "
+                 "so a re-run with the same files and settings is instant). The **Regions Editor** holds one box per "
+                 "character over the pose (the boxes Mix-of-Show's authors used): drag to draw, move or resize, "
+                 "`From pose` re-detects them; each box has its own prompt. The Regional KSampler samples the "
+                 "fused model.", _TOKENS_NOTE,
+                 f"{_CPU}; fusion records {FUSION_STEPS} steps at {FUSION_SIZE}×{FUSION_SIZE}",
+                 _POSE_SIZE + ", and let Gradient Fusion record 20 or more steps at 512×512"),
+        "columns": [(340, ["1", "10", "11", "12", "40"]), (340, ["30"]), (500, ["31"]),
+                    (380, ["20", "21", "32", "33"]), (320, ["22", "23", "24", "25"])],
+        "groups": [("1. characters, fused", ["1", "10", "11", "12", "40"]), ("2. regions", ["30", "31"]),
+                   ("3. sample", ["20", "21", "32", "33", "22", "23", "24", "25"])],
+        "previews": ["31", "23"],
+        "thumbnail": "31",
+    },
+    "4 - A LoRA per region (no fusion)": {
+        "title": "Three characters, each LoRA in its own region (no fusion)",
+        "graph": lora_per_region,
+        "note": ("Each character has its **own** Load ED-LoRA on the base checkpoint (no chain, no fusion). Each "
+                 "region's prompt is encoded with its character's CLIP, and its **Region** node gets that character's "
+                 "MODEL: the LoRA acts inside the region only, in the same UNet pass. The Regional KSampler runs the "
+                 "base model. Boxes: Pose Box to Mask (person 0, 1, 2 of the pose, left to right).", _TOKENS_NOTE,
+                 _CPU, _POSE_SIZE),
+        "columns": [(340, ["1", "10", "11", "12"]), (300, ["30", "50", "51", "52"]), (340, ["60", "61", "62", "63"]),
+                    (300, ["70", "71", "72"]), (360, ["20", "21", "32", "33"]), (320, ["22", "23", "24", "25"])],
+        "groups": [("1. characters", ["1", "10", "11", "12"]),
+                   ("2. regions", ["30", "50", "51", "52", "60", "61", "62", "63", "70", "71", "72"]),
+                   ("3. sample", ["20", "21", "32", "33", "22", "23", "24", "25"])],
+        "previews": ["23"],
+        "thumbnail": "23",
+    },
+}
+
+GROUP_COLORS = ("#3f5f7f", "#7f5f3f", "#3f7f5f")
+PREVIEW_ROOM = 280  # px under a node's widgets for the region preview it shows after a run
+SCREEN = (1920, 1080)  # the workflow opens fitted to a full-HD window
+
+_BUILD_UI_GRAPH = """async ([graph, name, columns, groups, note, previewIds, colors, previewRoom, screen]) => {
+    await app.loadApiJson(graph, name);
+    const gap = 40, top = 330, titleHeight = LiteGraph.NODE_TITLE_HEIGHT;
+    let x = 40;
+    for (const [width, ids] of columns) {
+        let y = top;
+        for (const id of ids) {
+            const node = app.graph.getNodeById(Number(id));
+            const [minWidth, minHeight] = node.computeSize();
+            const room = previewIds.includes(id) ? previewRoom : 0;
+            node.setSize([Math.max(width, minWidth), Math.max(node.size[1], minHeight) + room]);
+            node.pos = [x, y];
+            y += node.size[1] + titleHeight + gap;
+        }
+        x += width + gap * 2;
+    }
+    const about = LiteGraph.createNode("MarkdownNote");
+    about.title = "About this workflow";
+    about.widgets[0].value = note;
+    about.pos = [40, 60];
+    about.size = [Math.min(x - 120, 1400), 200];
+    app.graph.add(about);
+    const pad = 12, head = 40;
+    groups.forEach(([label, ids], i) => {
+        const nodes = ids.map((id) => app.graph.getNodeById(Number(id)));
+        const x0 = Math.min(...nodes.map((n) => n.pos[0])) - pad;
+        const y0 = Math.min(...nodes.map((n) => n.pos[1] - titleHeight)) - head;
+        const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + pad;
+        const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + pad;
+        const group = new LiteGraph.LGraphGroup(label);
+        group.color = colors[i % colors.length];
+        group.pos = [x0, y0];
+        group.size = [x1 - x0, y1 - y0];
+        app.graph.add(group);
+    });
+    // open fitted to the screen, everything in view
+    const xs = app.graph.nodes.flatMap((n) => [n.pos[0], n.pos[0] + n.size[0]]);
+    const ys = app.graph.nodes.flatMap((n) => [n.pos[1] - titleHeight, n.pos[1] + n.size[1]]);
+    const [x0, y0] = [Math.min(...xs), Math.min(...ys)];
+    const scale = Math.min(1, (screen[0] - 140) / (Math.max(...xs) - x0), (screen[1] - 170) / (Math.max(...ys) - y0));
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [80 / scale - x0, 110 / scale - y0];
+    for (const node of app.graph.nodes) {  // examples reproduce: fixed seeds
+        for (const widget of node.widgets ?? []) if (widget.name === "control_after_generate") widget.value = "fixed";
+    }
+    return JSON.stringify(app.graph.serialize());  // JSON: `undefined` fields would fail the workflow schema
+}"""
+
+
+def build_ui_workflow(page, name: str, example: dict) -> dict:
+    """The example in the UI's format: loaded from its API graph, laid out, grouped, annotated."""
+    note = _note(example["title"], *example["note"])
+    return json.loads(page.evaluate(_BUILD_UI_GRAPH, [example["graph"](), name, example["columns"], example["groups"],
+                                                      note, example["previews"], GROUP_COLORS, PREVIEW_ROOM, SCREEN]))
+
+
+def run_in_ui(page, server: ComfyServer, workflow: dict, timeout: float = 3600) -> dict:
+    """Open the workflow in the UI, queue it like the Run button; its finished /history entry."""
+    before = set(server.get("/history"))
+    page.evaluate("async (wf) => { await app.loadGraphData(wf); await app.queuePrompt(0, 1); }", workflow)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        new = {k: v for k, v in server.get("/history").items() if k not in before}
+        done = [v for v in new.values() if v.get("status", {}).get("completed") is not None]
+        if done:
+            return done[0]
+        time.sleep(1)
+    raise TimeoutError("the example did not finish")
+
+
+def _view(server: ComfyServer, ref: dict):
+    from PIL import Image
+
+    query = urllib.parse.urlencode({"filename": ref["filename"], "subfolder": ref.get("subfolder", ""),
+                                    "type": ref["type"]})
+    with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=60) as response:
+        return Image.open(io.BytesIO(response.read())).convert("RGB")
+
+
+def thumbnail(server: ComfyServer, entry: dict, node_id: str) -> bytes:
+    """A square JPEG of the node's region preview (for the one-character example, which has no regions,
+    the tokens Load ED-LoRA reported, drawn the same way), letterboxed on dark grey."""
+    import numpy as np
+    from PIL import Image
+
+    from fusion.preview import draw_regions
+
+    shown = entry["outputs"][node_id]
+    if "images" in shown:
+        picture = _view(server, shown["images"][0])
+    else:
+        mask = np.zeros((512, 384), np.float32)
+        mask[24:488, 24:360] = 1.0
+        picture = Image.fromarray(draw_regions([mask], [shown["text"][0]]))
+    picture.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    square = Image.new("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE), (32, 32, 32))
+    square.paste(picture, ((THUMBNAIL_SIZE - picture.width) // 2, (THUMBNAIL_SIZE - picture.height) // 2))
+    out = io.BytesIO()
+    square.save(out, "JPEG", quality=88)
+    return out.getvalue()
 
 
 def main() -> int:
-    base = REPO / ".host" / "demo-base"
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-thumbnails", action="store_true", help="only write the JSON (no runs)")
+    ap.add_argument("--only", default="", help="only the examples whose file name starts with this (e.g. 3)")
+    args = ap.parse_args()
+    base = REPO / ".host" / "examples-base"
     demo.prepare(base)
     out_dir = REPO / "example_workflows"
     out_dir.mkdir(exist_ok=True)
+    failed = []
     with ComfyServer(base, {"mixofshow": REPO}) as server, comfy_page(server.url) as (page, errors):
-        for name, make in EXAMPLES.items():
-            # JSON.stringify drops `undefined` fields (they would come back as null and fail the
-            # frontend's workflow schema)
-            ui = json.loads(page.evaluate("""async ([g, name]) => {
-                await app.loadApiJson(g, name);
-                return JSON.stringify(app.graph.serialize());
-            }""", [make(), name]))
-            for node in ui["nodes"]:  # examples should reproduce: fixed seeds
-                values = node.get("widgets_values") or []
-                node["widgets_values"] = ["fixed" if v == "randomize" else v for v in values] or values
+        page.wait_for_function("() => window.__mixofshowExtension === true", timeout=60000)
+        for name, example in EXAMPLES.items():
+            if not name.startswith(args.only):
+                continue
+            ui = build_ui_workflow(page, name, example)
             (out_dir / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
-            print("wrote", out_dir / f"{name}.json", len(ui["nodes"]), "nodes")
+            print("wrote", out_dir / f"{name}.json", len(ui["nodes"]), "nodes", flush=True)
+            if args.no_thumbnails:
+                continue
+            t0 = time.time()
+            entry = run_in_ui(page, server, ui)
+            print(f"  ran in {time.time() - t0:.0f} s: {entry['status']['status_str']} {error_message(entry)}",
+                  flush=True)
+            if example["thumbnail"] not in entry.get("outputs", {}):
+                failed.append(name)
+                continue
+            (out_dir / f"{name}.jpg").write_bytes(thumbnail(server, entry, example["thumbnail"]))
+            print("wrote", out_dir / f"{name}.jpg", flush=True)
         if errors:
             print("page errors:", errors)
             return 1
+    if failed:
+        print("no region preview (the run failed) for:", ", ".join(failed))
+        return 1
     return 0
 
 

@@ -29,13 +29,15 @@ def free_port() -> int:
 
 class ComfyServer:
     """``main.py --cpu`` with ``--base-directory BASE``; the pack (and any extra packs) linked into
-    ``BASE/custom_nodes``. Use as a context manager. ``python`` defaults to this interpreter (the
-    host's venv, or the environment of the ComfyUI that ``$MIXOFSHOW_COMFYUI`` names)."""
+    ``BASE/custom_nodes``; ``front_end_root``: serve that frontend (a ``comfyui_frontend_package/static``
+    folder) instead of the bundled one. Use as a context manager. ``python`` defaults to this interpreter
+    (the host's venv, or the environment of the ComfyUI that ``$MIXOFSHOW_COMFYUI`` names)."""
 
     def __init__(self, base: Path, packs: dict[str, Path], python: str | None = None, port: int | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, front_end_root: Path | None = None):
         self.base, self.packs = Path(base), packs
         self.env = dict(env or {})  # added to this process's environment for the server
+        self.front_end_root = front_end_root
         self.python = python or sys.executable
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,7 +59,8 @@ class ComfyServer:
         self.proc = subprocess.Popen(
             [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base),
-             "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}"],
+             "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}"]
+            + (["--front-end-root", str(self.front_end_root)] if self.front_end_root else []),
             cwd=comfy_root(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 180
         while time.time() < deadline:
