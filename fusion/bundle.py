@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .edlora import EDLoRA, EDLoRAError, _check_table
+from .edlora import EDLoRA, EDLoRAError, _check_table, _Reader, check_file_tensor
 
 BUNDLE_FORMAT = "mixofshow-fused-bundle"
 BUNDLE_VERSION = "2"
@@ -91,13 +91,15 @@ def is_bundle(path: str) -> bool:
         return False
 
 
-def _check_tensor(name: str, key: str, t) -> torch.Tensor:
-    """A float tensor with only finite values (until fusion.edlora offers check_file_tensor)."""
-    if not torch.is_tensor(t) or not t.is_floating_point():
-        raise BundleError(f"{name}: tensor '{key}' is {getattr(t, 'dtype', type(t).__name__)}; expected floats")
-    if not bool(torch.isfinite(t).all()):
-        raise BundleError(f"{name}: tensor '{key}' has NaN or infinite values")
-    return t
+def _check_tensor(name: str, key: str, t, float32: bool = True) -> torch.Tensor:
+    """A dense float tensor with only finite values (the ED-LoRA rules), as a bundle error; float32
+    unless ``float32=False`` (0.1.0's full weights keep the base's dtype)."""
+    try:
+        return check_file_tensor(name, key, t, float32=float32)
+    except BundleError:
+        raise
+    except EDLoRAError as e:
+        raise BundleError(str(e)) from None
 
 
 def _json(name: str, meta: dict, field_name: str, kind: type):
@@ -154,13 +156,13 @@ def load_bundle(path: str) -> FusedBundle:
         if key.startswith(EMBEDDING_PREFIX):
             tok = key[len(EMBEDDING_PREFIX):]
             try:
-                b.embeddings[tok] = _check_table(name, tok, _check_tensor(name, key, t))
+                b.embeddings[tok] = _check_table(_Reader(name), _check_tensor(name, key, t), key)
             except BundleError:
                 raise
             except EDLoRAError as e:  # the ED-LoRA table rules, reported as a bundle error
                 raise BundleError(str(e)) from None
         elif version == "1" and key.partition(".")[0] in ("model", "clip"):
-            b.weights[key] = _check_tensor(name, key, t)
+            b.weights[key] = _check_tensor(name, key, t, float32=False)
         elif version == "2" and (m := _LORA_KEY.match(key)):
             parts.setdefault(m[1], {})[m[2]] = _check_tensor(name, key, t)
         else:

@@ -134,9 +134,10 @@ def _filled(cell) -> bool:
 # version in a cache key is their checksum (tests/unit/test_fusion_cache.py checks that the list holds
 # every pack module these import).
 CODE_SOURCES = (
-    "fusion/bundle.py", "fusion/cache.py", "fusion/concepts.py", "fusion/edlora.py", "fusion/gradient_fusion.py",
-    "fusion/layers.py", "fusion/solver.py", "nodes/common.py", "nodes/edlora_nodes.py", "nodes/fused_patches.py",
-    "nodes/fusion_recording.py", "nodes/fusion_run.py", "nodes/layerwise.py", "nodes/lora_patch.py",
+    "fusion/bundle.py", "fusion/cache.py", "fusion/concepts.py", "fusion/edlora.py", "fusion/filecheck.py",
+    "fusion/gradient_fusion.py", "fusion/layers.py", "fusion/solver.py", "nodes/common.py", "nodes/edlora_nodes.py",
+    "nodes/fused_patches.py", "nodes/fusion_recording.py", "nodes/fusion_run.py", "nodes/layerwise.py",
+    "nodes/layerwise_tensor.py", "nodes/lora_patch.py",
 )
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,8 +22,9 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROJECT, COMFY = PYPROJECT["project"], PYPROJECT["tool"]["comfy"]
 # Top-level modules the pack may import without listing them: ComfyUI itself and what it installs.
 PROVIDED_BY_COMFYUI = {"torch", "comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "nodes",
-                       "node_helpers", "server", "execution", "latent_preview", "aiohttp"}
-IMPORT_NAME = {"opencv-python-headless": "cv2"}  # distribution -> module, where they differ
+                       "node_helpers", "server", "execution", "latent_preview", "aiohttp",
+                       "comfyui_version"}
+IMPORT_NAME = {"opencv-python-headless": "cv2", "Pillow": "PIL"}  # distribution -> module, where they differ
 
 
 def requirements_txt() -> list[Requirement]:
