@@ -62,8 +62,16 @@ def demo_server(tmp_path_factory):
 @pytest.mark.parametrize("name", GRAPHS)
 def test_010_ui_workflow_converts_to_the_010_api_prompt(demo_server, name):
     workflow, prompt = released(name)
-    converted = mixofshow_run.ui_to_api(workflow, demo_server.get("/object_info"))
-    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in converted.items()} == prompt
+    object_info = demo_server.get("/object_info")
+    converted = mixofshow_run.ui_to_api(workflow, object_info)
+    assert {k: v["class_type"] for k, v in converted.items()} == {k: v["class_type"] for k, v in prompt.items()}
+    for node_id, node in converted.items():
+        released_inputs = prompt[node_id]["inputs"]
+        assert {k: v for k, v in node["inputs"].items() if k in released_inputs} == released_inputs, node_id
+        # inputs added after 0.1.0 are optional and take their defaults, as the frontend gives them
+        optional = object_info[node["class_type"]]["input"].get("optional", {})
+        added = {k: v for k, v in node["inputs"].items() if k not in released_inputs}
+        assert all(k in optional and optional[k][1].get("default") == v for k, v in added.items()), (node_id, added)
 
 
 def cancel(server: ComfyServer, prompt_ids: list[str], timeout: float = 180) -> None:

@@ -145,7 +145,7 @@ def test_regions_from_a_reference_pose_image(env, wide, write_edlora):
     image = torch.from_numpy(np.asarray(Image.open(POSES / "harry_hermione_thanos.png").convert("RGB"),
                                         dtype=np.float32) / 255.0)[None]
     _, clip, _ = wide
-    regions, masks = pn.pose_regions(image, clip, "a knight\n\na wizard\na giant", "blurry", 0.05)
+    regions, masks, _preview = pn.pose_regions(image, clip, "a knight\n\na wizard\na giant", "blurry", 0.05)
     assert len(regions) == 3 and masks.shape == (3, 512, 1024)
     centers = [m.nonzero().float().mean(0)[1].item() for m in masks]
     assert centers == sorted(centers)
