@@ -51,9 +51,11 @@ class ComfyServer:
         if not settings.exists():  # skip the first-run templates dialog in the web UI
             settings.write_text('{"Comfy.TutorialCompleted": true}')
         for name, path in self.packs.items():
-            link = self.base / "custom_nodes" / name
+            link, target = self.base / "custom_nodes" / name, Path(path).resolve()
+            if link.is_symlink() and link.resolve() != target:  # a kept base folder made from another checkout
+                link.unlink()
             if not link.exists():
-                link.symlink_to(Path(path).resolve())
+                link.symlink_to(target)
         self.log = open(self.base / "server.log", "ab")
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **self.env)
         self.proc = subprocess.Popen(
