@@ -109,8 +109,9 @@ def render(summary: dict, fuzz: dict) -> str:
         f"soak's prompts |",
     ]
     for name, c in cancels.items():
+        stage = f" (the node showing \"{c['stage']}\")" if c.get("stage") else ""
         lines.append(f"| cancel during {name} | interrupted in {c['interrupted_node']} after step {c['last_step']} "
-                     f"of {c['steps']}, {1000 * c['seconds_to_stop']:.0f} ms after `/interrupt`; hooks left "
+                     f"of {c['steps']}{stage}, {1000 * c['seconds_to_stop']:.0f} ms after `/interrupt`; hooks left "
                      f"{c['hooks_left']}, model state unchanged: {yes(c['state_unchanged'])}, next prompt "
                      f"pixel-equal: {yes(c['next_prompt_equal'])} |")
     lines += [

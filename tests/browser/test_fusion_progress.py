@@ -26,17 +26,25 @@ TINY = dict(model_channels=32, text_layers=2, text_intermediate=512)
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory):
-    from browser import comfy_page
-
+def ui(tmp_path_factory, playwright_browser):
+    """A server on the bundled frontend and one page of it, from the tier's one Playwright browser (a second
+    sync Playwright in the same process is refused)."""
     base = tmp_path_factory.mktemp("fusion-ui-base")
     (base / "models" / "edloras").mkdir(parents=True)
     for i, tokens in enumerate((("<p1>", "<p2>"), ("<q1>",))):
         torch.save(make_edlora_state(tokens, seed=60 + i, **TINY), base / "models" / "edloras" / f"progress_{i}.pth")
-    with ComfyServer(base, {"mixofshow": REPO, "mixofshow_test_fixtures": FIXTURES}) as server, \
-            comfy_page(server.url) as (page, errors):
-        page.wait_for_function("() => window.__mixofshowExtension === true", timeout=30000)
-        yield server, page, errors
+    with ComfyServer(base, {"mixofshow": REPO, "mixofshow_test_fixtures": FIXTURES}) as server:
+        context = playwright_browser.new_context(viewport={"width": 1400, "height": 900})
+        try:
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/", wait_until="domcontentloaded")
+            page.wait_for_function("() => window.app && window.app.graph && window.comfyAPI", timeout=90000)
+            page.wait_for_function("() => window.__mixofshowExtension === true", timeout=30000)
+            yield server, page, errors
+        finally:
+            context.close()
 
 
 GRAPH = {

@@ -165,7 +165,8 @@ def pytest_terminal_summary(terminalreporter):
               f"{soak['rss_mib_after_last']:.1f} MiB ({soak['rss_change_percent']:+.1f} %)")
         write(f"soak {soak['seconds']:.1f} s")
     for name, cancel in FIGURES.get("cancel", {}).items():
-        write(f"cancel during {name}: /interrupt at step {cancel['step']}/{cancel['steps']} of "
+        stage = f" (\"{cancel['stage']}\")" if cancel.get("stage") else ""
+        write(f"cancel during {name}: /interrupt at step {cancel['step']}/{cancel['steps']}{stage} of "
               f"{cancel['interrupted_node']}, stopped after step {cancel['last_step']}, "
               f"{1000 * cancel['seconds_to_stop']:.0f} ms after /interrupt; hooks left {cancel['hooks_left']}, "
               f"next prompt pixel-equal: {cancel['next_prompt_equal']}")

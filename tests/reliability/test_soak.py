@@ -189,7 +189,8 @@ def test_cached_fusion_reads_the_disk_cache_and_equals_uncached(soak):
     never touch the cache. The images of cached and uncached runs are the same (deterministic test)."""
     uncached = [h for h in soak.held if h.prompt.fusion and not h.prompt.graph[h.prompt.fusion]["inputs"]["cache"]]
     assert soak.log.count("(cache hit,") == 2
-    assert soak.log.count("(cache miss,") == 3 + len(uncached)  # a run without the cache logs a miss too
+    assert soak.log.count("(cache miss,") == 3
+    assert soak.log.count("(cache off,") == len(uncached) > 0
     for seed in (1, 2, 3):
         runs = [h for h in soak.held if h.prompt.key == ("fusion", seed)]
         assert {h.prompt.graph[h.prompt.fusion]["inputs"]["cache"] for h in runs} == {True, False}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import aiohttp
 
 from server_setup import ComfyServer
 
+TEXT_FRAME = 3  # ComfyUI's BinaryEventTypes.TEXT (send_progress_text)
 FINISHED = ("execution_success", "execution_error", "execution_interrupted")
 
 
@@ -46,6 +48,27 @@ def interrupt(server: ComfyServer, prompt_id: str) -> int:
     return server.post("/interrupt", {"prompt_id": prompt_id})[0]
 
 
+def _text_event(data: bytes, prompt_id: str) -> dict | None:
+    """A node's progress text (binary frame: type 3, node id length, node id, UTF-8 text) as an event
+    ``{"type": "progress_text", "data": {"node", "text", "prompt_id"}}``; None for other binary frames.
+    The frame names no prompt: this client queues one prompt at a time."""
+    if len(data) < 8 or struct.unpack(">I", data[:4])[0] != TEXT_FRAME:
+        return None
+    length = struct.unpack(">I", data[4:8])[0]
+    node = data[8:8 + length].decode("utf-8", "replace")
+    return {"type": "progress_text", "data": {"node": node, "text": data[8 + length:].decode("utf-8", "replace"),
+                                              "prompt_id": prompt_id}}
+
+
+def stage_text_of(node_id: str, starts_with: str) -> Callable[[dict], bool]:
+    """``ready`` for :func:`interrupt_when`: node ``node_id`` shows a stage text starting with ``starts_with``."""
+    def ready(event: dict) -> bool:
+        data = event.get("data") or {}
+        return event.get("type") == "progress_text" and str(data.get("node")) == node_id \
+            and str(data.get("text", "")).startswith(starts_with)
+    return ready
+
+
 async def _interrupt_when(server: ComfyServer, graph: dict, ready: Callable[[dict], bool]) -> Interrupted:
     client_id = uuid.uuid4().hex
     loop = asyncio.get_running_loop()
@@ -59,9 +82,14 @@ async def _interrupt_when(server: ComfyServer, graph: dict, ready: Callable[[dic
         run = Interrupted(body["prompt_id"])
         queued = interrupted_at = time.monotonic()
         async for message in ws:
-            if message.type != aiohttp.WSMsgType.TEXT:
-                continue  # binary previews
-            event = json.loads(message.data)
+            if message.type == aiohttp.WSMsgType.BINARY:
+                event = _text_event(message.data, run.prompt_id)
+                if event is None:
+                    continue  # previews
+            elif message.type == aiohttp.WSMsgType.TEXT:
+                event = json.loads(message.data)
+            else:
+                continue
             if (event.get("data") or {}).get("prompt_id") != run.prompt_id:
                 continue
             run.events.append(event)
