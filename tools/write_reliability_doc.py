@@ -87,7 +87,7 @@ def render(summary: dict, fuzz: dict) -> str:
         ".host/venv/bin/python tools/write_reliability_doc.py",
         "```",
         "",
-        f"**Run:** `{summary['command']}` on {summary['date']} (commit {summary['commit']}), "
+        f"**Run:** `{summary['command'].strip()}` on {summary['date']} (commit {summary['commit']}), "
         f"{host['cpus']} CPU cores, Python {host['python']}, torch {host['torch']}, ComfyUI {host['comfyui']}: "
         f"{summary['tests']['collected']} tests, {summary['tests']['failed']} failed.",
         "",
