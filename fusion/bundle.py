@@ -96,8 +96,15 @@ def _check_tensor(name: str, key: str, t, float32: bool = True) -> torch.Tensor:
     unless ``float32=False`` (0.1.0's full weights keep the base's dtype)."""
     try:
         return check_file_tensor(name, key, t, float32=float32)
-    except BundleError:
-        raise
+    except EDLoRAError as e:
+        raise BundleError(str(e)) from None
+
+
+def _check_bundle_table(name: str, key: str, t) -> torch.Tensor:
+    """A token table by the ED-LoRA table rules (float, finite, ``[16, 768]`` or ``[16, n, 768]``), as a
+    bundle error."""
+    try:
+        return _check_table(_Reader(name), t, key)
     except EDLoRAError as e:
         raise BundleError(str(e)) from None
 
@@ -154,13 +161,7 @@ def load_bundle(path: str) -> FusedBundle:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith(EMBEDDING_PREFIX):
-            tok = key[len(EMBEDDING_PREFIX):]
-            try:
-                b.embeddings[tok] = _check_table(_Reader(name), _check_tensor(name, key, t), key)
-            except BundleError:
-                raise
-            except EDLoRAError as e:  # the ED-LoRA table rules, reported as a bundle error
-                raise BundleError(str(e)) from None
+            b.embeddings[key[len(EMBEDDING_PREFIX):]] = _check_bundle_table(name, key, t)
         elif version == "1" and key.partition(".")[0] in ("model", "clip"):
             b.weights[key] = _check_tensor(name, key, t, float32=False)
         elif version == "2" and (m := _LORA_KEY.match(key)):

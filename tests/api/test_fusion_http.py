@@ -7,25 +7,13 @@ import time
 from safetensors.torch import load_file
 
 from comfy_server import error_message
+from fusion_graphs import fusion_and_save
 
 
 def fusion_graph(**new_inputs):
-    return {
-        "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": 0}},
-        "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                              "edlora_name": "srv_0.pth", "text_encoder_strength": 1.0,
-                                                              "unet_strength": 1.0}},
-        "3": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["2", 0], "clip": ["2", 1],
-                                                              "edlora_name": "srv_1.pth", "text_encoder_strength": 1.0,
-                                                              "unet_strength": 1.0, "concepts": ["2", 2]}},
-        "4": {"class_type": "MixOfShowGradientFusion", "inputs": {  # exactly 0.1.0's inputs
-            "model": ["1", 0], "clip": ["1", 1], "concepts": ["3", 2], "steps": 2, "width": 64, "height": 64,
-            "seed": 0, "solver": "closed_form", "cache": False, **new_inputs}},
-        "5": {"class_type": "MixOfShowSaveFusedBundle", "inputs": {"model": ["4", 0], "clip": ["4", 1],
-                                                                   "concepts": ["4", 2], "filename_prefix": "http_fused"}},
-        **sample("4", "4", "http_fused_model"),
-    }
-
+    """The shared fusion prompt (0.1.0's inputs plus ``new_inputs``), then plain sampling with the fused model."""
+    return {**fusion_and_save(("srv_0.pth", "srv_1.pth"), steps=2, size=64, prefix="http_fused", **new_inputs),
+            **sample("4", "4", "http_fused_model")}
 
 def sample(model, clip, prefix):
     """Plain-prompt sampling into a .latent file (tensors to compare across prompts)."""

@@ -14,6 +14,7 @@ from browser import CHROMIUM  # noqa: E402
 from comfy_server import ComfyServer, comfy_root  # noqa: E402
 
 from fusion.synthetic import make_edlora_state  # noqa: E402
+from fusion_graphs import fusion_and_save  # noqa: E402
 
 pytestmark = [
     pytest.mark.browser,
@@ -47,20 +48,7 @@ def ui(tmp_path_factory, playwright_browser):
             context.close()
 
 
-GRAPH = {
-    "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": 0}},
-    "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                          "edlora_name": "progress_0.pth", "text_encoder_strength": 1.0,
-                                                          "unet_strength": 1.0}},
-    "3": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["2", 0], "clip": ["2", 1],
-                                                          "edlora_name": "progress_1.pth", "text_encoder_strength": 1.0,
-                                                          "unet_strength": 1.0, "concepts": ["2", 2]}},
-    "4": {"class_type": "MixOfShowGradientFusion", "inputs": {
-        "model": ["1", 0], "clip": ["1", 1], "concepts": ["3", 2], "steps": 6, "width": 128, "height": 128,
-        "seed": 0, "solver": "closed_form", "cache": False}},
-    "5": {"class_type": "MixOfShowSaveFusedBundle", "inputs": {"model": ["4", 0], "clip": ["4", 1],
-                                                               "concepts": ["4", 2], "filename_prefix": "ui_progress"}},
-}
+GRAPH = fusion_and_save(("progress_0.pth", "progress_1.pth"), steps=6, size=128, prefix="ui_progress")
 
 RENDERED = """() => {
     const node = app.graph.getNodeById(4);

@@ -7,18 +7,7 @@ import torch
 import comfy.model_management
 
 from fusion.synthetic import make_edlora_state
-
-
-
-def effective_weight(module) -> torch.Tensor:
-    """The weight a forward pass really uses (patches may be applied in place or at cast time)."""
-    w = module.weight
-    eye = torch.eye(w.shape[1], dtype=torch.float32)
-    if w.ndim == 4:
-        eye = eye[:, :, None, None]
-    with torch.no_grad():
-        out = module(eye) - module(torch.zeros_like(eye))
-    return out.reshape(w.shape[1], w.shape[0]).t().reshape(w.shape)
+from weights import effective_weight
 
 
 @pytest.mark.parametrize("spelling", ["main", "research"])

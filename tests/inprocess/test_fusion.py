@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import comfy.model_management as mm
 import nodes as comfy_nodes
 import pack_nodes as pn
+from weights import effective_weight
 
 STEPS, SIZE = 2, 64
 
@@ -65,17 +66,6 @@ def snapshot(model, clip):
 def count_hooks(model, clip):
     mods = list(model.model.diffusion_model.modules()) + list(clip.cond_stage_model.modules())
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in mods)
-
-
-def effective_weight(module) -> torch.Tensor:
-    """The weight a forward pass really uses (patches may be applied in place or at cast time)."""
-    w = module.weight
-    eye = torch.eye(w.shape[1], dtype=torch.float32)
-    if w.ndim == 4:
-        eye = eye[:, :, None, None]
-    with torch.no_grad():
-        out = module(eye) - module(torch.zeros_like(eye))
-    return out.reshape(w.shape[1], w.shape[0]).t().reshape(w.shape)
 
 
 def own_vs_fused(env, tiny, name, text, fc, fcs, concepts):

@@ -16,6 +16,8 @@ import comfy.sample
 import comfy.utils
 from comfy import weight_adapter
 
+from fusion_graphs import fusion_and_save
+
 
 @pytest.fixture(autouse=True)
 def no_cache(tmp_path, monkeypatch):
@@ -208,20 +210,7 @@ def test_the_node_shows_one_progress_bar_and_its_stage_as_text(env, trio, monkey
     bars = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
                         lambda value, total, preview, node_id=None: bars.append((value, total, node_id)))
-    graph = {
-        "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": 0}},
-        "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                              "edlora_name": "re_a.pth", "text_encoder_strength": 1.0,
-                                                              "unet_strength": 1.0}},
-        "3": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["2", 0], "clip": ["2", 1],
-                                                              "edlora_name": "re_b.pth", "text_encoder_strength": 1.0,
-                                                              "unet_strength": 1.0, "concepts": ["2", 2]}},
-        "4": {"class_type": "MixOfShowGradientFusion", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "concepts": ["3", 2], "steps": 3, "width": 64, "height": 64,
-            "seed": 0, "solver": "closed_form", "cache": False}},
-        "5": {"class_type": "MixOfShowSaveFusedBundle", "inputs": {"model": ["4", 0], "clip": ["4", 1],
-                                                                   "concepts": ["4", 2], "filename_prefix": "re_prog"}},
-    }
+    graph = fusion_and_save(("re_a.pth", "re_b.pth"), steps=3, size=64, prefix="re_prog")
     executor, _ = run_prompt(graph)
     assert executor.success, execution_error(executor)
     mine = [(v, t) for v, t, node in bars if node == "4"]
