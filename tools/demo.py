@@ -32,6 +32,13 @@ CHARACTERS = {"potter": ("<potter1>", "<potter2>"), "hermione": ("<hermione1>", 
 CKPT = "sd15_random_fp16.safetensors"
 ADAPTER = "t2iadapter_openpose_random.safetensors"
 POSE = REPO / "assets" / "poses" / "harry_hermione_thanos.png"
+DEMO_PREFIX = "mixofshow_demo"  # the SaveImage of the sampled picture
+
+
+def sampled_image(saved: list) -> Path:
+    """The sampled picture among a run's saved images (the prompt also outputs the region previews of
+    Regions from Pose and of the sampler)."""
+    return next(Path(p) for p in saved if Path(p).name.startswith(DEMO_PREFIX))
 
 
 def prepare(base: Path) -> None:
@@ -89,7 +96,7 @@ def graph(steps: int, width: int, height: int, fused: bool = False) -> dict:
         "regions": ["31", 0], "seed": 19, "steps": steps, "cfg": 7.5, "sampler_name": "dpmpp_2m",
         "scheduler": "karras", "denoise": 1.0}}
     g["24"] = {"class_type": "VAEDecode", "inputs": {"samples": ["23", 0], "vae": ["1", 2]}}
-    g["25"] = {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": "mixofshow_demo"}}
+    g["25"] = {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": DEMO_PREFIX}}
     return g
 
 
@@ -109,8 +116,9 @@ def main() -> int:
         except mixofshow_run.RunError as e:
             print("demo failed:", e)
             return e.exit_code
-    shutil.copy(saved[0], REPO / ".host" / "demo.png")
-    print(json.dumps({"image": str(saved[0]), "copy": str(REPO / ".host" / "demo.png"),
+    image = sampled_image(saved)
+    shutil.copy(image, REPO / ".host" / "demo.png")
+    print(json.dumps({"image": str(image), "copy": str(REPO / ".host" / "demo.png"),
                       "seconds": round(time.time() - t0, 1)}))
     return 0
 
