@@ -16,11 +16,13 @@ FAMILIES = ("edlora_nodes", "fusion_nodes", "region_nodes", "sampling_nodes", "e
 def _load_families() -> list:
     nodes = []
     try:
-        from .nodes.edlora_nodes import register_model_folder
+        from .nodes.glue.folders import register_model_folder
+        from .nodes.glue.routes import register_routes
 
         register_model_folder()
+        register_routes()
     except Exception:  # noqa: BLE001 - never take ComfyUI down with us
-        log.exception("Mix-of-Show: could not register the models/edloras folder")
+        log.exception("Mix-of-Show: could not register the models/edloras folder or the web UI's routes")
     for family in FAMILIES:
         try:
             module = importlib.import_module(f".nodes.{family}", __name__)

@@ -23,16 +23,17 @@ ap.add_argument("--size", type=int, default=256)
 a = ap.parse_args()
 
 env = comfy_env.env()
-import torch  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
+import torch  # noqa: E402
+from synthetic import make_edlora_state  # noqa: E402
+
 import nodes as comfy_nodes  # noqa: E402
-from fusion.synthetic import make_edlora_state  # noqa: E402
 
 ckpt = REPO / ".host" / "models" / "sd15_random_fp16.safetensors"
 model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=False)
 torch.save(make_edlora_state(("<b1>", "<b2>"), seed=3), env.base / "models" / "edloras" / "bench.pth")
-lmodel, lclip, concepts = env.pack("nodes.edlora_nodes").apply_edlora(
+lmodel, lclip, concepts = env.pack("nodes.glue.loading").apply_edlora(
     model, clip, None, str(env.base / "models" / "edloras" / "bench.pth"), 0.7, 0.7)
 encode = env.pack("nodes.layerwise").encode_with_concepts
 

@@ -93,18 +93,19 @@ def child(args) -> dict:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
     pack, env = start_comfy(args.gpu)
     os.environ["MIXOFSHOW_FUSION_CACHE"] = tempfile.mkdtemp(prefix="mixofshow-bench-cache-")
-    from fusion.synthetic import make_edlora_state
+    from synthetic import make_edlora_state
 
     model, clip, shape = load_model(not args.tiny, env)
-    en = pack("nodes.edlora_nodes")
+    en = pack("nodes.glue.loading")
+    folders = pack("nodes.glue.folders")
     concepts, m, c = None, model, clip
-    folder = Path(pack("nodes.edlora_nodes").folder_paths.get_folder_paths("edloras")[0])
+    folder = Path(pack("nodes.glue.folders").folder_paths.get_folder_paths("edloras")[0])
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(args.child):
         name = f"bench_{'tiny' if args.tiny else 'full'}_{i}.pth"
         torch.save(make_edlora_state((f"<bench{i}a>", f"<bench{i}b>"), seed=100 + i,
                                      whole_block=not args.attention_only, **shape), folder / name)
-        m, c, concepts = en.apply_edlora(m, c, concepts, en.edlora_path(name), 1.0, 1.0)
+        m, c, concepts = en.apply_edlora(m, c, concepts, folders.edlora_path(name), 1.0, 1.0)
     del m, c
     gf = pack("fusion.gradient_fusion")
     settings = gf.FusionSettings(steps=args.steps, width=args.size, height=args.size, seed=0, solver=args.solver,

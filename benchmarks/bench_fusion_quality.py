@@ -133,12 +133,12 @@ def main(argv=None) -> int:
     import comfy.model_management as mm
     import comfy.sample
     import comfy.samplers
-
-    from fusion.synthetic import make_edlora_state
+    from synthetic import make_edlora_state
 
     gf, run, rec_mod = pack("fusion.gradient_fusion"), pack("nodes.fusion_run"), pack("nodes.fusion_recording")
     solver, fp, enc = pack("fusion.solver"), pack("nodes.fused_patches"), pack("nodes.layerwise")
-    en = pack("nodes.edlora_nodes")
+    en = pack("nodes.glue.loading")
+    folders = pack("nodes.glue.folders")
     t_start = time.perf_counter()
     model, clip, shape = load_model(not args.tiny, env)
     folder = Path(en.folder_paths.get_folder_paths("edloras")[0])
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         names.append(f"quality_{i}.pth")
         torch.save(make_edlora_state((f"<q{i}a>", f"<q{i}b>"), seed=500 + i, whole_block=not args.attention_only,
                                      **shape), folder / names[-1])
-        concepts = en.apply_edlora(model, clip, concepts, en.edlora_path(names[-1]), 1.0, 1.0)[2]
+        concepts = en.apply_edlora(model, clip, concepts, folders.edlora_path(names[-1]), 1.0, 1.0)[2]
     plan = run.plan_for(model, clip, concepts)
     w0 = {**{k: fp.original_weight(v).detach() for k, v in model.get_key_patches().items() if k in plan.keys("model")},
           **{k: fp.original_weight(v).detach() for k, v in clip.patcher.get_key_patches().items()
@@ -178,8 +178,8 @@ def main(argv=None) -> int:
     sigmas = [float(ms.sigma(torch.tensor(float(t)))) for t in E2E_TIMESTEPS]
     own_out, base_err = [], []
     for i, name in enumerate(names):
-        m_i, c_i, own = en.apply_edlora(model, clip, None, en.edlora_path(name), 1.0, 1.0)
-        m_b, c_b, emb = en.apply_edlora(model, clip, None, en.edlora_path(name), 0.0, 0.0)
+        m_i, c_i, own = en.apply_edlora(model, clip, None, folders.edlora_path(name), 1.0, 1.0)
+        m_b, c_b, emb = en.apply_edlora(model, clip, None, folders.edlora_path(name), 0.0, 0.0)
         outs = [denoised(m_i, c_i, own, e2e_prompt[i], s) for s in sigmas]
         own_out.append(outs)
         base_err.append([float((denoised(m_b, c_b, emb, e2e_prompt[i], s)[0] - o).norm() / (x - o).norm())

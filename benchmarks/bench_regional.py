@@ -40,14 +40,14 @@ a = ap.parse_args()
 import comfy_env  # noqa: E402
 
 env = comfy_env.env(cpu=not a.gpu)
-import torch  # noqa: E402
-
 import comfy.patcher_extension  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
-import nodes as comfy_nodes  # noqa: E402
 import pack_nodes as pn  # noqa: E402
+import torch  # noqa: E402
 from lora_files import lora_factors, write_kohya_lora  # noqa: E402
+
+import nodes as comfy_nodes  # noqa: E402
 
 model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
     str(REPO / ".host" / "models" / "sd15_random_fp16.safetensors"), output_vae=False)

@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 
 import torch.nn.functional as F  # noqa: E402
 
-from fusion.solver import FoldedInputs, LayerProblem, layer_objective, solve_closed_form, solve_lbfgs  # noqa: E402
+from fusion.merge.solver import FoldedInputs, LayerProblem, layer_objective, solve_closed_form, solve_lbfgs  # noqa: E402
 
 N_CONCEPTS = 3
 RANK = 4

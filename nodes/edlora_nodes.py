@@ -1,108 +1,17 @@
 """Loader nodes: Load ED-LoRA, Text Encode with Concepts, Convert ED-LoRA to safetensors."""
 from __future__ import annotations
 
-import logging
 import os
 
 import folder_paths
 from comfy_api.latest import io
 
-from ..fusion.bundle import is_bundle
-from ..fusion.concepts import Concept, ConceptError, ConceptSet, normalise_trigger_words
-from ..fusion.edlora import EDLoRA, convert_to_safetensors, file_digest, load_edlora, unique_output_path
-from .fused_patches import apply_bundle
-from .layerwise import CONCEPTS_USED_KEY, encode_with_concepts, install_layerwise
-from .common import CONCEPTS, LOADERS, PackNode, check_choices, schema
-from .lora_patch import check_base, clip_patches, load_plain_lora, patch_factors, unet_patches
-
-log = logging.getLogger("mixofshow")
-EDLORA_FOLDER = "edloras"
-_EXTENSIONS = {".pth", ".pt", ".safetensors"}
-
-
-def register_model_folder() -> None:
-    """``models/edloras`` (plus any paths users set in extra_model_paths.yaml under ``edloras``)."""
-    default = os.path.join(folder_paths.models_dir, EDLORA_FOLDER)
-    paths, exts = folder_paths.folder_names_and_paths.get(EDLORA_FOLDER, ([], set()))
-    if default not in paths:
-        paths = list(paths) + [default]
-    folder_paths.folder_names_and_paths[EDLORA_FOLDER] = (paths, set(exts) | _EXTENSIONS)
-
-
-def edlora_choices() -> list[str]:
-    """ED-LoRA files from models/edloras, then .pth/.safetensors from models/loras (prefixed ``loras/``)."""
-    names = list(folder_paths.get_filename_list(EDLORA_FOLDER))
-    names += ["loras/" + n for n in folder_paths.get_filename_list("loras")
-              if os.path.splitext(n)[1].lower() in _EXTENSIONS]
-    return names
-
-
-def edlora_path(name: str) -> str:
-    if name.startswith("loras/") and folder_paths.get_full_path(EDLORA_FOLDER, name) is None:
-        return folder_paths.get_full_path_or_raise("loras", name[len("loras/"):])
-    return folder_paths.get_full_path_or_raise(EDLORA_FOLDER, name)
-
-
-def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encoder_strength: float,
-                 unet_strength: float):
-    """Clone MODEL and CLIP, patch them with one ED-LoRA, and add its concepts to the set.
-
-    Everything is validated before anything is patched, and the inputs are never modified. A fused
-    bundle (from Save Fused ED-LoRA Bundle) loads too: its fused LoRA patches the clones and its concepts
-    join the set (the strengths do not apply: the bundle is already merged).
-    """
-    if path.lower().endswith(".safetensors") and is_bundle(path):
-        model_out, clip_out, fused = apply_bundle(model, clip, path)
-        for concept in fused.concepts:
-            concepts = (concepts or ConceptSet()).add(concept)
-        model_out.model_options = {**model_out.model_options, CONCEPTS_USED_KEY: concepts.labels}
-        return model_out, clip_out, concepts
-    edlora = load_edlora(path)
-    check_base(edlora, model, clip)
-    unet = unet_patches(edlora, model)
-    text = clip_patches(edlora, clip)
-    concepts = (concepts or ConceptSet()).add(Concept(edlora, text_encoder_strength, unet_strength,
-                                                      unet_factors=patch_factors(unet, edlora.name),
-                                                      text_factors=patch_factors(text, edlora.name)))
-    model_out = model.clone()
-    clip_out = clip.clone()
-    if unet and unet_strength != 0:
-        model_out.add_patches(unet, unet_strength)
-    if text and text_encoder_strength != 0:
-        clip_out.add_patches(text, text_encoder_strength)
-    install_layerwise(model_out)
-    model_out.model_options[CONCEPTS_USED_KEY] = concepts.labels
-    log.info("Mix-of-Show: loaded %s (%s) with %d UNet and %d text-encoder LoRA modules", edlora.name,
-             " ".join(edlora.tokens), len(unet), len(text))
-    return model_out, clip_out, concepts
-
-
-def apply_lora_concept(model, clip, concepts: ConceptSet | None, path: str, trigger_words: str,
-                       strength_model: float, strength_clip: float):
-    """Clone MODEL and CLIP, patch them with a plain LoRA file (any format ComfyUI reads) and add it to
-    the concept set as a concept named by ``trigger_words`` (for regions and Gradient Fusion)."""
-    name = os.path.basename(path)
-    words = normalise_trigger_words(trigger_words)
-    if not words:
-        raise ConceptError(f"{name}: a LoRA used as a concept needs its trigger words (e.g. 'ohwx woman'): they "
-                           f"name the character in prompts and in fusion's recordings")
-    edlora = EDLoRA(name=name, digest=file_digest(path))
-    check_base(edlora, model, clip)
-    unet, text, unused = load_plain_lora(path, model, clip)
-    if unused:
-        log.warning("Mix-of-Show: %s: %d key(s) of the file were not applied (e.g. %s)", name, len(unused),
-                    ", ".join(k[:80] for k in unused[:4]))
-    concept = Concept(edlora, strength_clip, strength_model, trigger_words=words,
-                      unet_factors=patch_factors(unet, name), text_factors=patch_factors(text, name))
-    concepts = (concepts or ConceptSet()).add(concept)
-    model_out, clip_out = model.clone(), clip.clone()
-    if unet and strength_model != 0:
-        model_out.add_patches(unet, strength_model)
-    if text and strength_clip != 0:
-        clip_out.add_patches(text, strength_clip)
-    install_layerwise(model_out)
-    model_out.model_options[CONCEPTS_USED_KEY] = concepts.labels
-    return model_out, clip_out, concepts
+from ..fusion.files.edlora import convert_to_safetensors, unique_output_path
+from .glue.folders import edlora_choices, edlora_path
+from .glue.layerwise import encode_with_concepts
+from .glue.loading import apply_edlora, apply_lora_concept
+from .glue.schema import PackNode, check_choices, schema
+from .names import CONCEPTS, EDLORA_FOLDER, LOADERS, UI_CONCEPT_SET
 
 
 class LoadEDLoRA(PackNode):
@@ -147,7 +56,7 @@ class LoadEDLoRA(PackNode):
         text = [" ".join(tok for c in own for tok in c.edlora.tokens)]
         text += [f"⚠ {c.edlora.ignored_summary} — not applied" for c in own if c.edlora.ignored_total]
         return io.NodeOutput(model_out, clip_out, concepts_out,
-                             ui={"text": text, "concept_set": [concepts_out.describe()]})
+                             ui={"text": text, UI_CONCEPT_SET: [concepts_out.describe()]})
 
 
 class TextEncodeConcepts(PackNode):
@@ -257,7 +166,7 @@ class LoRAAsConcept(PackNode):
                                                                strength_model, strength_clip)
         return io.NodeOutput(model_out, clip_out, concepts_out,
                              ui={"text": [concepts_out.concepts[-1].trigger_words],
-                                 "concept_set": [concepts_out.describe()]})
+                                 UI_CONCEPT_SET: [concepts_out.describe()]})
 
 
 NODES = [LoadEDLoRA, TextEncodeConcepts, ConvertEDLoRA, LoRAAsConcept]

@@ -3,45 +3,23 @@ nodes/fusion_run.py (one fusion), nodes/fusion_recording.py (recording), nodes/f
 (patches and bundles) and fusion/ (plan, solver, cache, bundle format)."""
 from __future__ import annotations
 
-import logging
 import os
 
 import comfy.samplers
 import comfy.utils
-import folder_paths
 from comfy_api.latest import io
 
-from ..fusion import gradient_fusion as gf
-from ..fusion.bundle import BundleError, save_bundle
-from .common import CONCEPTS, FUSION, PackNode, advanced, check_choices, schema
-from .edlora_nodes import EDLORA_FOLDER
-from .fused_patches import bundle_of, fused_of
-from .fusion_run import fuse
+from ..fusion.errors import BundleError
+from ..fusion.files.bundle import save_bundle
+from ..fusion.log import log
+from ..fusion.merge import gradient_fusion as gf
+from .glue.folders import bundle_output_path
+from .glue.fused_patches import bundle_of, fused_of
+from .glue.fusion_run import NodeProgress, fuse
+from .glue.schema import PackNode, advanced, check_choices, schema
+from .names import CONCEPTS, FUSION
 
-log = logging.getLogger("mixofshow")
 SAMPLER_CHOICES = [gf.REFERENCE_SAMPLER] + list(comfy.samplers.KSampler.SAMPLERS)
-
-
-class _NodeProgress:
-    """One progress bar over the whole fusion, and the current stage as text on the node."""
-
-    def __init__(self, node_id):
-        self.node_id = node_id
-        self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
-        self.text = None
-        self.server = None
-        if node_id is not None:
-            try:
-                from server import PromptServer
-                self.server = getattr(PromptServer, "instance", None)
-            except ImportError:  # ComfyUI used without its server (scripts, in-process tests)
-                pass
-
-    def __call__(self, done: int, total: int, text: str) -> None:
-        self.bar.update_absolute(done, total)
-        if text != self.text and self.server is not None:
-            self.text = text
-            self.server.send_progress_text(text, self.node_id)
 
 
 class GradientFusionNode(PackNode):
@@ -112,23 +90,10 @@ class GradientFusionNode(PackNode):
         settings = gf.FusionSettings(steps=steps, width=width, height=height, seed=seed, solver=solver,
                                      sampler=sampler_name, scheduler=scheduler, ridge=ridge)
         hidden = getattr(cls, "hidden", None)
-        progress = _NodeProgress(getattr(hidden, "unique_id", None) if hidden is not None else None)
+        progress = NodeProgress(getattr(hidden, "unique_id", None) if hidden is not None else None)
         m, c, cs, stats = fuse(model, clip, concepts, settings, cache, progress)
         log.info("Mix-of-Show fusion: %s (cache %s, recorded %s)", cs.describe(), stats["cache"], stats["recorded"])
         return io.NodeOutput(m, c, cs)
-
-
-def _output_path(prefix: str) -> str:
-    folder = folder_paths.get_folder_paths(EDLORA_FOLDER)[0]
-    os.makedirs(folder, exist_ok=True)
-    stem = os.path.basename(prefix.strip() or "fused_edlora")
-    stem = stem[:-len(".safetensors")] if stem.lower().endswith(".safetensors") else stem
-    counter = 1
-    while True:
-        path = os.path.join(folder, f"{stem}_{counter:05d}.safetensors")
-        if not os.path.exists(path):
-            return path
-        counter += 1
 
 
 class SaveFusedBundle(PackNode):
@@ -161,7 +126,7 @@ class SaveFusedBundle(PackNode):
                               "Gradient Fusion (Mix-of-Show) or of a Load ED-LoRA that loaded a version-2 bundle "
                               "(0.1.0 bundles hold full weights and cannot be saved again: fuse once more)")
         bundle = bundle_of(model_deltas, clip_deltas, model, clip, info, concepts.tables)
-        path = _output_path(filename_prefix)
+        path = bundle_output_path(filename_prefix)
         save_bundle(bundle, path)
         name = os.path.basename(path)
         return io.NodeOutput(name, ui={"text": [f"{name}: {concepts.describe()}"]})

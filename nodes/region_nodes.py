@@ -1,49 +1,14 @@
 """Region nodes: Region, Box to Mask (two spellings), Pose Box to Mask, Regions from Pose (design §4)."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
-import comfy.model_management
-
-from ..fusion.concepts import ConceptSet
-from ..fusion.regional import find_pose_boxes
-from .common import CONCEPTS, REGIONS, REGIONS_CATEGORY, PackNode, schema
-from .layerwise import encode_with_concepts
-from .previews import preview_ui, regions_preview
-from .regions import box_mask, make_region
+from .glue.previews import preview_ui, regions_preview
+from .glue.regions import add_region, box_mask, pose_box_mask, pose_regions
+from .glue.schema import PackNode, schema
+from .names import CONCEPTS, REGIONS, REGIONS_CATEGORY
 
 _MAX_SIZE = 16384
-
-
-def add_region(regions, positive, negative, mask, control_strength: float = 1.0, model=None, label: str = ""):
-    """``regions`` (a tuple, possibly empty or None) plus one validated region; never mutates."""
-    regions = tuple(regions or ())
-    return regions + (make_region(positive, negative, mask, len(regions), control_strength, model, label),)
-
-
-def _image(image: torch.Tensor) -> torch.Tensor:
-    return (image[0] if image.dim() == 4 else image).detach().cpu()
-
-
-def pose_regions(image, clip, prompts: str, negative: str, margin: float, concepts=None, regions=None,
-                 control_strength: float = 1.0):
-    """One region per OpenPose skeleton (left to right), prompt line ``i`` for person ``i``;
-    returns (regions, masks ``[R, H, W]``)."""
-    lines = [line.strip() for line in prompts.splitlines() if line.strip()]
-    img = _image(image)
-    boxes = find_pose_boxes(img, margin=margin,
-                            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-    if len(boxes) != len(lines):
-        raise ValueError(f"Pose Regions: found {len(boxes)} skeleton(s) at {boxes} (top, left, bottom, right) but "
-                         f"{len(lines)} prompt line(s); write one line per person, left to right")
-    concepts = concepts or ConceptSet()
-    neg = encode_with_concepts(clip, negative, concepts)
-    height, width = int(img.shape[0]), int(img.shape[1])
-    masks = [box_mask(height, width, *b) for b in boxes]
-    for mask, line in zip(masks, lines):
-        regions = add_region(regions, encode_with_concepts(clip, line, concepts), neg, mask, control_strength)
-    return regions, torch.cat(masks)
 
 
 class RegionNode(PackNode):
@@ -164,12 +129,7 @@ class PoseBoxMask(PackNode):
 
     @classmethod
     def execute(cls, image, index, margin) -> io.NodeOutput:
-        img = _image(image)
-        boxes = find_pose_boxes(img, margin=margin,
-                                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-        if index >= len(boxes):
-            raise ValueError(f"pose box {index} requested but only {len(boxes)} person(s) found in the image")
-        return io.NodeOutput(box_mask(int(img.shape[0]), int(img.shape[1]), *boxes[index]), len(boxes))
+        return io.NodeOutput(*pose_box_mask(image, index, margin))
 
 
 class PoseRegions(PackNode):

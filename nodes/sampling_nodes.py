@@ -2,35 +2,16 @@
 from __future__ import annotations
 
 import comfy.samplers
-import nodes as comfy_nodes
 from comfy_api.latest import io
 
-from .common import REGIONS, SAMPLING, PackNode, check_choices, schema
-from .previews import preview_ui, regions_preview
-from .regional_attention import install_regions
+import nodes as comfy_nodes
+
+from .glue.previews import preview_ui, regions_preview
+from .glue.sampling import regional_guider, regional_ksampler
+from .glue.schema import PackNode, check_choices, schema
+from .names import REGIONS, SAMPLING
 
 _REGIONS_TOOLTIP = "Regions (Region / Regions from Pose nodes); without regions this is the stock behaviour."
-
-
-class RegionalGuider(comfy.samplers.CFGGuider):
-    """CFGGuider on a clone of the model patched for the regions."""
-
-    def __init__(self, model_patcher, regions=()):
-        super().__init__(install_regions(model_patcher, regions))
-
-
-def regional_guider(model, positive, negative, regions, cfg: float) -> RegionalGuider:
-    guider = RegionalGuider(model, regions)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    return guider
-
-
-def regional_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                      denoise=1.0, regions=None) -> dict:
-    """The stock KSampler on the regions' patched clone of ``model``; returns the LATENT."""
-    return comfy_nodes.common_ksampler(install_regions(model, regions), seed, steps, cfg, sampler_name, scheduler,
-                                       positive, negative, latent_image, denoise=denoise)[0]
 
 
 class RegionalGuiderNode(PackNode):

@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools" / "host"))
 sys.path.append(str(REPO))
 from comfy_server import ComfyServer  # noqa: E402
+from synthetic import make_edlora_state  # noqa: E402
 
 import mixofshow_run  # noqa: E402
-from fusion.synthetic import make_edlora_state  # noqa: E402
 
 CHARACTERS = {"potter": ("<potter1>", "<potter2>"), "hermione": ("<hermione1>", "<hermione2>"),
               "thanos": ("<thanos1>", "<thanos2>")}

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools" / "host"))
 sys.path.insert(0, str(REPO))
 from comfy_server import ComfyServer  # noqa: E402
+
 import mixofshow_run  # noqa: E402
 
 EXAMPLES = REPO / "example_workflows"

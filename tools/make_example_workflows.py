@@ -27,11 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools" / "host"))
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.append(str(REPO))
+import demo  # noqa: E402
 from browser import comfy_page  # noqa: E402
 from comfy_server import ComfyServer, error_message  # noqa: E402
-import demo  # noqa: E402
 
-from fusion.regional import parse_box_file  # noqa: E402
+from fusion.regions.pose import parse_box_file  # noqa: E402
 
 POSE = demo.POSE.name
 WIDTH, HEIGHT, STEPS = 512, 256, 8
@@ -335,7 +335,7 @@ def thumbnail(server: ComfyServer, entry: dict, node_id: str) -> bytes:
     import numpy as np
     from PIL import Image
 
-    from fusion.preview import draw_regions
+    from fusion.regions.preview import draw_regions
 
     shown = entry["outputs"][node_id]
     if "images" in shown:

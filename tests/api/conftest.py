@@ -7,11 +7,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "host"))
-from comfy_server import ComfyServer  # noqa: E402
-
 import comfy_env  # noqa: E402
-from fusion.synthetic import make_edlora_state  # noqa: E402
+from comfy_server import ComfyServer  # noqa: E402
 from host_tier import module_without_host  # noqa: E402
+from synthetic import make_edlora_state  # noqa: E402
 
 MISSING_HOST = comfy_env.missing_host_reason()
 FIXTURES = REPO / "tests" / "support" / "mixofshow_test_fixtures"

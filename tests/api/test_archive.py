@@ -7,7 +7,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from comfy_server import ComfyServer
 from registry_archive import build_archive, is_git_checkout
 

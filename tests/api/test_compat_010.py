@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import pytest
+from comfy_server import ComfyServer
 from PIL import Image
+from server_events import interrupt
 
 import mixofshow_run
-from comfy_server import ComfyServer
-from server_events import interrupt
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))

@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from comfy_server import ComfyServer
 from PIL import Image
 
 import mixofshow_run
-from comfy_server import ComfyServer
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))

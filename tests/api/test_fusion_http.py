@@ -4,10 +4,9 @@ model itself, the new inputs are checked, the seed input asks for no randomisati
 import shutil
 import time
 
-from safetensors.torch import load_file
-
 from comfy_server import error_message
 from fusion_graphs import fusion_and_save
+from safetensors.torch import load_file
 
 
 def fusion_graph(**new_inputs):

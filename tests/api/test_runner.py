@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from comfy_server import free_port
 from PIL import Image
 
 import mixofshow_run
-from comfy_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "example_workflows"

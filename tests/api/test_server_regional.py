@@ -3,9 +3,8 @@ random OpenPose-layout ControlNet loaded by the stock loader, the regional sampl
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from comfy_server import error_message
+from safetensors.torch import save_file
 
 POSES = Path(__file__).resolve().parents[2] / "assets" / "poses"  # in the repo (Apache-2.0, see NOTICE)
 

@@ -18,11 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "host"))
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ui_support, for the test modules
-from browser import CHROMIUM, ARGS  # noqa: E402
+from browser import ARGS, CHROMIUM  # noqa: E402
 from comfy_server import ComfyServer, comfy_root  # noqa: E402
+from synthetic import make_edlora_state  # noqa: E402
 from ui_support import TINY_TOKENS, TINY_TOKENS_B, UI, post  # noqa: E402
-
-from fusion.synthetic import make_edlora_state  # noqa: E402
 
 FIXTURES = REPO / "tests" / "support" / "mixofshow_test_fixtures"
 FRONTEND_158 = REPO / ".host" / "frontend-1.58.1" / "comfyui_frontend_package" / "static"

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
 from ui_support import TINY_TOKENS, execution_error, queue_and_wait, tiny_graph
-from fusion.regional import find_pose_boxes
+
+from fusion.regions.pose import find_pose_boxes
 
 POSE = "harry_hermione_thanos.png"
 RED = (0xE6, 0x19, 0x4B)  # the first region's colour (fusion/preview.py PALETTE)

@@ -12,9 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "host"))
 from browser import CHROMIUM  # noqa: E402
 from comfy_server import ComfyServer, comfy_root  # noqa: E402
-
-from fusion.synthetic import make_edlora_state  # noqa: E402
 from fusion_graphs import fusion_and_save  # noqa: E402
+from synthetic import make_edlora_state  # noqa: E402
 
 pytestmark = [
     pytest.mark.browser,

@@ -1,9 +1,8 @@
 import os
 from pathlib import Path
 
-import pytest
-
 import comfy_env
+import pytest
 from host_tier import module_without_host
 
 SD15_CHECKPOINT = Path(os.environ.get("MIXOFSHOW_SD15_RANDOM", Path(__file__).resolve().parents[2] / ".host" / "models"
@@ -46,8 +45,8 @@ def tiny(env):
 @pytest.fixture(scope="session")
 def write_edlora(env):
     """Write a synthetic ED-LoRA for the tiny model into models/edloras; returns its file name."""
-    from fusion.synthetic import make_edlora_state
     import torch
+    from synthetic import make_edlora_state
 
     def write(name: str, tokens=("<c1>", "<c2>"), seed=0, **kw):
         kw.setdefault("model_channels", 32)
@@ -56,7 +55,7 @@ def write_edlora(env):
         path = env.base / "models" / "edloras" / name
         state = make_edlora_state(tuple(tokens), seed=seed, **kw)
         if name.endswith(".safetensors"):
-            from fusion.edlora import parse_edlora, save_edlora
+            from fusion.files.edlora import parse_edlora, save_edlora
             save_edlora(parse_edlora(state, name), str(path))
         else:
             torch.save(state, path)

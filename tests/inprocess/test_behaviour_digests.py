@@ -18,19 +18,18 @@ import json
 import os
 from pathlib import Path
 
+import comfy.sample
+import pack_nodes as pn
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
-import comfy.sample
-import nodes as comfy_nodes
-import pack_nodes as pn
 from comfy_env import node
 from lora_files import lora_factors, write_kohya_lora
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from synthetic import make_edlora_state
 
-from fusion.edlora import parse_edlora, to_flat_state_dict
-from fusion.synthetic import make_edlora_state
+import nodes as comfy_nodes
+from fusion.files.edlora import parse_edlora, to_flat_state_dict
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "behaviour"
 RECORD = os.environ.get("MIXOFSHOW_RECORD_BEHAVIOUR") == "1"

@@ -2,13 +2,13 @@
 on a plain prompt. Checked where it matters: the context each cross-attention layer receives while
 sampling (the input of every attn2.to_k, recorded with forward pre-hooks), against the expected edit of
 the 16 contexts written out here."""
+import comfy.sample
+import pack_nodes as pn
 import pytest
 import torch
-
-import comfy.sample
-import nodes as comfy_nodes
-import pack_nodes as pn
 from lora_files import lora_factors, write_kohya_lora
+
+import nodes as comfy_nodes
 
 PREFIXES = [f"input_blocks.{n}.1" for n in (1, 2, 4, 5, 7, 8)] + ["middle_block.1"] + \
            [f"output_blocks.{n}.1" for n in range(3, 12)]

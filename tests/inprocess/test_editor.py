@@ -4,16 +4,15 @@ functions behind the web UI's routes (pose boxes, a file's tokens)."""
 import json
 import os
 
+import folder_paths
 import numpy as np
+import pack_nodes as pn
 import pytest
 import torch
+from comfy_env import execution_error, node, node_ui, run_prompt
 from PIL import Image
 
-import folder_paths
-from comfy_env import execution_error, node, node_ui, run_prompt
-import pack_nodes as pn
-
-from fusion.regional import find_pose_boxes
+from fusion.regions.pose import find_pose_boxes
 
 POSE = "harry_hermione_thanos.png"
 TINY = {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": 0}}
@@ -168,7 +167,8 @@ def test_inputs_are_not_modified(env, concept):
 
 
 def test_load_reference_pose_lists_the_shipped_poses_and_loads_one(env):
-    ed = env.pack("nodes.editor_nodes")
+    ed = env.pack("nodes.glue.images")
+    routes = env.pack("nodes.glue.routes")
     assert POSE in ed.reference_poses()
     image, width, height = node("MixOfShowLoadReferencePose", pose=POSE)
     assert image.shape == (1, 512, 1024, 3) and (width, height) == (1024, 512)
@@ -180,7 +180,8 @@ def test_load_reference_pose_lists_the_shipped_poses_and_loads_one(env):
 
 
 def test_pose_boxes_route_uses_the_pose_regions_detector(env):
-    ed = env.pack("nodes.editor_nodes")
+    ed = env.pack("nodes.glue.images")
+    routes = env.pack("nodes.glue.routes")
     image, _, _ = node("MixOfShowLoadReferencePose", pose=POSE)
     result = ed.pose_boxes_for({"pose": POSE}, 0.05)
     assert (result["width"], result["height"]) == (1024, 512)
@@ -197,11 +198,12 @@ def test_pose_boxes_route_uses_the_pose_regions_detector(env):
 
 
 def test_tokens_route_reads_the_file_before_any_run(env, write_edlora):
-    ed = env.pack("nodes.editor_nodes")
+    ed = env.pack("nodes.glue.images")
+    routes = env.pack("nodes.glue.routes")
     name = write_edlora("ed_tokens.safetensors", tokens=("<tk1>", "<tk2>"), seed=33)
-    assert ed.tokens_of(name) == ["<tk1>", "<tk2>"]
+    assert routes.tokens_of(name) == ["<tk1>", "<tk2>"]
     with pytest.raises(FileNotFoundError):
-        ed.tokens_of("nope.pth")
+        routes.tokens_of("nope.pth")
 
 
 def test_pose_regions_outputs_and_shows_its_preview(env, concept):

@@ -1,20 +1,18 @@
 """Issue 2 §4 on the full-size SD1.5 layout: every LoRA key maps, every patched weight is W0 + s·up@down."""
 import os
 
+import comfy.model_management
 import pytest
 import torch
-
-import comfy.model_management
-
-from fusion.synthetic import make_edlora_state
+from synthetic import make_edlora_state
 from weights import effective_weight
 
 
 @pytest.mark.parametrize("spelling", ["main", "research"])
 def test_every_key_maps_and_patched_weights_are_exact(env, sd15, spelling):
     model, clip = sd15
-    edlora_mod = env.pack("fusion.edlora")
-    lora_patch = env.pack("nodes.lora_patch")
+    edlora_mod = env.pack("fusion.files.edlora")
+    lora_patch = env.pack("nodes.glue.lora_patch")
     state = make_edlora_state(("<p1>", "<p2>"), seed=7, spelling=spelling)
     flat_keys = len(state["params"]["unet"]) + len(state["params"]["text_encoder"])
     edlora = edlora_mod.parse_edlora(state, f"full_{spelling}.pth")
@@ -66,11 +64,11 @@ def test_textual_inversion_embeddings_and_concepts_together(env, sd15):
     os.makedirs(folder, exist_ok=True)
     ti = torch.randn(2, 768, generator=torch.Generator().manual_seed(1)) * 0.02
     save_file({"emb_params": ti}, os.path.join(folder, "mos_ti.safetensors"))
-    concepts = env.pack("fusion.concepts").ConceptSet().add(env.pack("fusion.concepts").Concept(
-        env.pack("fusion.edlora").parse_edlora(make_edlora_state(("<q1>",), seed=9, text_lora=False,
+    concepts = env.pack("fusion.prompts.concepts").ConceptSet().add(env.pack("fusion.prompts.concepts").Concept(
+        env.pack("fusion.files.edlora").parse_edlora(make_edlora_state(("<q1>",), seed=9, text_lora=False,
                                                                  unet_lora=False), "q.pth"), 0.0, 0.0))
-    cond = env.pack("nodes.layerwise").encode_with_concepts(clip, "a embedding:mos_ti <q1> dog", concepts)
-    stack = env.pack("nodes.layerwise").layerwise_of(cond[0])[0]
+    cond = env.pack("nodes.glue.layerwise").encode_with_concepts(clip, "a embedding:mos_ti <q1> dog", concepts)
+    stack = env.pack("nodes.glue.layerwise").layerwise_of(cond[0])[0]
     tok = clip.tokenizer.clip_l.tokenizer
     table = concepts.tables["<q1>"][:, 0]
     for layer in (0, 9):

@@ -6,14 +6,14 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import comfy.model_management as mm
+import pack_nodes as pn
 import pytest
 import torch
 from safetensors.torch import save_file
-
-import comfy.model_management as mm
-import nodes as comfy_nodes
-import pack_nodes as pn
 from weights import effective_weight
+
+import nodes as comfy_nodes
 
 STEPS, SIZE = 2, 64
 
@@ -34,11 +34,11 @@ def fusion_cache(tmp_path, monkeypatch):
 
 
 def run(env):
-    return env.pack("nodes.fusion_run")
+    return env.pack("nodes.glue.fusion_run")
 
 
 def patches(env):
-    return env.pack("nodes.fused_patches")
+    return env.pack("nodes.glue.fused_patches")
 
 
 def settings(env, **kw):
@@ -46,15 +46,16 @@ def settings(env, **kw):
     kw.setdefault("width", SIZE)
     kw.setdefault("height", SIZE)
     kw.setdefault("seed", 5)
-    return env.pack("fusion.gradient_fusion").FusionSettings(**kw)
+    return env.pack("fusion.merge.gradient_fusion").FusionSettings(**kw)
 
 
 def load_set(env, tiny, names, te=1.0, unet=1.0, model=None, clip=None, concepts=None):
     model0, clip0, _ = tiny
     model, clip = model or model0, clip or clip0
-    en = env.pack("nodes.edlora_nodes")
+    en = env.pack("nodes.glue.loading")
+    folders = env.pack("nodes.glue.folders")
     for name in names:
-        model, clip, concepts = en.apply_edlora(model, clip, concepts, en.edlora_path(name), te, unet)
+        model, clip, concepts = en.apply_edlora(model, clip, concepts, folders.edlora_path(name), te, unet)
     return model, clip, concepts
 
 
@@ -71,8 +72,8 @@ def count_hooks(model, clip):
 def own_vs_fused(env, tiny, name, text, fc, fcs, concepts):
     """Relative errors (fused vs own merged CLIP, base vs own) of the layer-wise stack, unpadded positions."""
     model, clip, _ = tiny
-    enc = env.pack("nodes.layerwise")
-    gf = env.pack("fusion.gradient_fusion")
+    enc = env.pack("nodes.glue.layerwise")
+    gf = env.pack("fusion.merge.gradient_fusion")
     _, own_clip, own = load_set(env, tiny, [name])
     tokens = enc.tokenize_with_concepts(clip, text, own)[0]["l"][0]
     n = next(j for j, t in enumerate(tokens) if j > 0 and t[0] == 49407) + 1
@@ -116,7 +117,7 @@ def test_bad_inputs_fail_before_any_work(env, tiny, two, write_edlora):
     with pytest.raises(ValueError, match="at least one concept"):
         fuse(model, clip, None, settings(env))
     with pytest.raises(ValueError, match="at least one concept"):
-        fuse(model, clip, env.pack("fusion.concepts").ConceptSet(), settings(env))
+        fuse(model, clip, env.pack("fusion.prompts.concepts").ConceptSet(), settings(env))
     dup = write_edlora("fu_dup.pth", tokens=("<fa1>",), seed=30)
     with pytest.raises(ValueError, match="fu_a.pth.*fu_dup.pth"):
         load_set(env, tiny, [two[0], dup])
@@ -142,7 +143,7 @@ def test_fusion_reproduces_each_concept_as_lora_patches_and_leaves_inputs_alone(
     _, _, concepts = load_set(env, tiny, two[:2])
     before = snapshot(model, clip)
     hooks_before = count_hooks(model, clip)
-    enc = env.pack("nodes.layerwise")
+    enc = env.pack("nodes.glue.layerwise")
     base_stack = enc.layerwise_of(enc.encode_with_concepts(clip, "a <fa1> <fa2>", concepts)[0])
 
     fm, fc, fcs, stats = run(env).fuse(model, clip, concepts, settings(env), use_cache=False)
@@ -161,7 +162,7 @@ def test_fusion_reproduces_each_concept_as_lora_patches_and_leaves_inputs_alone(
             assert entry[1].weights[0].shape[1] == 8 and entry[1].weights[0].dtype == torch.float32
     assert info["base"] and [c["tokens"] for c in info["concepts"]] == [["<fa1>", "<fa2>"], ["<fb1>"]]
     patches_ = fm.model_options["transformer_options"]["patches"]["attn2_patch"]
-    assert any(isinstance(p, env.pack("nodes.layerwise").LayerwiseAttn2Patch) for p in patches_)
+    assert any(isinstance(p, env.pack("nodes.glue.layerwise").LayerwiseAttn2Patch) for p in patches_)
     assert [c.edlora.tokens for c in fcs.concepts] == [["<fa1>", "<fa2>"], ["<fb1>"]]
     assert all(c.text_encoder_strength == 0 and c.unet_strength == 0 and not c.unet_factors for c in fcs.concepts)
     # the effective fused weight is W0 + up @ down (ComfyUI applies the patch when the model loads)
@@ -194,7 +195,7 @@ def test_single_and_embedding_only_concepts(env, tiny, two, write_edlora):
     _, own_clip, concepts = load_set(env, tiny, [two[1]], te=0.8, unet=0.6)
     fm, fc, fcs, stats = run(env).fuse(model, clip, concepts, settings(env), use_cache=True)
     assert stats["recorded"] == {"text": 0, "cross_kv": 0, "unet": 0}  # one concept: its LoRA, nothing recorded
-    enc = env.pack("nodes.layerwise")
+    enc = env.pack("nodes.glue.layerwise")
     got = enc.layerwise_of(enc.encode_with_concepts(fc, "a <fb1>", fcs)[0])
     ref = enc.layerwise_of(enc.encode_with_concepts(own_clip, "a <fb1>", concepts)[0])
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
@@ -264,8 +265,9 @@ def test_bundle_round_trip_stock_lora_loader_and_checkpoint_save(env, tiny, two)
     _, _, concepts = load_set(env, tiny, two[:2])
     fm, fc, fcs, _ = run(env).fuse(model, clip, concepts, settings(env), use_cache=False)
     name = pn.save_fused_bundle(fm, fc, fcs, "fu_bundle")
-    loader = env.pack("nodes.edlora_nodes")
-    assert name in loader.edlora_choices()
+    loader = env.pack("nodes.glue.loading")
+    folders = env.pack("nodes.glue.folders")
+    assert name in folders.edlora_choices()
     # Load ED-LoRA: the same LoRA patches and concepts (its strengths do not apply: the bundle is merged)
     lm, lc, lcs = pn.load_edlora(model, clip, name, 0.3, 0.3)
     assert lm.model_options["mixofshow_concepts"] == lcs.labels
@@ -277,7 +279,7 @@ def test_bundle_round_trip_stock_lora_loader_and_checkpoint_save(env, tiny, two)
     assert [c.edlora.tokens for c in lcs.concepts] == [c.edlora.tokens for c in fcs.concepts]
     for t, table in fcs.tables.items():
         torch.testing.assert_close(lcs.tables[t], table)
-    enc = env.pack("nodes.layerwise")
+    enc = env.pack("nodes.glue.layerwise")
     torch.testing.assert_close(enc.layerwise_of(enc.encode_with_concepts(lc, "a <fa1>", lcs)[0]),
                                enc.layerwise_of(enc.encode_with_concepts(fc, "a <fa1>", fcs)[0]))
     with pytest.raises(ValueError, match="another base model"):  # a bundle on a base it was not fused on
@@ -390,8 +392,8 @@ def test_fused_model_accepts_regions_encoded_with_the_fused_concepts(env, tiny, 
     _, _, concepts = load_set(env, tiny, [a, b])
     fm, fc, fcs, _ = run(env).fuse(model, clip, concepts, settings(env), use_cache=False)
     assert fm.model_options["mixofshow_concepts"] == fcs.labels == concepts.labels
-    enc = env.pack("nodes.layerwise").encode_with_concepts
-    regional = env.pack("nodes.regional_attention")
+    enc = env.pack("nodes.glue.layerwise").encode_with_concepts
+    regional = env.pack("nodes.glue.regional_attention")
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1
     regions = pn.region(enc(fc, "a <ra1>", fcs), enc(fc, "blurry", fcs), mask)
@@ -407,7 +409,7 @@ def test_fused_model_accepts_regions_encoded_with_the_fused_concepts(env, tiny, 
 
 def write_kohya_lora(env, name, seed, rank=4, alpha=2.0, text=True, locon=False):
     """A plain LoRA for the tiny model in kohya's key layout (lora_unet_<diffusers module>, lora_te_…)."""
-    from fusion.synthetic import text_module_shapes, unet_module_shapes
+    from synthetic import text_module_shapes, unet_module_shapes
 
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -426,7 +428,8 @@ def write_kohya_lora(env, name, seed, rank=4, alpha=2.0, text=True, locon=False)
 
 
 def lora_concept(env, model, clip, concepts, name, words, strength=1.0):
-    en = env.pack("nodes.edlora_nodes")
+    en = env.pack("nodes.glue.loading")
+    folders = env.pack("nodes.glue.folders")
     path = env.folder_paths.get_full_path_or_raise("loras", name)
     return en.apply_lora_concept(model, clip, concepts, path, words, strength, strength)
 
@@ -450,7 +453,7 @@ def test_two_plain_loras_and_an_ed_lora_fuse_better_than_weight_summing(env, tin
     s = settings(env, ridge=0.0)
     fm, fc, fcs, stats = run(env).fuse(model, clip, concepts, s, use_cache=False, keep_problems=True, tap=tap)
     assert [cc.trigger_words for cc in fcs.concepts] == ["ohwx woman", "sks man", ""]
-    solver = env.pack("fusion.solver")
+    solver = env.pack("fusion.merge.solver")
     result = stats["result"]
     plan = run(env).plan_for(model, clip, concepts)
     w0s = {**{k: v[0][0].double() for k, v in model.get_key_patches().items()},

@@ -2,15 +2,14 @@
 bad entries are misses that get overwritten, cache off writes nothing, the size cap evicts."""
 import logging
 import os
+from pathlib import Path
 
+import comfy_extras.nodes_model_advanced as advanced
 import pytest
 import torch
+from comfy import weight_adapter
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-import comfy.lora
-import comfy_extras.nodes_model_advanced as advanced
-from comfy import weight_adapter
 
 
 @pytest.fixture(autouse=True)
@@ -22,22 +21,23 @@ def cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def pair(env, tiny, write_edlora):
-    en = env.pack("nodes.edlora_nodes")
+    en = env.pack("nodes.glue.loading")
+    folders = env.pack("nodes.glue.folders")
     model, clip, _ = tiny
     m, c, concepts = model, clip, None
     for name, tokens, seed in (("ca_a.pth", ("<ca1>", "<ca2>"), 90), ("ca_b.pth", ("<cb1>",), 91)):
         write_edlora(name, tokens=tokens, seed=seed)
-        m, c, concepts = en.apply_edlora(m, c, concepts, en.edlora_path(name), 1.0, 1.0)
+        m, c, concepts = en.apply_edlora(m, c, concepts, folders.edlora_path(name), 1.0, 1.0)
     return m, c, concepts
 
 
 def settings(env, **kw):
     kw = {"steps": 1, "width": 64, "height": 64, "seed": 3, **kw}
-    return env.pack("fusion.gradient_fusion").FusionSettings(**kw)
+    return env.pack("fusion.merge.gradient_fusion").FusionSettings(**kw)
 
 
 def fuse(env, model, clip, concepts, s, **kw):
-    return env.pack("nodes.fusion_run").fuse(model, clip, concepts, s, **kw)
+    return env.pack("nodes.glue.fusion_run").fuse(model, clip, concepts, s, **kw)
 
 
 def test_a_hit_records_nothing_and_gives_the_same_patches(env, tiny, pair, cache_dir):
@@ -55,7 +55,7 @@ def test_a_hit_records_nothing_and_gives_the_same_patches(env, tiny, pair, cache
         for h in hooks:
             h.remove()
     assert second[3]["cache"] == "hit" and calls == []
-    fp = env.pack("nodes.fused_patches")
+    fp = env.pack("nodes.glue.fused_patches")
     for a, b in ((first[0], second[0]), (first[1].patcher, second[1].patcher)):
         wa, wb = fp.fused_of(a)[0], fp.fused_of(b)[0]
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k][0], wb[k][0]) and torch.equal(wa[k][1], wb[k][1])
@@ -85,7 +85,7 @@ class OtherPackAttention:
 def test_the_key_sees_everything_the_recordings_read(env, tiny, pair, tmp_path):
     model, clip, _ = tiny
     concepts = pair[2]
-    key = env.pack("nodes.fusion_run").cache_key
+    key = env.pack("nodes.glue.fusion_run").cache_key
     base = key(model, clip, concepts, settings(env))
     assert key(model.clone(), clip.clone(), concepts, settings(env)) == base
     assert key(pair[0], pair[1], concepts, settings(env)) == base  # loader outputs: their fused-weight patches aside
@@ -101,8 +101,8 @@ def test_the_key_sees_everything_the_recordings_read(env, tiny, pair, tmp_path):
     w = other_lora.model.diffusion_model.input_blocks[0][0].weight
     other_lora.add_patches({"diffusion_model.input_blocks.0.0.weight": weight_adapter.LoRAAdapter(
         set(), (torch.ones(w.shape[0], 1, 1, 1), torch.ones(1, *w.shape[1:]) * 1e-3, None, None, None, None))}, 1.0)
-    Concept = env.pack("fusion.concepts").Concept
-    ConceptSet = env.pack("fusion.concepts").ConceptSet
+    Concept = env.pack("fusion.prompts.concepts").Concept
+    ConceptSet = env.pack("fusion.prompts.concepts").ConceptSet
     a, b = concepts.concepts
     weaker = ConceptSet().add(a).add(Concept(b.edlora, b.text_encoder_strength, 0.5, unet_factors=b.unet_factors,
                                               text_factors=b.text_factors))
@@ -123,12 +123,13 @@ def test_the_key_sees_everything_the_recordings_read(env, tiny, pair, tmp_path):
             ("scheduler", "karras"), ("ridge", 0.5))},
     }
     assert base not in variants.values() and len(set(variants.values())) == len(variants), variants
-    # the code version: a change of the recording/solving sources is another key
-    import fusion.cache  # noqa: F401 - the pack's copy is what the key uses
-    cache = env.pack("fusion.cache")
+    # the code version: a new recording or solver version is another key
+    cache = env.pack("fusion.merge.cache")
     original = cache.code_version
     try:
-        cache.code_version = lambda host, root=cache.PACK_ROOT: original(host + " edited", root)
+        cache.code_version = lambda host: original(host, recording=2)
+        assert key(model, clip, concepts, settings(env)) != base
+        cache.code_version = lambda host: original(host, solver=2)
         assert key(model, clip, concepts, settings(env)) != base
     finally:
         cache.code_version = original
@@ -148,14 +149,14 @@ def test_trigger_words_and_embedding_files_are_in_the_key(env, tiny, pair):
     clip.cond_stage_model.load_state_dict(tiny_clip.cond_stage_model.state_dict())
     g = torch.Generator().manual_seed(5)
     save_file({"emb_params": torch.randn(2, 768, generator=g) * 0.02}, os.path.join(folder, "ca_ti.safetensors"))
-    Concept = env.pack("fusion.concepts").Concept
+    Concept = env.pack("fusion.prompts.concepts").Concept
     a = pair[2].concepts[0]
-    plain = Concept(env.pack("fusion.edlora").EDLoRA(name="plain.safetensors", digest="d"), 1.0, 1.0,
+    plain = Concept(env.pack("fusion.files.edlora").EDLoRA(name="plain.safetensors", digest="d"), 1.0, 1.0,
                     trigger_words="embedding:ca_ti woman", unet_factors=a.unet_factors, text_factors=a.text_factors)
     other_words = Concept(plain.edlora, 1.0, 1.0, trigger_words="embedding:ca_ti man", unet_factors=a.unet_factors,
                           text_factors=a.text_factors)
-    ConceptSet = env.pack("fusion.concepts").ConceptSet
-    key = env.pack("nodes.fusion_run").cache_key
+    ConceptSet = env.pack("fusion.prompts.concepts").ConceptSet
+    key = env.pack("nodes.glue.fusion_run").cache_key
     s = settings(env)
     k1 = key(model, clip, ConceptSet().add(pair[2].concepts[1]).add(plain), s)
     k2 = key(model, clip, ConceptSet().add(pair[2].concepts[1]).add(other_words), s)
@@ -211,7 +212,7 @@ def test_a_bad_entry_is_a_miss_with_a_warning_and_is_overwritten(env, tiny, pair
     assert _entry(cache_dir).read_bytes() != path_bytes_after_damage  # recomputed and overwritten
     again = fuse(env, model, clip, concepts, settings(env))
     assert again[3]["cache"] == "hit"
-    fp = env.pack("nodes.fused_patches")
+    fp = env.pack("nodes.glue.fused_patches")
     wa, wb = fp.fused_of(result[0])[0], fp.fused_of(again[0])[0]
     assert all(torch.equal(wa[k][1], wb[k][1]) for k in wa)
 
@@ -235,3 +236,35 @@ def test_the_size_cap_evicts_the_least_recently_used(env, tiny, pair, cache_dir,
     with caplog.at_level(logging.WARNING, logger="mixofshow"):
         stats = fuse(env, model, clip, concepts, settings(env, seed=13))[3]
     assert stats["cache_file"] is None and "larger than the cache cap" in caplog.text
+
+
+V0_2_ENTRY = Path(__file__).resolve().parents[1] / "fixtures" / "cache_v0_2"
+
+
+def test_an_entry_written_by_release_0_2_0_still_hits_and_is_renamed(env, tiny, cache_dir):
+    """tests/fixtures/cache_v0_2 holds the cache entry release 0.2.0 (888a5c3) wrote for this fusion (made by
+    fusing the two ED-LoRAs below with its code): the recording and solve are unchanged since (versions 1), so it
+    is found under 0.2.0's key, renamed to today's key, and nothing is recorded."""
+    from synthetic import make_edlora_state
+
+    from fusion.files.edlora import parse_edlora, to_flat_state_dict
+    en = env.pack("nodes.glue.loading")
+    folders = env.pack("nodes.glue.folders")
+    model, clip, _ = tiny
+    m, c, concepts = model, clip, None
+    for i, toks in enumerate([("<cva>", "<cvb>"), ("<cvc>",)]):
+        name = f"cache_v02_{i}.safetensors"  # the same bytes as 0.2.0 fused (no metadata, no pickle)
+        save_file(to_flat_state_dict(parse_edlora(make_edlora_state(
+            toks, seed=700 + i, model_channels=32, text_layers=2, text_intermediate=512, whole_block=False), name)),
+            str(env.base / "models" / "edloras" / name))
+        m, c, concepts = en.apply_edlora(m, c, concepts, folders.edlora_path(name), 1.0, 1.0)
+    cache_dir.mkdir()
+    (old,) = V0_2_ENTRY.glob("*.fused")
+    (cache_dir / old.name).write_bytes(old.read_bytes())
+    s = settings(env, steps=2, seed=0)
+    key = env.pack("nodes.glue.fusion_run").cache_key(model, clip, concepts, s)
+    assert key != old.stem
+    with torch.inference_mode():
+        _, _, _, stats = fuse(env, model, clip, concepts, s)
+    assert stats["cache"] == "hit" and stats["recorded"] == {"text": 0, "cross_kv": 0, "unet": 0}
+    assert [p.name for p in cache_dir.iterdir()] == [f"{key}.fused"]

@@ -12,14 +12,13 @@ import os
 import shutil
 import time
 
+import comfy.model_management as mm
+import pack_nodes as pn
 import pytest
 import torch
+from synthetic import make_edlora_state
 
-import comfy.model_management as mm
 import nodes as comfy_nodes
-import pack_nodes as pn
-
-from fusion.synthetic import make_edlora_state
 
 SAMPLES_PER_STAGE = 2
 
@@ -30,19 +29,20 @@ def fused(env, sd15, tmp_path_factory):
     cache = tmp_path_factory.mktemp("fusion-cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("MIXOFSHOW_FUSION_CACHE", str(cache))
-    en = env.pack("nodes.edlora_nodes")
+    en = env.pack("nodes.glue.loading")
+    folders = env.pack("nodes.glue.folders")
     concepts, m, c = None, model, clip
     for i in range(3):
         name = f"fu_full_{i}.pth"
         torch.save(make_edlora_state((f"<ff{i}a>", f"<ff{i}b>"), seed=300 + i, whole_block=False),
                    env.base / "models" / "edloras" / name)
-        m, c, concepts = en.apply_edlora(m, c, concepts, en.edlora_path(name), 1.0, 1.0)
-    gf = env.pack("fusion.gradient_fusion")
+        m, c, concepts = en.apply_edlora(m, c, concepts, folders.edlora_path(name), 1.0, 1.0)
+    gf = env.pack("fusion.merge.gradient_fusion")
     settings = gf.FusionSettings(steps=1, width=64, height=64, seed=0)
     try:
         t = time.perf_counter()
         with torch.inference_mode():  # as ComfyUI runs nodes
-            fm, fc, fcs, stats = env.pack("nodes.fusion_run").fuse(model, clip, concepts, settings, use_cache=True,
+            fm, fc, fcs, stats = env.pack("nodes.glue.fusion_run").fuse(model, clip, concepts, settings, use_cache=True,
                                                                     keep_problems=True)
         seconds = time.perf_counter() - t
     finally:
@@ -75,7 +75,7 @@ def test_every_module_is_fused_timed_and_cached(fused):
 def test_factored_change_equals_the_dense_closed_form(env, fused):
     """(a) ``up @ down`` of every fused weight = (Σ Ui Mi)(G + λI)⁻¹ from the same recordings, float64."""
     result, fm, fc, _fcs, _stats = fused
-    ridge = env.pack("fusion.gradient_fusion").DEFAULT_RIDGE
+    ridge = env.pack("fusion.merge.gradient_fusion").DEFAULT_RIDGE
     f64 = torch.float64
     worst = 0.0
     for layer in result.solved:
@@ -89,7 +89,7 @@ def test_factored_change_equals_the_dense_closed_form(env, fused):
         worst = max(worst, err)
         assert err < 1e-5, (layer.target.key, err)
     # the patches on the fused MODEL/CLIP are these factors
-    patched = {**env.pack("nodes.fused_patches").fused_of(fm)[0], **env.pack("nodes.fused_patches").fused_of(fc.patcher)[0]}
+    patched = {**env.pack("nodes.glue.fused_patches").fused_of(fm)[0], **env.pack("nodes.glue.fused_patches").fused_of(fc.patcher)[0]}
     for key, (up, down) in result.deltas.items():
         torch.testing.assert_close(patched[key][0].flatten(1), up)
         torch.testing.assert_close(patched[key][1].flatten(1), down)
@@ -99,8 +99,8 @@ def test_factored_change_equals_the_dense_closed_form(env, fused):
 @pytest.mark.parametrize("stage", ["text", "cross_kv", "unet"])
 def test_closed_form_objective_not_above_lbfgs(env, fused, stage):
     result, *_ = fused
-    solver = env.pack("fusion.solver")
-    iterations = env.pack("fusion.gradient_fusion").LBFGS_ITERATIONS[stage]
+    solver = env.pack("fusion.merge.solver")
+    iterations = env.pack("fusion.merge.gradient_fusion").LBFGS_ITERATIONS[stage]
     for layer in _sample(result.solved, stage):
         acc, prob = layer.inputs, layer.problem
         cf = solver.solve_closed_form(acc, [prob], ridge=0.0)[prob.name]

@@ -7,16 +7,14 @@ import os
 import sys
 import types
 
+import comfy.sample
+import comfy.utils
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
-import comfy.sample
-import comfy.utils
 from comfy import weight_adapter
-
 from fusion_graphs import fusion_and_save
+from safetensors.torch import save_file
 
 
 @pytest.fixture(autouse=True)
@@ -26,25 +24,26 @@ def no_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def trio(env, tiny, write_edlora):
-    en = env.pack("nodes.edlora_nodes")
+    en = env.pack("nodes.glue.loading")
+    folders = env.pack("nodes.glue.folders")
     model, clip, _ = tiny
     m, c, concepts = model, clip, None
     for name, tokens, seed in (("re_a.pth", ("<ra1>", "<ra2>"), 70), ("re_b.pth", ("<rb1>",), 71),
                                ("re_c.pth", ("<rc1>",), 72)):
         write_edlora(name, tokens=tokens, seed=seed)
-        m, c, concepts = en.apply_edlora(m, c, concepts, en.edlora_path(name), 1.0, 0.8)
+        m, c, concepts = en.apply_edlora(m, c, concepts, folders.edlora_path(name), 1.0, 0.8)
     return concepts
 
 
 def settings(env, **kw):
     kw = {"steps": 2, "width": 64, "height": 64, "seed": 5, **kw}
-    return env.pack("fusion.gradient_fusion").FusionSettings(**kw)
+    return env.pack("fusion.merge.gradient_fusion").FusionSettings(**kw)
 
 
 def recorder(env, tiny, concepts, s):
     model, clip, _ = tiny
-    plan = env.pack("nodes.fusion_run").plan_for(model, clip, concepts)
-    return env.pack("nodes.fusion_recording").ComfyRecorder(model, clip, concepts, s, plan), plan
+    plan = env.pack("nodes.glue.fusion_run").plan_for(model, clip, concepts)
+    return env.pack("nodes.glue.fusion_recording").ComfyRecorder(model, clip, concepts, s, plan), plan
 
 
 def test_stage_2_reads_the_fused_text_encoder_at_the_concept_positions(env, tiny, trio):
@@ -55,10 +54,10 @@ def test_stage_2_reads_the_fused_text_encoder_at_the_concept_positions(env, tiny
         if stage == "cross_kv":
             rows.setdefault((i, group), []).append(x)
 
-    fm, fc, fcs, _ = env.pack("nodes.fusion_run").fuse(model, clip, trio, settings(env), use_cache=False, tap=tap)
-    enc = env.pack("nodes.layerwise")
-    gf = env.pack("fusion.gradient_fusion")
-    layers = {t.group: t.layer for t in env.pack("nodes.fusion_run").plan_for(model, clip, trio).targets
+    fm, fc, fcs, _ = env.pack("nodes.glue.fusion_run").fuse(model, clip, trio, settings(env), use_cache=False, tap=tap)
+    enc = env.pack("nodes.glue.layerwise")
+    gf = env.pack("fusion.merge.gradient_fusion")
+    layers = {t.group: t.layer for t in env.pack("nodes.glue.fusion_run").plan_for(model, clip, trio).targets
               if t.stage == "cross_kv"}
     expected_positions = {0: ([4, 5, 6], [1, 2, 3]), 1: ([4, 5], [1, 2])}  # <ra1> <ra2> / <rb1>, then the end token
     for i in (0, 1):
@@ -77,7 +76,7 @@ def test_positions_of_trigger_words_and_embeddings(env, sd15, trio):
     folder = env.folder_paths.get_folder_paths("embeddings")[0]
     os.makedirs(folder, exist_ok=True)
     save_file({"emb_params": torch.randn(3, 768) * 0.02}, os.path.join(folder, "re_ti3.safetensors"))
-    positions = env.pack("nodes.fusion_recording").concept_positions
+    positions = env.pack("nodes.glue.fusion_recording").concept_positions
     bpe = clip.tokenizer.clip_l.tokenizer("ohwx woman")["input_ids"][1:-1]  # the raw tokenizer: how many pieces
     assert positions(clip, trio, "photo of a ohwx woman", "ohwx woman") == list(range(4, 4 + len(bpe) + 1))
     assert positions(clip, trio, "ohwx woman", "ohwx woman") == list(range(1, 1 + len(bpe) + 1))
@@ -93,7 +92,7 @@ def test_stage_3_samples_with_the_fused_kv_and_the_concepts_own_lora_elsewhere(e
     kv = {t.key: (torch.randn(t.shape[0], 3), torch.randn(3, t.shape[1])) for t in plan.targets
           if t.stage == "cross_kv"}
     model_1 = rec._model(1, kv)
-    FusedLoRA = env.pack("nodes.fused_patches").FusedLoRA
+    FusedLoRA = env.pack("nodes.glue.fused_patches").FusedLoRA
     own = trio.concepts[1]
     for t in plan.targets:
         if t.part != "model":
@@ -127,7 +126,7 @@ def test_each_concept_gets_its_own_noise_and_the_reference_schedule(env, tiny, t
     monkeypatch.setattr(comfy.sample, "prepare_noise", noise)
     monkeypatch.setattr(comfy.sample, "sample_custom", sample_custom)
     monkeypatch.setattr(comfy.sample, "sample", sample)
-    run = env.pack("nodes.fusion_run")
+    run = env.pack("nodes.glue.fusion_run")
     run.fuse(model, clip, trio, settings(env, seed=7), use_cache=False)
     assert seeds == [7, 8, 9] and not plain and len(custom) == 3
     cfg, sampler, sigmas = custom[0]
@@ -153,7 +152,7 @@ def test_text_rows_weigh_every_concept_as_sixteen_copies(env, tiny, trio):
     raw = []
     module = rec._own_clip(0).cond_stage_model.get_submodule(group)
     h = module.register_forward_pre_hook(lambda m, args: raw.append(args[0].detach().clone()))
-    enc = env.pack("nodes.layerwise")
+    enc = env.pack("nodes.glue.layerwise")
     try:
         for prompt, n in (("photo of a <ra1> <ra2>", 7), ("<ra1> <ra2>", 4)):
             enc.encode_with_concepts(rec._own_clip(0), prompt, trio)
@@ -167,12 +166,12 @@ def test_text_rows_weigh_every_concept_as_sixteen_copies(env, tiny, trio):
     torch.testing.assert_close(rows.double().T @ rows.double(), x.T @ x, atol=1e-3, rtol=1e-4)
 
     # a plain LoRA (trigger words): one plain encode per prompt, weighted 16
-    Concept = env.pack("fusion.concepts").Concept
+    Concept = env.pack("fusion.prompts.concepts").Concept
     a = trio.concepts[0]
-    plain_set = env.pack("fusion.concepts").ConceptSet().add(
-        Concept(env.pack("fusion.edlora").EDLoRA(name="plain.safetensors", digest="p"), 1.0, 1.0,
+    plain_set = env.pack("fusion.prompts.concepts").ConceptSet().add(
+        Concept(env.pack("fusion.files.edlora").EDLoRA(name="plain.safetensors", digest="p"), 1.0, 1.0,
                 trigger_words="ohwx woman", unet_factors=a.unet_factors, text_factors=a.text_factors)).add(trio.concepts[1])
-    rec = env.pack("nodes.fusion_recording").ComfyRecorder(model, clip, plain_set, settings(env), plan)
+    rec = env.pack("nodes.glue.fusion_recording").ComfyRecorder(model, clip, plain_set, settings(env), plan)
     got.clear()
     rec.record("text", 0, {}, {group: None}, lambda g, x, cf: got.append(x), lambda *a: None)
     raw.clear()

@@ -4,9 +4,8 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from comfy_env import execution_error, run_prompt
+from safetensors.torch import save_file
 
 TINY = {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": 0}}
 
@@ -77,6 +76,7 @@ def test_originals_are_never_mutated(env, tiny, write_edlora):
 
     def latent_of(ex):
         import glob
+
         from safetensors.torch import load_file
         files = sorted(glob.glob(str(env.base / "output" / "latents" / "plain*.latent")), key=os.path.getmtime)
         return load_file(files[-1])["latent_tensor"]

@@ -1,11 +1,11 @@
 """Issue 2, §4: layer-wise conditioning is right, checked against a plain implementation of §2."""
+import comfy.sample
+import comfy.sd
+import pack_nodes as pn
 import pytest
 import torch
 
-import comfy.sd
-import comfy.sample
 import nodes as comfy_nodes
-import pack_nodes as pn
 
 # Written out here on purpose (not imported from the pack): ComfyUI's block of each of the 16
 # cross-attention layers, in the UNet's run order (design §2).
@@ -48,7 +48,7 @@ def test_encode_matches_hand_encoding_and_each_layer_gets_its_context(env, tiny,
     name = write_edlora("lw_a.pth", tokens=("<a1>", "<a2>"), seed=11)
     model, clip, concepts = load(env, tiny, name)
     cond = pn.text_encode(clip, concepts, "a photo of <a1> <a2> dog")
-    stack = env.pack("nodes.layerwise").layerwise_of(cond[0])
+    stack = env.pack("nodes.glue.layerwise").layerwise_of(cond[0])
     assert stack.shape == (1, 16, 77, 768)
     tables = {t: v[:, 0] for t, v in concepts.tables.items()}
     expected = hand_contexts(clip, tables, ["<a1>", "<a2>"], "a photo of", "dog")
@@ -126,7 +126,7 @@ def test_strength_zero_means_embeddings_only(env, tiny, write_edlora):
     assert model.patches == model0.patches and clip.patcher.patches == clip0.patcher.patches
     enc = pn.text_encode
     table = {"<z1>": concepts.tables["<z1>"][:, 0]}
-    stack = env.pack("nodes.layerwise").layerwise_of(enc(clip, concepts, "a <z1>")[0])
+    stack = env.pack("nodes.glue.layerwise").layerwise_of(enc(clip, concepts, "a <z1>")[0])
     torch.testing.assert_close(stack[0], hand_contexts(clip0, table, ["<z1>"], "a", ""), atol=1e-5, rtol=1e-5)
 
 
@@ -148,7 +148,7 @@ def test_weights_long_prompts_and_several_concepts(env, tiny, write_edlora):
     model, clip, concepts = load(env, tiny, a)
     model, clip, concepts = pn.load_edlora(model, clip, b, 1.0, 1.0, concepts)
     enc = pn.text_encode
-    layerwise_of = env.pack("nodes.layerwise").layerwise_of
+    layerwise_of = env.pack("nodes.glue.layerwise").layerwise_of
     text = "(<e1> <e2>:1.2) and <f1>, " + "tall " * 80 + "end <f1>"
     stack = layerwise_of(enc(clip, concepts, text)[0])
     assert stack.shape == (1, 16, 154, 768)
@@ -160,10 +160,12 @@ def test_weights_long_prompts_and_several_concepts(env, tiny, write_edlora):
 
 
 def test_pure_module_map_agrees_with_comfyui(tiny):
-    """fusion.layers.diffusers_unet_to_ldm (pure) vs ComfyUI's own unet_to_diffusers, every LoRA module."""
+    """The SD1.5 profile's diffusers -> ldm names (pure) vs ComfyUI's own unet_to_diffusers, every LoRA module."""
     import comfy.utils
-    from fusion.layers import diffusers_unet_to_ldm
-    from fusion.synthetic import unet_module_shapes
+
+    from fusion.families import SD15
+    diffusers_unet_to_ldm = SD15.ldm_unet_module
+    from synthetic import unet_module_shapes
 
     model, _, _ = tiny
     comfy_map = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)

@@ -5,17 +5,17 @@ for a region covering the whole image, and a brute-force per-layer loop on unmer
 region masks rasterised by the reference box rule written out here, for two and three regions."""
 import math
 
-import pytest
-import torch
-import torch.nn.functional as F
-
 import comfy.patcher_extension
 import comfy.sample
 import comfy.utils
-import nodes as comfy_nodes
 import pack_nodes as pn
+import pytest
+import torch
+import torch.nn.functional as F
 from comfy_env import execution_error, node, run_prompt
 from lora_files import TINY_LOCON, lora_factors, write_diffusers_lora, write_kohya_lora, write_loha
+
+import nodes as comfy_nodes
 
 H, W = 64, 128  # pixels; latent 8x16
 
@@ -57,7 +57,7 @@ def sample(model, pos, neg, steps=1, seed=3, cfg=5.0):
 
 
 def install(env, model, regions):
-    return env.pack("nodes.regional_attention").install_regions(model, regions)
+    return env.pack("nodes.glue.regional_attention").install_regions(model, regions)
 
 
 def test_one_full_region_equals_the_merged_model(env, tiny, loras):
@@ -282,7 +282,7 @@ def test_regions_without_a_model_are_unchanged_bit_for_bit(env, tiny, loras):
     plain = pn.region(pos, neg, box(0, 0, 64, 64))
     same = pn.region(pos, neg, box(0, 0, 64, 64), model=sampling)
     a, b = install(env, sampling, plain), install(env, sampling, same)
-    key = env.pack("nodes.region_lora").WRAPPER_KEY
+    key = env.pack("nodes.glue.region_lora").WRAPPER_KEY
     for patched in (a, b):
         wrappers = patched.model_options["transformer_options"].get("wrappers", {})
         assert all(key not in per_key for per_key in wrappers.values())

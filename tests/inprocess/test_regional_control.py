@@ -4,17 +4,17 @@ region/model concept mismatches."""
 import math
 from pathlib import Path
 
+import comfy.patcher_extension
+import comfy.sample
 import numpy as np
+import pack_nodes as pn
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-import comfy.patcher_extension
-import comfy.sample
 import nodes as comfy_nodes
-import pack_nodes as pn
 
 POSES = Path(__file__).resolve().parents[2] / "assets" / "poses"  # in the repo (Apache-2.0, see NOTICE)
 H, W = 64, 128
@@ -34,7 +34,7 @@ def controlnet(env):
 
 
 def rn(env):
-    return env.pack("nodes.regional_attention")
+    return env.pack("nodes.glue.regional_attention")
 
 
 def pose_hint():
@@ -104,11 +104,11 @@ def test_full_region_with_zero_control_strength_is_sampling_without_control(env,
 def test_masks_reach_every_layer_at_the_right_size_and_place(env):
     """Reference boxes of a 1024x512 pose as painted masks (no box): at each of the 4 feature sizes the
     layer mask is the box scaled down (area-averaged), in row-major token order."""
-    regional = env.pack("fusion.regional")
-    boxes = regional.parse_box_file(POSES / "harry_hermione_thanos.txt")
-    masks = torch.stack([regional.box_to_mask(512, 1024, *b) for _, b in boxes])
+    pose, masks_of = env.pack("fusion.regions.pose"), env.pack("fusion.regions.masks")
+    boxes = pose.parse_box_file(POSES / "harry_hermione_thanos.txt")
+    masks = torch.stack([masks_of.box_to_mask(512, 1024, *b) for _, b in boxes])
     for fh, fw in ((64, 128), (32, 64), (16, 32), (8, 16)):
-        flat = regional.region_layer_masks(masks, [None] * len(boxes), fh, fw)
+        flat = masks_of.region_layer_masks(masks, [None] * len(boxes), fh, fw)
         assert flat.shape == (3, fh * fw)
         for r, (_, (top, left, bottom, right)) in enumerate(boxes):
             f = 512 // fh
@@ -124,12 +124,12 @@ def test_box_regions_follow_the_reference_box_rule(env, tiny):
     mask (here: inverted twice, a new tensor) is area-averaged like any painted mask."""
     _, clip, _ = tiny
     cond = comfy_nodes.CLIPTextEncode().encode(clip, "a person")[0]
-    boxes = env.pack("fusion.regional").parse_box_file(POSES / "harry_hermione_thanos.txt")
+    boxes = env.pack("fusion.regions.pose").parse_box_file(POSES / "harry_hermione_thanos.txt")
     regions = None
     for _, (top, left, bottom, right) in boxes:
         regions = pn.region(cond, cond, pn.box_mask(1024, 512, top, left, bottom, right), regions)
     assert [r.box for r in regions] == [tuple(b) for _, b in boxes]
-    data = env.pack("nodes.regional_attention").RegionData(regions)
+    data = env.pack("nodes.glue.regional_attention").RegionData(regions)
     for fh, fw in ((64, 128), (32, 64), (16, 32), (8, 16)):
         flat = data.flat_masks(fh, fw, "cpu")
         for r, (_, (top, left, bottom, right)) in enumerate(boxes):

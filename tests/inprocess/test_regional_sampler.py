@@ -3,14 +3,14 @@ import importlib
 import math
 from pathlib import Path
 
+import comfy.sample
+import pack_nodes as pn
 import pytest
 import torch
 import torch.nn.functional as F
-
-import comfy.sample
-import nodes as comfy_nodes
 from comfy_env import execution_error, run_prompt
-import pack_nodes as pn
+
+import nodes as comfy_nodes
 
 # Written out here on purpose (not imported from the pack).
 BLOCKS = [("input", 1), ("input", 2), ("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0)] + \
@@ -21,7 +21,7 @@ H, W = 64, 128  # pixels; latent 8x16
 
 
 def rn(env):
-    return env.pack("nodes.regional_attention")
+    return env.pack("nodes.glue.regional_attention")
 
 
 def encode(clip, text):
@@ -142,7 +142,7 @@ def test_fast_path_matches_brute_force(env, tiny, write_edlora):
 
     patched = rn(env).install_regions(model, regions)
     pack_patches = [p for p in patched.model_options["transformer_options"]["patches"]["attn2_patch"]
-                    if isinstance(p, env.pack("nodes.layerwise").LayerwiseAttn2Patch)]
+                    if isinstance(p, env.pack("nodes.glue.layerwise").LayerwiseAttn2Patch)]
     assert len(pack_patches) == 1 and isinstance(pack_patches[0], rn(env).RegionalAttn2Patch)
     ours = sample(patched, pos, neg)
     ref_model = brute_force_model(model, [(mask_a[0], pos_a, neg), (mask_b[0], pos_b, neg_b)])
@@ -159,7 +159,7 @@ def test_box_regions_match_brute_force_with_the_reference_box_rule(env, tiny):
     """The 1024x512 reference boxes (harry_hermione_thanos) made by the box node: the regional noise
     prediction equals the brute force with the reference's per-layer box rule."""
     model, clip, _ = tiny
-    boxes = [tuple(b) for _, b in env.pack("fusion.regional").parse_box_file(
+    boxes = [tuple(b) for _, b in env.pack("fusion.regions.pose").parse_box_file(
         Path(__file__).resolve().parents[2] / "assets" / "poses" / "harry_hermione_thanos.txt")]
     pos, neg = encode(clip, "three people near a lake"), encode(clip, "blurry")
     prompts = [encode(clip, t) for t in ("a wizard in a robe", "a witch, smiling", "a giant in armour")]

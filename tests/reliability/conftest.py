@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import comfy_env
 import numpy as np
 import pytest
-
-import comfy_env
 import reliability_graphs as rg
 from host_tier import module_without_host
 from lora_files import lora_factors, write_diffusers_lora, write_kohya_lora

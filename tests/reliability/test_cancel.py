@@ -6,7 +6,6 @@ gave before the cancel."""
 from __future__ import annotations
 
 import numpy as np
-
 import reliability_graphs as rg
 from server_events import interrupt_when, progress_of, stage_text_of
 from server_setup import cached_nodes

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
 import reliability_graphs as rg
 from server_setup import cached_nodes, error_message, event_data, rss_mib, saved_pixels
 

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "mixofshow_test_fixtures"
 sys.path.insert(0, str(REPO / "tools" / "host"))
 from comfy_server import comfy_root  # noqa: E402
+
 _ENV: SimpleNamespace | None = None
 # how the executor's code reads its cache arguments: cache_args["ram"], self.cache_args.get("lru", 0)
 _CACHE_ARG_READ = re.compile(r"""cache_args(?:\[\s*|\.get\(\s*)["']([A-Za-z_]\w*)["']""")
@@ -80,6 +81,7 @@ def env(cpu: bool = True) -> SimpleNamespace:
     args.disable_api_nodes = True
     import execution
     import folder_paths
+
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 from safetensors.torch import save_file
-
-from fusion.synthetic import text_module_shapes, unet_module_shapes
+from synthetic import text_module_shapes, unet_module_shapes
 
 # LoCon layers of the tiny "narrow" UNet's ResNet blocks (diffusers names -> weight shape): 3x3 convs,
 # a strided downsampler conv and time-embedding projections (the embedding is 4 x 32 = 128 wide).

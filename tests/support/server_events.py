@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import aiohttp
-
 from server_setup import ComfyServer
 
 TEXT_FRAME = 3  # ComfyUI's BinaryEventTypes.TEXT (send_progress_text)

@@ -13,8 +13,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "host"))
 from comfy_server import ComfyServer, error_message  # noqa: E402,F401 - error_message re-exported for the tiers
-
-from fusion.synthetic import make_edlora_state  # noqa: E402
+from synthetic import make_edlora_state  # noqa: E402
 
 FIXTURES = REPO / "tests" / "support" / "mixofshow_test_fixtures"
 PACKS = {"mixofshow": REPO, "mixofshow_test_fixtures": FIXTURES}

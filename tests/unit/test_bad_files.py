@@ -19,11 +19,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fusion import filecheck
-from fusion.edlora import EDLoRA, EDLoRAError, TOKEN_PATTERN, load_edlora, parse_edlora, save_edlora
-from fusion.filecheck import MAX_MESSAGE_CHARS
-from fusion.layers import XTI_LAYER_KEYS
-from fusion.synthetic import make_edlora_state
+from fusion.errors import MAX_MESSAGE_CHARS, EDLoRAError
+from fusion.families import SD15
+from fusion.files import filecheck
+from fusion.files.edlora import TOKEN_PATTERN, EDLoRA, load_edlora, parse_edlora, save_edlora
+
+XTI_LAYER_KEYS = SD15.xti_keys
+from synthetic import make_edlora_state
 
 TINY = dict(model_channels=8, text_layers=1, text_intermediate=16, whole_block=False, rank=2)
 

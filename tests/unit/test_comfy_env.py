@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
 import comfy_env
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 

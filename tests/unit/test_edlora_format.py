@@ -5,13 +5,23 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fusion.bundle import BUNDLE_FORMAT
-from fusion.concepts import Concept, ConceptError, ConceptSet, substitute_concepts
-from fusion.edlora import (_BUNDLE_FORMAT, EDLoRAError, check_file_tensor, convert_to_safetensors, load_edlora,
-                           parse_edlora, to_flat_state_dict, unique_output_path)
-from fusion.filecheck import MAX_MESSAGE_CHARS, shown
-from fusion.layers import XTI_LAYER_KEYS, diffusers_unet_to_ldm, layer_of_unet_module
-from fusion.synthetic import make_edlora_state
+from fusion.errors import MAX_MESSAGE_CHARS, ConceptError, EDLoRAError
+from fusion.families import SD15
+from fusion.files.edlora import (
+    convert_to_safetensors,
+    load_edlora,
+    parse_edlora,
+    to_flat_state_dict,
+    unique_output_path,
+)
+from fusion.files.filecheck import check_file_tensor, shown
+from fusion.prompts.concepts import Concept, ConceptSet, substitute_concepts
+from fusion.versions import BUNDLE_FORMAT
+
+XTI_LAYER_KEYS = SD15.xti_keys
+diffusers_unet_to_ldm = SD15.ldm_unet_module
+layer_of_unet_module = SD15.layer_of_unet_module
+from synthetic import make_edlora_state
 
 SMALL = dict(model_channels=32, text_layers=2, text_intermediate=512)
 
@@ -303,7 +313,6 @@ def make_bundle(path) -> None:
 
 @pytest.mark.parametrize("name", ["fused.safetensors", "FUSED.SAFETENSORS", "fused.SafeTensors"])
 def test_a_bundle_is_refused_by_the_converter_and_the_edlora_loader(tmp_path, name):
-    assert _BUNDLE_FORMAT == BUNDLE_FORMAT
     make_bundle(tmp_path / name)
     with pytest.raises(EDLoRAError, match=f"^{name}: a fused ED-LoRA bundle is already a .safetensors; bundles are "
                                           f"not converted"):

@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fusion.bundle import BUNDLE_FORMAT, BundleError, FusedBundle, is_bundle, load_bundle, save_bundle
+from fusion.errors import BundleError
+from fusion.files.bundle import FusedBundle, is_bundle, load_bundle, save_bundle
+from fusion.versions import BUNDLE_FORMAT
 
 UNET = "lora_unet_down_blocks_0_attentions_0_proj_in"
 TEXT = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"

@@ -4,8 +4,8 @@ a plain-torch recorder."""
 import pytest
 import torch
 
-from fusion import gradient_fusion as gf
-from fusion.solver import FoldedInputs, LayerProblem, solve_closed_form
+from fusion.merge import gradient_fusion as gf
+from fusion.merge.solver import FoldedInputs, LayerProblem, solve_closed_form
 
 T = "clip_l.transformer.text_model.encoder.layers.0."
 U = "diffusion_model.input_blocks.1.1."
@@ -199,7 +199,7 @@ def test_lbfgs_mode_reaches_the_closed_form_objective():
     plan = gf.make_plan([concept(0), concept(1)], SHAPES["clip"], SHAPES["model"])
     cf = gf.run_fusion(plan, PlainRecorder(rows=5), settings(ridge=0.0), keep_problems=True)
     lb = gf.run_fusion(plan, PlainRecorder(rows=5), settings(solver="lbfgs"))
-    from fusion.solver import layer_objective
+    from fusion.merge.solver import layer_objective
 
     for layer in cf.solved:
         o_cf = layer_objective(layer.inputs, layer.problem, cf.deltas[layer.target.key])

@@ -5,16 +5,15 @@ from __future__ import annotations
 import ast
 import re
 import sys
-import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
 import cv2
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-
 from registry_archive import archive_files, is_git_checkout
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion.preview import CANVAS_GREY, PALETTE, draw_regions, grey_canvas, parse_color, region_color
+from fusion.regions.preview import CANVAS_GREY, PALETTE, draw_regions, grey_canvas, parse_color, region_color
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,9 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[2]
 
-from fusion.regional import (  # noqa: E402
-    blend_regions,
-    box_to_mask,
-    boxes_to_masks,
-    feature_hw_for_tokens,
-    find_pose_boxes,
-    layer_masks,
-    parse_box_file,
-    resize_masks,
-)
-
+from fusion.regions.blend import blend_regions
+from fusion.regions.masks import box_to_mask, boxes_to_masks, feature_hw_for_tokens, layer_masks, resize_masks
+from fusion.regions.pose import find_pose_boxes, parse_box_file
 
 POSES = REPO / "assets" / "poses"  # Mix-of-Show's reference poses and box files (Apache-2.0, see NOTICE.md)
 
@@ -382,7 +373,8 @@ def test_find_pose_boxes_thousands_of_dots_is_bounded_work():
     """The issue's pose image of thousands of dots took 53 s: one pass over the pixels now, no per-dot loop."""
     import cv2
     import numpy as np
-    from fusion.regional import MAX_POSE_SHAPES, _component_boxes
+
+    from fusion.regions.pose import MAX_POSE_SHAPES, _component_boxes
 
     img = _dots(44)  # 1936 dots, all pieces (too small to be a person), so no box
     calls = []
@@ -401,7 +393,8 @@ def test_find_pose_boxes_thousands_of_dots_is_bounded_work():
 def test_pose_box_merging_takes_rounds_not_restarts():
     """A chain of 400 stacked pieces merges in one round of one all-pairs test, not in 399 merge-and-rescan steps."""
     import numpy as np
-    from fusion.regional import _merge_large
+
+    from fusion.regions.pose import _merge_large
 
     chain = np.array([[100, 10 * i, 140, 10 * i + 8] for i in range(400)])  # nested, 2 px apart
     merged, rounds = _merge_large(chain, 4000, 0.5, 0.8, 0.1)

@@ -2,8 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from fusion.regional import blend_weights
-from fusion.regional_lora import LowRankBank
+from fusion.regions.blend import blend_weights
+from fusion.regions.lowrank import LowRankBank
 
 g = torch.Generator().manual_seed(0)
 

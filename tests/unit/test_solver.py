@@ -15,7 +15,7 @@ import torch.nn.functional as F
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-from fusion.solver import FoldedInputs, LayerProblem, layer_objective, solve_closed_form, solve_lbfgs  # noqa: E402
+from fusion.merge.solver import FoldedInputs, LayerProblem, layer_objective, solve_closed_form, solve_lbfgs  # noqa: E402
 
 
 def _problem(out=8, d=16, rows=(20, 20, 20), rank=2, seed=0, scale=0.3, lora=None):

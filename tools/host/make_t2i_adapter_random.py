@@ -16,9 +16,8 @@ ap.add_argument("--seed", type=int, default=0)
 a = ap.parse_args()
 sys.path.insert(0, os.path.abspath(a.comfy_dir))
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
 from comfy.t2i_adapter.adapter import Adapter  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 net = Adapter(cin=64 * 3, channels=[320, 640, 1280, 1280], nums_rb=2, ksize=1, sk=True, use_conv=False, xl=False)
 g = torch.Generator().manual_seed(a.seed)

@@ -13,9 +13,9 @@ import comfy.lora_convert
 import comfy.utils
 from comfy import weight_adapter
 
-from ..fusion.edlora import EDLoRA, EDLoRAError, read_state_dict
-from ..fusion.filecheck import check_file_tensor
-from ..fusion.layers import CONTEXT_DIM
+from ...fusion.errors import EDLoRAError, LoRAFormatError
+from ...fusion.files.edlora import EDLoRA, read_state_dict
+from ...fusion.files.filecheck import check_file_tensor
 
 
 def unet_lora_name(module: str) -> str:
@@ -33,28 +33,6 @@ def model_key_map(model) -> dict[str, str]:
 def clip_key_map(clip) -> dict[str, str]:
     return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
 
-
-def clip_width(clip) -> int | None:
-    """Width of the SD1.x CLIP-L token embeddings, or None when the CLIP is not SD1-like."""
-    clip_l = getattr(clip.cond_stage_model, "clip_l", None)
-    if clip_l is None:
-        return None
-    return clip_l.transformer.get_input_embeddings().weight.shape[-1]
-
-
-def check_base(edlora: EDLoRA, model, clip) -> None:
-    """Refuse an ED-LoRA for a base the MODEL/CLIP are not (before any patching or sampling)."""
-    if clip is not None:
-        width = clip_width(clip)
-        if width != CONTEXT_DIM:
-            raise EDLoRAError(f"{edlora.name}: ED-LoRA needs an SD1.x CLIP (CLIP-L, {CONTEXT_DIM} wide); "
-                              f"this CLIP is {'not SD1-like' if width is None else f'{width} wide'}")
-    if model is not None:
-        config = getattr(model.model, "model_config", None)
-        context_dim = getattr(config, "unet_config", {}).get("context_dim")
-        if context_dim != CONTEXT_DIM:
-            raise EDLoRAError(f"{edlora.name}: ED-LoRA needs an SD1.x MODEL (cross-attention context "
-                              f"{CONTEXT_DIM}); this MODEL has context_dim {context_dim}")
 
 
 def _to_load(edlora: EDLoRA, part: str, factors: dict, key_map: dict, root, name_of) -> tuple[dict, dict]:
@@ -88,9 +66,6 @@ def clip_patches(edlora: EDLoRA, clip, key_map: dict | None = None) -> dict:
                                 clip.cond_stage_model, text_lora_name)
     return comfy.lora.load_lora(lora_sd, to_load, log_missing=False) if to_load else {}
 
-
-class LoRAFormatError(EDLoRAError):
-    """A patch that is not a plain low-rank LoRA where one is needed (regions, fusion)."""
 
 
 def low_rank_factors(adapter, key: str, source: str) -> tuple:

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import comfy.patcher_extension
 import torch
 
-import comfy.patcher_extension
-
-from ..fusion.regional import blend_weights, feature_hw_for_tokens
-from ..fusion.regional_lora import LowRankBank
-from .layerwise import CONCEPTS_USED_KEY
-from .lora_patch import LoRAFormatError, low_rank_factors
+from ...fusion.errors import LoRAFormatError
+from ...fusion.regions.blend import blend_weights
+from ...fusion.regions.lowrank import LowRankBank
+from ...fusion.regions.masks import feature_hw_for_tokens
+from ..names import CONCEPTS_USED_KEY
+from .lora_patch import low_rank_factors
 
 WRAPPER_KEY = "mixofshow.region_lora"
 _UNET = "diffusion_model."

@@ -25,22 +25,28 @@ recording works whatever way ComfyUI applies patches (in place, low-VRAM, per mo
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Mapping, Optional
-
-import torch
+from typing import Callable, Mapping
 
 import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
+import torch
 from comfy import weight_adapter
 
-from ..fusion import cache as fc
-from ..fusion import gradient_fusion as gf
-from ..fusion.concepts import ConceptSet
-from ..fusion.layers import NUM_LAYERS
+from ...fusion.merge import cache as fc
+from ...fusion.merge import gradient_fusion as gf
+from ...fusion.prompts.concepts import ConceptSet
+from ..names import CONCEPTS_USED_KEY
 from .fused_patches import add_fused, strip_patches
-from .layerwise import (CONCEPTS_USED_KEY, WRAPPER_KEY, LayerwiseAttn2Patch, encode_with_concepts, install_layerwise,
-                        layerwise_of, tokenize_with_concepts)
+from .layerwise import (
+    LayerwiseAttn2Patch,
+    encode_with_concepts,
+    install_layerwise,
+    layerwise_of,
+    tokenize_with_concepts,
+)
+from .region_lora import WRAPPER_KEY
+
 
 class _Hooks:
     """Forward pre-hooks on shared modules; always removed (use as a context manager)."""
@@ -199,15 +205,16 @@ class ComfyRecorder:
             return hook
 
         end = _end_token(clip_i)
+        layer_count = self.plan.family.layer_count
         with _Hooks() as hooks:
             for g in groups:
                 hooks.add(_linear(root, g), hook_for(g))
             for prompt in self.prompts(self._words(concept)):
                 mm.throw_exception_if_processing_interrupted()
                 tokens, _, vectors = tokenize_with_concepts(clip_i, prompt, self.concepts)
-                state["batch"] = NUM_LAYERS if vectors else 1
+                state["batch"] = layer_count if vectors else 1
                 state["length"] = _end_position(_first_section(tokens), end) + 1
-                state["weight"] = NUM_LAYERS / state["batch"]
+                state["weight"] = layer_count / state["batch"]
                 encode_with_concepts(clip_i, prompt, self.concepts)
         for g in groups:
             if rows[g]:
@@ -276,14 +283,13 @@ def _linear(root, path: str):
 
 # --------------------------------------------------------------------------- what the recordings read
 
-def code_version() -> str:
-    """:func:`fusion.cache.code_version` with ComfyUI's version."""
+def host_version() -> str:
+    """ComfyUI's version, as the cache keys hold it."""
     try:
         import comfyui_version
-        host = comfyui_version.__version__
+        return f"ComfyUI {comfyui_version.__version__}"
     except ImportError:
-        host = "unknown"
-    return fc.code_version(f"ComfyUI {host}")
+        return "ComfyUI unknown"
 
 
 def _forward_options(model):
@@ -310,8 +316,8 @@ def _patches_off(patcher, fused_keys) -> dict:
             if k not in fused_keys and v}
 
 
-def recording_key(model, clip, concepts: ConceptSet, settings: gf.FusionSettings, plan: gf.FusionPlan,
-                  model_digests: Mapping[str, str], clip_digests: Mapping[str, str]) -> str:
+def recording_keys(model, clip, concepts: ConceptSet, settings: gf.FusionSettings, plan: gf.FusionPlan,
+                   model_digests: Mapping[str, str], clip_digests: Mapping[str, str]) -> tuple[str, list[str]]:
     """The fusion cache key: everything a fusion's recordings and solves read.
 
     * the base: every MODEL and CLIP weight in full (``model_digests`` / ``clip_digests``: key -> digest of
@@ -322,7 +328,9 @@ def recording_key(model, clip, concepts: ConceptSet, settings: gf.FusionSettings
     * each concept: name, file digest, strengths, trigger words, its LoRA factors and tables (tensor
       digests: in-memory concepts too) and its recording prompts as ComfyUI's tokenizer makes them
       (``embedding:`` files included);
-    * all settings, and the code version (:func:`code_version`)."""
+    * all settings, and the code version (:func:`fusion.merge.cache.code_version`).
+
+    Returns the key and the keys earlier releases stored the same result under (still valid entries)."""
     prompts = []
     for c in concepts.concepts:
         toks = [tokenize_with_concepts(clip, p, concepts)[0] for p in gf.concept_prompts(c.prompt_words)]
@@ -333,7 +341,8 @@ def recording_key(model, clip, concepts: ConceptSet, settings: gf.FusionSettings
         "factors": fc.describe({"text": dict(c.text_factors), "unet": dict(c.unet_factors)}, depth=4),
         "tables": fc.describe(dict(c.edlora.embeddings), depth=2), "prompts": p,
     } for c, p in zip(concepts.concepts, prompts)]
-    return fc.digest("mixofshow-fusion", code_version(), sorted(model_digests.items()), sorted(clip_digests.items()), {
+    host = host_version()
+    rest = (sorted(model_digests.items()), sorted(clip_digests.items()), {
         "model_class": [k.__qualname__ for k in type(model.model).__mro__],
         "model_options": _forward_options(model),
         "object_patches": fc.describe(model.object_patches, depth=10),
@@ -341,3 +350,5 @@ def recording_key(model, clip, concepts: ConceptSet, settings: gf.FusionSettings
         "clip_layer": clip.layer_idx,
         "clip_patches": _patches_off(clip.patcher, plan.keys("clip")),
     }, per_concept, settings.as_dict())
+    return (fc.digest("mixofshow-fusion", fc.code_version(host), *rest),
+            [fc.digest("mixofshow-fusion", legacy, *rest) for legacy in fc.legacy_code_versions(host)])

@@ -31,18 +31,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .edlora import EDLoRA, EDLoRAError, _check_table, _Reader, check_file_tensor
+from ..errors import BundleError, EDLoRAError
+from ..versions import BUNDLE_FORMAT, BUNDLE_VERSION, READABLE_BUNDLE_VERSIONS
+from .edlora import EDLoRA, _check_table, _Reader
+from .filecheck import check_file_tensor
 
-BUNDLE_FORMAT = "mixofshow-fused-bundle"
-BUNDLE_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
 EMBEDDING_PREFIX = "new_concept_embedding."
 _LORA_KEY = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+|text_encoders\.[A-Za-z0-9_.]+|diffusion_model\.[A-Za-z0-9_.]+)"
                        r"\.(lora_up\.weight|lora_down\.weight|alpha)$")
 
-
-class BundleError(EDLoRAError):
-    """A file is not a usable fused bundle (the message names the file)."""
 
 
 @dataclass
@@ -153,9 +150,9 @@ def load_bundle(path: str) -> FusedBundle:
     except Exception as e:  # noqa: BLE001 - truncated, not safetensors, unreadable
         raise BundleError(f"{name}: not a readable safetensors file ({str(e)[:200]})") from e
     version = meta.get("version", "")
-    if version not in READABLE_VERSIONS:
+    if version not in READABLE_BUNDLE_VERSIONS:
         raise BundleError(f"{name}: fused bundle format version {version!r}; this release reads versions "
-                          f"{', '.join(READABLE_VERSIONS)} (was it written by a newer release?)")
+                          f"{', '.join(READABLE_BUNDLE_VERSIONS)} (was it written by a newer release?)")
     b = FusedBundle(base=meta.get("base", ""), concepts=_check_concepts(name, _json(name, meta, "concepts", list)),
                     settings=_json(name, meta, "settings", dict), version=version)
     parts: dict[str, dict[str, torch.Tensor]] = {}

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..fusion.preview import Color, draw_regions, grey_canvas
+from ...fusion.regions.preview import Color, draw_regions, grey_canvas
+from ..names import PREVIEW_PREFIX
 
 
 def _first_image(image: torch.Tensor) -> np.ndarray:
@@ -35,6 +36,6 @@ def preview_ui(image: torch.Tensor | None) -> dict | None:
     """The UI message that shows ``image`` in the node (None shows nothing)."""
     if image is None:
         return None
-    saved = ui.ImageSaveHelper.save_images(image, filename_prefix="mixofshow_regions",
+    saved = ui.ImageSaveHelper.save_images(image, filename_prefix=PREVIEW_PREFIX,
                                            folder_type=io.FolderType.temp, cls=None, compress_level=1)
     return {"images": saved}

@@ -38,6 +38,8 @@ from collections.abc import Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..errors import EDLoRAError
+
 MAX_FILE_BYTES = 4 << 30
 MAX_UNCOMPRESSED_BYTES = 4 << 30
 MAX_COMPRESSION_RATIO = 20
@@ -48,7 +50,6 @@ MAX_TUPLE_DEPTH = 64
 MAX_TUPLE_WEIGHT = 1_000_000
 MAX_TENSORS = 65536
 MAX_ITEM_CHARS = 120     # one key / value / type shown in a message
-MAX_MESSAGE_CHARS = 600  # a whole message
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -57,16 +58,6 @@ _CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "INST", "OBJ", "NE
                  "EXT1", "EXT2", "EXT4"}  # the opcodes with which a pickle imports or calls code
 
 
-class EDLoRAError(ValueError):
-    """A file is not a usable ED-LoRA (or bundle); the message names the file and what was expected.
-
-    The message is cut to :data:`MAX_MESSAGE_CHARS`, whatever the caller built.
-    """
-
-    def __init__(self, message: str) -> None:
-        if len(message) > MAX_MESSAGE_CHARS:
-            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
-        super().__init__(message)
 
 
 def shown(value: object, limit: int = MAX_ITEM_CHARS) -> str:

@@ -28,8 +28,9 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
+from ..errors import FusionError
+from ..families import SD15, ModelFamily
 from . import solver as S
-from .layers import LDM_TRANSFORMER_PREFIXES
 
 STAGES = ("text", "cross_kv", "unet")
 SOLVERS = ("closed_form", "lbfgs")
@@ -43,9 +44,6 @@ UNET_ROOT = "diffusion_model."
 
 Factors = Mapping[str, "tuple[torch.Tensor, torch.Tensor]"]
 
-
-class FusionError(ValueError):
-    """Concepts that cannot be fused (the message names the concept and the module)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,7 @@ class Target:
     stage: str                # "text" | "cross_kv" | "unet"
     group: str                # module path whose input is recorded (its input group)
     shape: tuple[int, ...]    # weight shape
-    layer: Optional[int] = None  # cross-attention layer 0..15 (cross_kv only)
+    layer: Optional[int] = None  # cross-attention layer (table row) of a cross_kv weight
 
     @property
     def in_features(self) -> int:
@@ -117,12 +115,12 @@ def input_group(module: str) -> str:
     return re.sub(r"\.self_attn\.[kv]_proj$", ".self_attn.q_proj", module)
 
 
-def cross_attention_layer(key: str) -> int:
-    """Which of the 16 cross-attention layers (ED-LoRA table rows) an attn2 weight belongs to."""
-    for i, prefix in enumerate(LDM_TRANSFORMER_PREFIXES):
-        if key.startswith(f"{UNET_ROOT}{prefix}."):
-            return i
-    raise FusionError(f"{key}: not in one of SD1.x's 16 cross-attention layers")
+def cross_attention_layer(key: str, family: ModelFamily) -> int:
+    """Which cross-attention layer (ED-LoRA table row) an attn2 weight belongs to."""
+    layer = family.layer_of_weight(key)
+    if layer is None:
+        raise FusionError(f"{key}: not in one of {family.label}'s {family.layer_count} cross-attention layers")
+    return layer
 
 
 @dataclass
@@ -130,6 +128,7 @@ class FusionPlan:
     targets: list[Target]
     deltas: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]  # per concept: key -> (α·up [out, r], down [r, in])
     names: list[str]
+    family: ModelFamily = SD15
 
     @property
     def concepts(self) -> int:
@@ -147,7 +146,7 @@ class FusionPlan:
 
 
 def make_plan(concepts: Sequence[ConceptLoRA], clip_shapes: Mapping[str, tuple[int, ...]],
-              model_shapes: Mapping[str, tuple[int, ...]]) -> FusionPlan:
+              model_shapes: Mapping[str, tuple[int, ...]], family: ModelFamily = SD15) -> FusionPlan:
     """Every weight some concept has a LoRA on, validated against the weights' shapes.
 
     Raises :class:`FusionError` naming the concept and key for a key the MODEL/CLIP lacks, factors of
@@ -176,7 +175,7 @@ def make_plan(concepts: Sequence[ConceptLoRA], clip_shapes: Mapping[str, tuple[i
                     stage = stage_of(part, key)
                     module = key[:-len(".weight")] if key.endswith(".weight") else key
                     targets[key] = Target(key, part, stage, input_group(module), tuple(shape),
-                                          cross_attention_layer(key) if stage == "cross_kv" else None)
+                                          cross_attention_layer(key, family) if stage == "cross_kv" else None)
                 if float(strength) != 0.0:
                     mine[key] = (float(strength) * up.reshape(up.shape[0], -1).float(),
                                  down.reshape(down.shape[0], -1).float())
@@ -187,7 +186,7 @@ def make_plan(concepts: Sequence[ConceptLoRA], clip_shapes: Mapping[str, tuple[i
         if first.in_features != t.in_features:
             raise FusionError(f"{t.key} and {first.key} should share their input but are {t.in_features} and "
                               f"{first.in_features} wide")
-    return FusionPlan(ordered, deltas, [c.name for c in concepts])
+    return FusionPlan(ordered, deltas, [c.name for c in concepts], family)
 
 
 # --------------------------------------------------------------------------- running it
@@ -307,7 +306,7 @@ def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, p
                     result.solved.append(SolvedLayer(t, acc, p))
             solved += len(targets)
             bar.report(len(targets), f"solving {solved}/{n_targets} layers")
-        del accs
+        accs.clear()  # the stage's accumulators go before the next stage records
         result.seconds[f"{stage}_solve"] = time.perf_counter() - t1
         result.seconds[stage] = time.perf_counter() - t0
     if progress is not None:

@@ -18,12 +18,11 @@ layer-0 context everywhere) and say so in the log, once.
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger("mixofshow")
+from ..log import log
 
 _ELEMENTWISE = {
     torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide, torch.true_divide,

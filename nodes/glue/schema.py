@@ -1,4 +1,4 @@
-"""What every node family shares: the pack's socket types, categories and the V3 node base class.
+"""What every node family shares: the V3 node base class and schema helpers.
 
 Node ids (``MixOfShow...``) and input names are forever: saved workflows and API prompts use them.
 New inputs are always optional, so that prompts written against an older release still validate.
@@ -10,14 +10,7 @@ from typing import Any
 
 from comfy_api.latest import io
 
-CONCEPTS = io.Custom("EDLORA_CONCEPTS")
-REGIONS = io.Custom("MIXOFSHOW_REGIONS")
-
-CATEGORY = "Mix-of-Show"
-LOADERS = f"{CATEGORY}/loaders"
-REGIONS_CATEGORY = f"{CATEGORY}/regions"
-FUSION = f"{CATEGORY}/fusion"
-SAMPLING = f"{CATEGORY}/sampling"
+from ..names import SEARCH_ALIASES_ATTR
 
 _SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
 
@@ -31,7 +24,7 @@ class PackNode(io.ComfyNode):
     @classmethod
     def GET_NODE_INFO_V1(cls) -> dict[str, Any]:
         info = super().GET_NODE_INFO_V1()
-        aliases = getattr(cls.GET_SCHEMA(), "mixofshow_search_aliases", ())
+        aliases = getattr(cls.GET_SCHEMA(), SEARCH_ALIASES_ATTR, ())
         if aliases and not info.get("search_aliases"):
             info["search_aliases"] = list(aliases)
         return info
@@ -43,7 +36,7 @@ def schema(cls: type[PackNode], *, search_aliases: tuple[str, ...] = (), **field
     if "search_aliases" in _SCHEMA_FIELDS:
         fields["search_aliases"] = list(search_aliases)
     result = io.Schema(**fields)
-    result.mixofshow_search_aliases = tuple(search_aliases)
+    setattr(result, SEARCH_ALIASES_ATTR, tuple(search_aliases))
     return result
 
 

@@ -1,4 +1,5 @@
-"""Seeded synthetic ED-LoRAs with SD1.x's exact module names (tests, benchmarks and the demo).
+"""TEST FIXTURE (tests, benchmarks and the demo; never shipped): seeded synthetic ED-LoRAs with a model
+family's exact module names (fusion.families).
 
 Shapes follow the model they are made for: ``model_channels=320`` and ``text_layers=12`` /
 ``text_intermediate=3072`` for full-size SD1.5; smaller values for the tiny test models.
@@ -7,46 +8,44 @@ from __future__ import annotations
 
 import torch
 
-from .layers import CONTEXT_DIM, NUM_LAYERS
-
-_DOWN_MULT = (1, 2, 4)        # down_blocks.0..2 (two attentions each)
-_UP_MULT = {1: 4, 2: 2, 3: 1}  # up_blocks.1..3 (three attentions each)
+from fusion.families import SD15, ModelFamily
 
 
-def unet_transformer_prefixes(model_channels: int) -> list[tuple[str, int]]:
+def unet_transformer_prefixes(model_channels: int, family: ModelFamily = SD15) -> list[tuple[str, int]]:
     """(diffusers prefix of each SpatialTransformer, its channel count), in layer order."""
-    out = [(f"down_blocks.{b}.attentions.{a}", model_channels * _DOWN_MULT[b]) for b in range(3) for a in range(2)]
-    out.append(("mid_block.attentions.0", model_channels * 4))
-    out += [(f"up_blocks.{b}.attentions.{a}", model_channels * _UP_MULT[b]) for b in (1, 2, 3) for a in range(3)]
-    return out
+    return [(t.diffusers, model_channels * t.channel_mult) for t in family.transformers]
 
 
-def unet_module_shapes(model_channels: int = 320, whole_block: bool = True) -> dict[str, tuple[int, ...]]:
+def unet_module_shapes(model_channels: int = 320, whole_block: bool = True,
+                       family: ModelFamily = SD15) -> dict[str, tuple[int, ...]]:
     """diffusers module name -> weight shape for the LoRA'd UNet modules."""
     shapes = {}
-    for prefix, c in unet_transformer_prefixes(model_channels):
-        tb = f"{prefix}.transformer_blocks.0"
-        for attn in ("attn1", "attn2"):
-            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-                in_dim = CONTEXT_DIM if attn == "attn2" and proj in ("to_k", "to_v") else c
-                shapes[f"{tb}.{attn}.{proj}"] = (c, in_dim)
+    for t in family.transformers:
+        prefix, c = t.diffusers, model_channels * t.channel_mult
+        for j in range(t.depth):
+            tb = f"{prefix}.transformer_blocks.{j}"
+            for attn in ("attn1", "attn2"):
+                for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                    in_dim = family.context_dim if attn == "attn2" and proj in ("to_k", "to_v") else c
+                    shapes[f"{tb}.{attn}.{proj}"] = (c, in_dim)
+            if whole_block:
+                shapes[f"{tb}.ff.net.0.proj"] = (8 * c, c)
+                shapes[f"{tb}.ff.net.2"] = (c, 4 * c)
         if whole_block:
-            shapes[f"{tb}.ff.net.0.proj"] = (8 * c, c)
-            shapes[f"{tb}.ff.net.2"] = (c, 4 * c)
             shapes[f"{prefix}.proj_in"] = (c, c, 1, 1)
             shapes[f"{prefix}.proj_out"] = (c, c, 1, 1)
     return shapes
 
 
-def text_module_shapes(text_layers: int = 12, text_intermediate: int = 3072,
-                       whole_layer: bool = True) -> dict[str, tuple[int, ...]]:
+def text_module_shapes(text_layers: int = 12, text_intermediate: int = 3072, whole_layer: bool = True,
+                       width: int = SD15.text_width) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for i in range(text_layers):
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"text_model.encoder.layers.{i}.self_attn.{proj}"] = (CONTEXT_DIM, CONTEXT_DIM)
+            shapes[f"text_model.encoder.layers.{i}.self_attn.{proj}"] = (width, width)
         if whole_layer:
-            shapes[f"text_model.encoder.layers.{i}.mlp.fc1"] = (text_intermediate, CONTEXT_DIM)
-            shapes[f"text_model.encoder.layers.{i}.mlp.fc2"] = (CONTEXT_DIM, text_intermediate)
+            shapes[f"text_model.encoder.layers.{i}.mlp.fc1"] = (text_intermediate, width)
+            shapes[f"text_model.encoder.layers.{i}.mlp.fc2"] = (width, text_intermediate)
     return shapes
 
 
@@ -75,7 +74,7 @@ def make_edlora_state(tokens: tuple[str, ...] = ("<c1>", "<c2>"), *, seed: int =
         key = lambda module, which: f"{module}_lora.{which}.weight"  # noqa: E731
     else:
         raise ValueError(f"spelling must be 'main' or 'research', not {spelling!r}")
-    embeddings = {tok: torch.randn(NUM_LAYERS, CONTEXT_DIM, generator=g) * embedding_std for tok in tokens}
+    embeddings = {tok: torch.randn(SD15.layer_count, SD15.text_width, generator=g) * embedding_std for tok in tokens}
     state: dict = {"new_concept_embedding": embeddings}
     parts = []
     if text_lora:

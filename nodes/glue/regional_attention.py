@@ -17,15 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import comfy.patcher_extension
 import torch
 import torch.nn.functional as F
-
-import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..fusion.layers import CROSS_ATTN_BLOCKS, LAYER_OF_BLOCK
-from ..fusion.regional import blend_regions, feature_hw_for_tokens, region_layer_masks
-from .layerwise import CONCEPTS_USED_KEY, LayerwiseAttn2Patch, install_layerwise
+from ...fusion.regions.blend import blend_regions
+from ...fusion.regions.masks import feature_hw_for_tokens, region_layer_masks
+from ..names import CONCEPTS_USED_KEY
+from .family import model_family
+from .layerwise import LayerwiseAttn2Patch, install_layerwise
 from .region_lora import install_region_loras
 from .regions import context_stack
 
@@ -98,7 +99,7 @@ class RegionalAttn2Patch(LayerwiseAttn2Patch):
     def __call__(self, n, context, value, extra_options):
         n, ctx, _ = super().__call__(n, context, value, extra_options)
         data = extra_options.get(REGIONS_KEY)
-        layer = LAYER_OF_BLOCK.get(tuple(extra_options.get("block", ())))
+        layer = self.layer(extra_options)
         extra_options.pop(_LAYOUT_KEY, None)
         if data is None or layer is None or not len(data):
             return n, ctx, ctx
@@ -195,17 +196,17 @@ def check_concepts(model, regions) -> None:
                                  f"each region with the CLIP and concepts of the chain whose MODEL samples it")
 
 
-def _chained_replaces(options: dict) -> dict:
-    """The regional attn2 replace for each of the 16 cross-attention blocks, chained to a replace that
-    another node installed there; keyed as ComfyUI looks them up first, ``(block, number, 0)``."""
+def _chained_replaces(options: dict, family) -> dict:
+    """The regional attn2 replace for each cross-attention layer, chained to a replace that another node
+    installed there; keyed as ComfyUI looks them up first, ``(block, number, block_index)``."""
     installed = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     out = {}
-    for kind, number in CROSS_ATTN_BLOCKS:
-        previous = installed.get((kind, number, 0), installed.get((kind, number)))
+    for kind, number, index in family.layers:
+        previous = installed.get((kind, number, index), installed.get((kind, number)))
         if isinstance(previous, RegionalAttn2Replace):
             raise ValueError(f"the MODEL already carries Mix-of-Show's regional attention on {kind} block {number} "
                              f"(regions installed twice?); sample from the model without regions")
-        out[(kind, number, 0)] = RegionalAttn2Replace(previous)
+        out[(kind, number, index)] = RegionalAttn2Replace(previous)
     return out
 
 
@@ -219,7 +220,8 @@ def install_regions(model, regions):
         return model
     check_concepts(model, regions)
     data = RegionData(regions)
-    replaces = _chained_replaces(model.model_options)
+    family = model_family(model, "regional sampling")
+    replaces = _chained_replaces(model.model_options, family)
     clone = model.clone()
     if any(r.control_strength != 1.0 for r in regions):
         clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "mixofshow.regional_control",
@@ -229,7 +231,7 @@ def install_regions(model, regions):
     to = dict(clone.model_options.get("transformer_options", {}))
     patches = dict(to.get("patches", {}))
     patches["attn2_patch"] = [p for p in patches.get("attn2_patch", []) if not isinstance(p, LayerwiseAttn2Patch)]
-    patches["attn2_patch"].append(RegionalAttn2Patch())
+    patches["attn2_patch"].append(RegionalAttn2Patch(family))
     to["patches"] = patches
     patches_replace = dict(to.get("patches_replace", {}))
     patches_replace["attn2"] = {**patches_replace.get("attn2", {}), **replaces}

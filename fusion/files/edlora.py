@@ -32,9 +32,8 @@ What is refused and what is only warned about:
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 import itertools
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,32 +42,41 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
-from .filecheck import (EDLoRAError, check_file_tensor, exception_text, file_label, read_tensor_file,
-                        safetensors_metadata, shown, what_is)
-from .layers import CONTEXT_DIM, NUM_LAYERS, XTI_LAYER_KEYS, diffusers_unet_to_ldm, is_text_encoder_module
+from ..errors import EDLoRAError
+from ..families import SD15, ModelFamily
+from ..log import log
+from ..versions import BUNDLE_FORMAT, EDLORA_FORMAT, EDLORA_FORMAT_VERSION
+from .filecheck import (
+    check_file_tensor,
+    exception_text,
+    file_label,
+    read_tensor_file,
+    safetensors_metadata,
+    shown,
+    what_is,
+)
 
-__all__ = ["EDLoRA", "EDLoRAError", "FORMAT_TAG", "TOKEN_PATTERN", "check_file_tensor", "convert_to_safetensors",
-           "file_digest", "load_edlora", "parse_edlora", "parse_xti", "read_state_dict", "save_edlora",
-           "to_flat_state_dict", "unique_output_path"]
+__all__ = ["EDLoRA", "TOKEN_PATTERN", "convert_to_safetensors", "file_digest", "load_edlora", "parse_edlora",
+           "parse_xti", "read_state_dict", "save_edlora", "to_flat_state_dict", "unique_output_path"]
 
-log = logging.getLogger("mixofshow")
 
-FORMAT_TAG = "mixofshow-edlora"
 TOKEN_PATTERN = re.compile(r"<[^<>\s()\[\]{}:,]+>")
-_BUNDLE_FORMAT = "mixofshow-fused-bundle"  # fusion.bundle.BUNDLE_FORMAT (bundle imports this module)
 MAX_EDLORA_ELEMENTS = 1 << 28   # values in all tensors of one file: 1 GiB as float32; real ED-LoRAs hold < 50M
 MAX_VECTORS_PER_TOKEN = 75      # a 77-token prompt chunk holds 75 words
 MAX_TOKEN_CHARS = 100
 MAX_IGNORED_KEPT = 100          # ignored keys listed on the EDLoRA (all are counted)
 _IGNORED_SHOWN = 5              # ... and in the warning
 _PARTS = ("new_concept_embedding", "text_encoder", "unet")
-_XTI_KEYS = frozenset(XTI_LAYER_KEYS)
 _KEY_SPELLINGS = (  # main branch, research_branch
     re.compile(r"^(.+)\.lora_(down|up)\.weight$"),
     re.compile(r"^(.+)_lora\.(down|up)\.weight$"),
 )
-_TABLE = (f"an SD1.x ED-LoRA token table is [{NUM_LAYERS}, {CONTEXT_DIM}] (one row per cross-attention layer), "
-          f"or [{NUM_LAYERS}, n, {CONTEXT_DIM}] for n vectors")
+
+
+def _table_rule(family: ModelFamily) -> str:
+    rows, width = family.layer_count, family.text_width
+    return (f"an {family.label} ED-LoRA token table is [{rows}, {width}] (one row per cross-attention layer), "
+            f"or [{rows}, n, {width}] for n vectors")
 
 
 @dataclass
@@ -84,6 +92,7 @@ class EDLoRA:
     text_encoder: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     unet: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     digest: str = ""
+    family: ModelFamily = SD15
     ignored_keys: tuple[str, ...] = ()
     ignored_total: int = 0
 
@@ -212,7 +221,8 @@ def _gather_parts(state: object, r: _Reader) -> dict[str, dict[str, object]]:
     return parts
 
 
-def _split_lora_factors(r: _Reader, part: str, flat: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _split_lora_factors(r: _Reader, part: str, flat: dict,
+                        family: ModelFamily) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     factors: dict[str, dict[str, object]] = {}
     for key, value in flat.items():
         for pattern in _KEY_SPELLINGS:
@@ -231,23 +241,25 @@ def _split_lora_factors(r: _Reader, part: str, flat: dict) -> dict[str, tuple[to
         where = shown(f"{part}.{module}")
         if set(pair) != {"up", "down"}:
             raise EDLoRAError(f"{r.name}: {where} has only a lora {'/'.join(pair)} factor")
-        if part == "text_encoder":
-            if not is_text_encoder_module(module):
-                raise EDLoRAError(f"{r.name}: {where} is not a CLIP text-encoder linear of SD1.x")
+        encoder = next((e for e in family.text_encoders if e.lora_part == part), None)
+        if encoder is not None:
+            if not encoder.is_lora_module(module):
+                raise EDLoRAError(f"{r.name}: {where} is not a CLIP text-encoder linear of {family.label}")
         else:
             try:
-                diffusers_unet_to_ldm(module)
+                family.ldm_unet_module(module)
             except KeyError:
-                raise EDLoRAError(f"{r.name}: {where} is not a transformer-block module of the SD1.x UNet") from None
+                raise EDLoRAError(f"{r.name}: {where} is not a transformer-block module of the {family.label} "
+                                  f"UNet") from None
         up = r.tensor(f"{part}.{module}.lora_up.weight", pair["up"], ndim=(2, 4))
         down = r.tensor(f"{part}.{module}.lora_down.weight", pair["down"], ndim=(2, 4))
         if down.ndim != up.ndim or up.shape[1] != down.shape[0] or up.shape[2:] != down.shape[2:] \
                 or up.shape[2:] not in ((), (1, 1)):
             raise EDLoRAError(f"{r.name}: {where} factors have incompatible shapes up {list(up.shape)} @ down "
                               f"{list(down.shape)} (expected [out, r] @ [r, in], or [out, r, 1, 1] @ [r, in, 1, 1])")
-        if part == "text_encoder" and not module.endswith("fc2") and down.shape[1] != CONTEXT_DIM:
-            raise EDLoRAError(f"{r.name}: text-encoder LoRA {where} takes {down.shape[1]} inputs; an SD1.x "
-                              f"ED-LoRA has a {CONTEXT_DIM}-wide CLIP text encoder (is it for SD2/SDXL?)")
+        if encoder is not None and not module.endswith("fc2") and down.shape[1] != encoder.width:
+            raise EDLoRAError(f"{r.name}: text-encoder LoRA {where} takes {down.shape[1]} inputs; an {family.label} "
+                              f"ED-LoRA has a {encoder.width}-wide CLIP text encoder (is it for SD2/SDXL?)")
         out[module] = (up, down)
     return out
 
@@ -258,11 +270,11 @@ def _check_token(r: _Reader, token: str) -> None:
                           f"spaces, at most {MAX_TOKEN_CHARS} characters)")
 
 
-def _check_table(r: _Reader, table: object, key: str) -> torch.Tensor:
+def _check_table(r: _Reader, table: object, key: str, family: ModelFamily = SD15) -> torch.Tensor:
+    rows, width = family.layer_count, family.text_width
     shape = tuple(table.shape) if torch.is_tensor(table) else ()
-    hint = " — is it for SD2/SDXL?" if len(shape) in (2, 3) and shape[-1] not in (CONTEXT_DIM, 0) else ""
-    t = r.tensor(key, table, shapes=[(NUM_LAYERS, CONTEXT_DIM), (NUM_LAYERS, None, CONTEXT_DIM)],
-                 expected=_TABLE + hint)
+    hint = " — is it for SD2/SDXL?" if len(shape) in (2, 3) and shape[-1] not in (width, 0) else ""
+    t = r.tensor(key, table, shapes=[(rows, width), (rows, None, width)], expected=_table_rule(family) + hint)
     t = t if t.ndim == 3 else t.unsqueeze(1)
     if t.shape[1] > MAX_VECTORS_PER_TOKEN:
         raise EDLoRAError(f"{r.name}: {shown(key)} has {t.shape[1]} vectors per layer; a prompt chunk holds at most "
@@ -270,23 +282,23 @@ def _check_table(r: _Reader, table: object, key: str) -> torch.Tensor:
     return t
 
 
-def _xti_hint(state: object) -> str:
+def _xti_hint(state: object, family: ModelFamily) -> str:
     if not isinstance(state, dict):
         return ""
-    present = [k for k in XTI_LAYER_KEYS if k in state]
+    present = [k for k in family.xti_keys if k in state]
     if not present:
         return ""
-    missing = [k for k in XTI_LAYER_KEYS if k not in state]
-    return (f"; it has {len(present)} of the {len(XTI_LAYER_KEYS)} XTI layer keys (missing "
+    missing = [k for k in family.xti_keys if k not in state]
+    return (f"; it has {len(present)} of the {len(family.xti_keys)} XTI layer keys (missing "
             f"{', '.join(missing)}), so it is not an XTI embedding either")
 
 
-def parse_edlora(state: dict, name: str) -> EDLoRA:
+def parse_edlora(state: dict, name: str, family: ModelFamily = SD15) -> EDLoRA:
     """Validate a loaded state dict (nested, ``params``-wrapped or flat) and return an :class:`EDLoRA`.
 
-    Token tables are normalised to ``[16, n, 768]`` float32 (n vectors per token; ED-LoRA has
-    n = 1), LoRA factors to float32. Raises :class:`EDLoRAError` (module docstring: what is refused,
-    what is ignored with a warning).
+    Token tables are normalised to ``[L, n, C]`` float32 (the family's L layers and C-wide rows; n vectors
+    per token, ED-LoRA has n = 1), LoRA factors to float32. Raises :class:`EDLoRAError` (module docstring:
+    what is refused, what is ignored with a warning).
     """
     with _named(name):
         r = _Reader(name)
@@ -294,51 +306,53 @@ def parse_edlora(state: dict, name: str) -> EDLoRA:
         if not parts:
             keys = ", ".join(shown(k, 40) for k in itertools.islice(state, 6))
             raise EDLoRAError(f"{r.name}: not an ED-LoRA — no 'new_concept_embedding', 'text_encoder' or 'unet' part "
-                              f"(top-level keys: {keys or 'none'}){_xti_hint(state)}")
+                              f"(top-level keys: {keys or 'none'}){_xti_hint(state, family)}")
         tables = {}
         for tok, table in parts.get("new_concept_embedding", {}).items():
             _check_token(r, tok)
-            tables[tok] = _check_table(r, table, f"new_concept_embedding.{tok}")
+            tables[tok] = _check_table(r, table, f"new_concept_embedding.{tok}", family)
         if not tables:
             raise EDLoRAError(f"{r.name}: defines no concept token (empty 'new_concept_embedding')")
-        return r.finish(EDLoRA(name=name, embeddings=tables,
-                               text_encoder=_split_lora_factors(r, "text_encoder", parts.get("text_encoder", {})),
-                               unet=_split_lora_factors(r, "unet", parts.get("unet", {}))))
+        return r.finish(EDLoRA(name=name, embeddings=tables, family=family,
+                               text_encoder=_split_lora_factors(r, "text_encoder", parts.get("text_encoder", {}),
+                                                                family),
+                               unet=_split_lora_factors(r, "unet", parts.get("unet", {}), family)))
 
 
-def _is_xti_state(state: object) -> bool:
-    """A kohya XTI (P+) embedding: all 16 layer keys IN01..OUT11 and no ED-LoRA part."""
-    return isinstance(state, dict) and all(k in state for k in XTI_LAYER_KEYS) and not any(
+def _is_xti_state(state: object, family: ModelFamily) -> bool:
+    """A kohya XTI (P+) embedding: all of the family's layer keys (IN01..OUT11) and no ED-LoRA part."""
+    return isinstance(state, dict) and all(k in state for k in family.xti_keys) and not any(
         isinstance(k, str) and (k in _PARTS or k == "params" or k.partition(".")[0] in _PARTS) for k in state)
 
 
-def parse_xti(state: dict, name: str, token: str) -> EDLoRA:
-    """A kohya XTI (P+) embedding: 16 keys IN01..OUT11, each ``[n, 768]``, becomes one token table.
+def parse_xti(state: dict, name: str, token: str, family: ModelFamily = SD15) -> EDLoRA:
+    """A kohya XTI (P+) embedding: one key per layer (IN01..OUT11), each ``[n, C]``, becomes one token table.
 
     Other entries are ignored with a warning, like those beside an ED-LoRA's parts.
     """
     with _named(name):
         r = _Reader(name)
         _check_token(r, token)
-        if not isinstance(state, dict) or not all(k in state for k in XTI_LAYER_KEYS):
-            raise EDLoRAError(f"{r.name}: not an XTI embedding (expected the keys {', '.join(XTI_LAYER_KEYS)})")
-        rows = [r.tensor(k, state[k], shapes=[(None, CONTEXT_DIM)],
-                         expected=f"an SD1.x XTI layer is [n, {CONTEXT_DIM}]") for k in XTI_LAYER_KEYS]
+        keys, width = family.xti_keys, family.text_width
+        if not isinstance(state, dict) or not all(k in state for k in keys):
+            raise EDLoRAError(f"{r.name}: not an XTI embedding (expected the keys {', '.join(keys)})")
+        rows = [r.tensor(k, state[k], shapes=[(None, width)],
+                         expected=f"an {family.label} XTI layer is [n, {width}]") for k in keys]
         if any(row.shape != rows[0].shape for row in rows):
             shapes = sorted({str(list(row.shape)) for row in rows})
-            raise EDLoRAError(f"{r.name}: XTI layers must all have one shape [n, {CONTEXT_DIM}]; found "
+            raise EDLoRAError(f"{r.name}: XTI layers must all have one shape [n, {width}]; found "
                               f"{', '.join(shapes)}")
         for k in state:
-            if not (isinstance(k, str) and k in _XTI_KEYS):
+            if not (isinstance(k, str) and k in keys):
                 r.ignore(k)
         table = torch.stack(rows)
         if table.shape[1] > MAX_VECTORS_PER_TOKEN:
             raise EDLoRAError(f"{r.name}: {table.shape[1]} vectors per layer; a prompt chunk holds at most "
                               f"{MAX_VECTORS_PER_TOKEN}")
-        return r.finish(EDLoRA(name=name, embeddings={token: table}))
+        return r.finish(EDLoRA(name=name, embeddings={token: table}, family=family))
 
 
-def load_edlora(path: str) -> EDLoRA:
+def load_edlora(path: str, family: ModelFamily = SD15) -> EDLoRA:
     """Load an ED-LoRA or a kohya XTI embedding file from disk (never running pickled code).
 
     A fused bundle (metadata ``format=mixofshow-fused-bundle``) is refused: it loads as a bundle.
@@ -346,20 +360,20 @@ def load_edlora(path: str) -> EDLoRA:
     name = os.path.basename(path)
     with _named(name):
         state, meta = read_state_dict(path)
-        if meta.get("format") == _BUNDLE_FORMAT:
-            raise EDLoRAError(f"{file_label(name)}: a fused ED-LoRA bundle (format={_BUNDLE_FORMAT}), not a single "
+        if meta.get("format") == BUNDLE_FORMAT:
+            raise EDLoRAError(f"{file_label(name)}: a fused ED-LoRA bundle (format={BUNDLE_FORMAT}), not a single "
                               f"ED-LoRA: a bundle is loaded whole (fused weights and concepts), never as an ED-LoRA")
-        if _is_xti_state(state):
+        if _is_xti_state(state, family):
             stem = re.sub(r"[^A-Za-z0-9_\-.]", "_", os.path.splitext(name)[0])[: MAX_TOKEN_CHARS - 2]
-            edlora = parse_xti(state, name, f"<{stem}>")
+            edlora = parse_xti(state, name, f"<{stem}>", family)
         else:
-            edlora = parse_edlora(state, name)
+            edlora = parse_edlora(state, name, family)
         edlora.digest = file_digest(path)
         return edlora
 
 
 def to_flat_state_dict(edlora: EDLoRA) -> dict[str, torch.Tensor]:
-    """The flat safetensors layout (module docstring); single-vector tables are stored as [16, 768]."""
+    """The flat safetensors layout (module docstring); single-vector tables are stored as [L, C]."""
     flat = {}
     for tok, table in edlora.embeddings.items():
         flat[f"new_concept_embedding.{tok}"] = (table[:, 0] if table.shape[1] == 1 else table).contiguous()
@@ -372,7 +386,7 @@ def to_flat_state_dict(edlora: EDLoRA) -> dict[str, torch.Tensor]:
 
 def save_edlora(edlora: EDLoRA, path: str, extra_metadata: dict[str, str] | None = None) -> None:
     """Write the flat safetensors layout (via a ``.part`` file, so a failed write leaves no half file)."""
-    meta = {"format": FORMAT_TAG, "version": "1", "tokens": " ".join(edlora.tokens)}
+    meta = {"format": EDLORA_FORMAT, "version": EDLORA_FORMAT_VERSION, "tokens": " ".join(edlora.tokens)}
     meta.update(extra_metadata or {})
     tmp = path + ".part"
     try:
@@ -391,7 +405,7 @@ def convert_to_safetensors(src: str, dst: str) -> EDLoRA:
     """
     name = file_label(os.path.basename(src))
     if os.path.splitext(src)[1].lower() == ".safetensors" and \
-            safetensors_metadata(src).get("format") == _BUNDLE_FORMAT:
+            safetensors_metadata(src).get("format") == BUNDLE_FORMAT:
         raise EDLoRAError(f"{name}: a fused ED-LoRA bundle is already a .safetensors; bundles are not converted "
                           f"(only its token tables would be written, without its fused weights)")
     if os.path.exists(dst) and os.path.samefile(src, dst):

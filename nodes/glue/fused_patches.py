@@ -7,24 +7,24 @@ the fusion's description (``.fusion``) so that Save Fused Bundle finds it after 
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import uuid
 from typing import Mapping
 
-import torch
-
 import comfy.lora
 import comfy.utils
+import torch
 from comfy import weight_adapter
 
-from ..fusion.bundle import BundleError, FusedBundle, load_bundle
-from ..fusion.cache import digest, tensor_digests
-from ..fusion.concepts import Concept, ConceptSet
-from .layerwise import CONCEPTS_USED_KEY, install_layerwise
+from ...fusion.errors import BundleError
+from ...fusion.files.bundle import FusedBundle, load_bundle
+from ...fusion.log import log
+from ...fusion.merge.cache import digest, tensor_digests
+from ...fusion.prompts.concepts import Concept, ConceptSet
+from ..names import CONCEPTS_USED_KEY
+from .layerwise import install_layerwise
 
-log = logging.getLogger("mixofshow")
 Delta = tuple[torch.Tensor, torch.Tensor]  # (up, down) of one fused weight
 
 

@@ -8,11 +8,10 @@ with a warning; patches on other weights are kept (and are part of the cache key
 Cache: folder ``$MIXOFSHOW_FUSION_CACHE`` or ``models/edloras/.fusion_cache``, at most
 ``$MIXOFSHOW_FUSION_CACHE_MAX_MB`` MiB (default 2048), least recently used entries evicted. An entry
 is a version-2 fused bundle (the same file Save Fused Bundle writes) named by
-:func:`~.fusion_recording.recording_key`.
+:func:`~.fusion_recording.recording_keys`.
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Optional
@@ -21,19 +20,24 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
-from ..fusion import cache as fc
-from ..fusion import gradient_fusion as gf
-from ..fusion.bundle import BundleError, load_bundle, save_bundle
-from ..fusion.concepts import ConceptError, ConceptSet, concept_label
-from .edlora_nodes import EDLORA_FOLDER
-from .fused_patches import (base_digest, base_of, bundle_of, deltas_of_bundle, fused_clones, fused_concepts,
-                            original_weight)
-from .fusion_recording import ComfyRecorder, recording_key
-from .lora_patch import check_base
-
-log = logging.getLogger("mixofshow")
-CACHE_ENV = "MIXOFSHOW_FUSION_CACHE"
-CACHE_MAX_ENV = "MIXOFSHOW_FUSION_CACHE_MAX_MB"
+from ...fusion.errors import BundleError, ConceptError
+from ...fusion.files.bundle import load_bundle, save_bundle
+from ...fusion.log import log
+from ...fusion.merge import cache as fc
+from ...fusion.merge import gradient_fusion as gf
+from ...fusion.prompts.concepts import ConceptSet, concept_label
+from ..names import CACHE_ENV, CACHE_MAX_ENV, EDLORA_FOLDER
+from .family import check_base, model_family
+from .fused_patches import (
+    base_digest,
+    base_of,
+    bundle_of,
+    deltas_of_bundle,
+    fused_clones,
+    fused_concepts,
+    original_weight,
+)
+from .fusion_recording import ComfyRecorder, recording_keys
 
 
 def fusion_cache() -> fc.FusionCache:
@@ -54,11 +58,11 @@ def _shapes(root, keys) -> dict[str, tuple[int, ...]]:
 def plan_for(model, clip, concepts: ConceptSet) -> gf.FusionPlan:
     """The fusion plan of a concept set (every concept checked against this MODEL/CLIP first)."""
     for c in concepts.concepts:
-        check_base(c.edlora, model, clip)
+        check_base(c.edlora.name, c.edlora.family, model, clip)
     loras = [gf.ConceptLoRA(concept_label(c), c.text_factors, c.unet_factors, c.text_encoder_strength,
                             c.unet_strength) for c in concepts.concepts]
     return gf.make_plan(loras, _shapes(clip.cond_stage_model, {k for c in loras for k in c.text}),
-                        _shapes(model.model, {k for c in loras for k in c.unet}))
+                        _shapes(model.model, {k for c in loras for k in c.unet}), model_family(model, "Gradient Fusion"))
 
 
 def _weight_digests(patcher) -> dict[str, str]:
@@ -66,11 +70,13 @@ def _weight_digests(patcher) -> dict[str, str]:
     return fc.tensor_digests({k: original_weight(v) for k, v in patcher.get_key_patches().items()})
 
 
-def _identity(model, clip, concepts: ConceptSet, settings: gf.FusionSettings, plan: gf.FusionPlan) -> tuple[str, str]:
-    """(bundle base digest, cache key); every base weight is hashed once for both."""
+def _identity(model, clip, concepts: ConceptSet, settings: gf.FusionSettings,
+              plan: gf.FusionPlan) -> tuple[str, str, list[str]]:
+    """(bundle base digest, cache key, earlier releases' keys of the same result); every base weight is hashed
+    once for all."""
     model_d, clip_d = _weight_digests(model), _weight_digests(clip.patcher)
     base = base_of({k: model_d[k] for k in plan.keys("model")}, {k: clip_d[k] for k in plan.keys("clip")})
-    return base, recording_key(model, clip, concepts, settings, plan, model_d, clip_d)
+    return (base, *recording_keys(model, clip, concepts, settings, plan, model_d, clip_d))
 
 
 def cache_key(model, clip, concepts: ConceptSet, settings: gf.FusionSettings) -> str:
@@ -117,7 +123,7 @@ def fuse(model, clip, concepts: Optional[ConceptSet], settings: gf.FusionSetting
     stats = {"cache": "off", "seconds": {}, "recorded": {s: 0 for s in gf.STAGES}, "unrecorded": [], "result": None}
     store = fusion_cache() if use_cache and plan.targets and plan.concepts > 1 else None  # one concept: a merge
     if store is not None:
-        base, key = _identity(model, clip, concepts, settings, plan)
+        base, key, legacy_keys = _identity(model, clip, concepts, settings, plan)
     else:
         base = base_digest(model, clip, model_keys, clip_keys)
     info = _fusion_info(base, concepts, settings)
@@ -125,6 +131,11 @@ def fuse(model, clip, concepts: Optional[ConceptSet], settings: gf.FusionSetting
     stats["seconds"]["identity"] = time.perf_counter() - t0
 
     if store is not None:
+        if not os.path.isfile(store.path(key)):
+            for legacy in legacy_keys:  # an entry of an earlier release with the same recording and solve
+                if store.adopt(legacy, key):
+                    log.info("Mix-of-Show fusion: cache entry %s of an earlier release renamed to %s", legacy, key)
+                    break
         hit = store.load(key, lambda path: _from_cache(path, plan, model, clip))
         stats["cache"] = "miss"
         if hit is not None:
@@ -157,3 +168,25 @@ def fuse(model, clip, concepts: Optional[ConceptSet], settings: gf.FusionSetting
         stats["seconds"]["cache_write"] = time.perf_counter() - t
     mm.soft_empty_cache()
     return m, c, out_concepts, stats
+
+
+class NodeProgress:
+    """One progress bar over the whole fusion, and the current stage as text on the node."""
+
+    def __init__(self, node_id):
+        self.node_id = node_id
+        self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
+        self.text = None
+        self.server = None
+        if node_id is not None:
+            try:
+                from server import PromptServer
+                self.server = getattr(PromptServer, "instance", None)
+            except ImportError:  # ComfyUI used without its server (scripts, in-process tests)
+                pass
+
+    def __call__(self, done: int, total: int, text: str) -> None:
+        self.bar.update_absolute(done, total)
+        if text != self.text and self.server is not None:
+            self.text = text
+            self.server.send_progress_text(text, self.node_id)

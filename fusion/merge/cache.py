@@ -7,14 +7,13 @@
 * Digests: :func:`tensors_digest` hashes every byte of every tensor (sha256, tensors hashed in
   parallel threads: hashlib releases the GIL); :func:`describe` turns model options / object patches
   (arbitrary Python objects) into a JSON-able description that is the same in every process (no
-  addresses); :func:`source_digest` is the checksum of source files (the code version of a key).
+  addresses); :func:`code_version` is the versions of fusion.versions (the code version of a key).
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
 import json
-import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar
 
 import torch
 
-log = logging.getLogger("mixofshow")
+from ..log import log
+from ..versions import BUNDLE_VERSION, RECORDING_VERSION, SOLVER_VERSION
+
 T = TypeVar("T")
 
 CACHE_SUFFIX = ".fused"
@@ -130,33 +131,23 @@ def _filled(cell) -> bool:
         return False
 
 
-# Everything whose change changes what a fusion records or solves, relative to the pack root: the code
-# version in a cache key is their checksum (tests/unit/test_fusion_cache.py checks that the list holds
-# every pack module these import).
-CODE_SOURCES = (
-    "fusion/bundle.py", "fusion/cache.py", "fusion/concepts.py", "fusion/edlora.py", "fusion/filecheck.py",
-    "fusion/gradient_fusion.py", "fusion/layers.py", "fusion/solver.py", "nodes/common.py", "nodes/edlora_nodes.py",
-    "nodes/fused_patches.py", "nodes/fusion_recording.py", "nodes/fusion_run.py", "nodes/layerwise.py",
-    "nodes/layerwise_tensor.py", "nodes/lora_patch.py",
-)
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def code_version(host_version: str, recording: int = RECORDING_VERSION, solver: int = SOLVER_VERSION) -> str:
+    """The code version of a fusion-cache key: the recording and solver versions (fusion.versions), the bundle
+    format entries are written in, and the host's version (ComfyUI's samplers and encoders do the recording)."""
+    return digest("code", {"recording": recording, "solver": solver, "bundle": BUNDLE_VERSION}, host_version)
 
 
-def source_digest(paths: Iterable[str]) -> str:
-    """Checksum of source files (by base name and bytes)."""
-    h = hashlib.sha256()
-    for path in sorted(paths, key=os.path.basename):
-        with open(path, "rb") as f:
-            data = f.read()
-        h.update(f"{os.path.basename(path)}:{len(data)}:".encode())
-        h.update(data)
-    return h.hexdigest()
+# Release 0.2.0 put a checksum of its recording and solving sources into its keys. Its recording and solve
+# are version 1 of each, so its entries stay valid while both versions are 1: they are found under their old
+# key and renamed to the new one (FusionCache.adopt).
+_SOURCES_0_2_0 = "55f348821709b2d71811d603426ef671a21cc92189c005621a6c27baaced2def"
 
 
-def code_version(host_version: str, root: str = PACK_ROOT) -> str:
-    """The code version of a fusion-cache key: :data:`CODE_SOURCES` under ``root`` and the host's version
-    (ComfyUI's samplers and encoders do the recording)."""
-    return digest(source_digest(os.path.join(root, p) for p in CODE_SOURCES), host_version)
+def legacy_code_versions(host_version: str) -> list[str]:
+    """Code versions of earlier releases whose entries are still valid for this code."""
+    if (RECORDING_VERSION, SOLVER_VERSION) == (1, 1):
+        return [digest(_SOURCES_0_2_0, host_version)]
+    return []
 
 
 # --------------------------------------------------------------------------- the store
@@ -200,6 +191,18 @@ class FusionCache:
         except OSError:
             pass
         return value
+
+    def adopt(self, old_key: str, key: str) -> bool:
+        """Rename an entry stored under an earlier release's key to ``key`` (see legacy_code_versions)."""
+        old = self.path(old_key)
+        if not os.path.isfile(old):
+            return False
+        try:
+            os.replace(old, self.path(key))
+        except OSError as e:
+            log.warning("Mix-of-Show: could not rename the fusion cache entry %s (%s)", os.path.basename(old), e)
+            return False
+        return True
 
     def store(self, key: str, write: Callable[[str], None]) -> Optional[str]:
         """Write an entry with ``write(path)`` (atomically: a temporary file, then renamed), then evict the

@@ -11,13 +11,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import comfy.model_management
 import torch
 
-from ..fusion.concepts import find_concept_tokens
-from ..fusion.regional import box_to_mask
-from .layerwise import PROMPT_KEY, layerwise_of
-
-_BOX_ATTR = "mixofshow_box"  # (top, left, bottom, right) on a MASK tensor made from a box
+from ...fusion.errors import ConceptError
+from ...fusion.prompts.concepts import ConceptSet, find_concept_tokens
+from ...fusion.regions.editor_boxes import clamp_box, parse_boxes
+from ...fusion.regions.masks import box_to_mask
+from ...fusion.regions.pose import find_pose_boxes
+from ..names import BOX_ATTR, PROMPT_KEY
+from .layerwise import encode_with_concepts, layerwise_of
+from .previews import regions_preview
 
 
 @dataclass(frozen=True)
@@ -43,13 +47,13 @@ def box_mask(height: int, width: int, top: int, left: int, bottom: int, right: i
     mask = box_to_mask(height, width, top, left, bottom, right)[None]
     clamped = (max(0, min(int(top), height)), max(0, min(int(left), width)),
                max(0, min(int(bottom), height)), max(0, min(int(right), width)))
-    setattr(mask, _BOX_ATTR, clamped)
+    setattr(mask, BOX_ATTR, clamped)
     return mask
 
 
 def box_of(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
     """The box a MASK was made from, if it still is exactly that box (an edited mask is not)."""
-    box = getattr(mask, _BOX_ATTR, None)
+    box = getattr(mask, BOX_ATTR, None)
     if box is None:
         return None
     m = mask[0] if mask.dim() == 3 else mask
@@ -101,3 +105,69 @@ def make_region(positive, negative, mask: torch.Tensor, index: int, control_stre
     context_stack(negative, f"region {index} negative")
     return Region(m, tuple(positive), tuple(negative), float(control_strength), box_of(mask), model,
                   label or prompt_label(positive, f"region {index}"))
+
+
+def editor_regions(clip, regions_json: str, width: int, height: int, image=None, concepts=None, regions=None):
+    """Regions, masks ``[R, H, W]`` and preview IMAGE of the editor's boxes (see RegionsEditor)."""
+    boxes = parse_boxes(regions_json)
+    if image is not None:
+        height, width = int(image.shape[-3]), int(image.shape[-2])
+    concepts = concepts or ConceptSet()
+    earlier = len(regions or ())
+    negatives: dict[str, list] = {}
+    masks = []
+    for i, box in enumerate(boxes):
+        mask = box_mask(height, width, *clamp_box(box, height, width, i))
+        try:
+            positive = encode_with_concepts(clip, box.prompt, concepts)
+            if box.negative not in negatives:
+                negatives[box.negative] = encode_with_concepts(clip, box.negative, concepts)
+        except ConceptError as e:
+            raise ConceptError(f"Regions Editor box {i + 1}: {e}") from e
+        regions = add_region(regions, positive, negatives[box.negative], mask, box.control_strength, None,
+                             box.label)
+        masks.append(mask)
+    colors = [None] * earlier + [b.color for b in boxes]
+    preview = regions_preview(regions, image, colors, size=(height, width))
+    return regions, torch.cat(masks), preview
+
+
+def add_region(regions, positive, negative, mask, control_strength: float = 1.0, model=None, label: str = ""):
+    """``regions`` (a tuple, possibly empty or None) plus one validated region; never mutates."""
+    regions = tuple(regions or ())
+    return regions + (make_region(positive, negative, mask, len(regions), control_strength, model, label),)
+
+
+def first_image(image: torch.Tensor) -> torch.Tensor:
+    """The first image of an IMAGE batch, ``[H, W, C]`` on the CPU."""
+    return (image[0] if image.dim() == 4 else image).detach().cpu()
+
+
+def pose_regions(image, clip, prompts: str, negative: str, margin: float, concepts=None, regions=None,
+                 control_strength: float = 1.0):
+    """One region per OpenPose skeleton (left to right), prompt line ``i`` for person ``i``;
+    returns (regions, masks ``[R, H, W]``)."""
+    lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+    img = first_image(image)
+    boxes = find_pose_boxes(img, margin=margin,
+                            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+    if len(boxes) != len(lines):
+        raise ValueError(f"Pose Regions: found {len(boxes)} skeleton(s) at {boxes} (top, left, bottom, right) but "
+                         f"{len(lines)} prompt line(s); write one line per person, left to right")
+    concepts = concepts or ConceptSet()
+    neg = encode_with_concepts(clip, negative, concepts)
+    height, width = int(img.shape[0]), int(img.shape[1])
+    masks = [box_mask(height, width, *b) for b in boxes]
+    for mask, line in zip(masks, lines):
+        regions = add_region(regions, encode_with_concepts(clip, line, concepts), neg, mask, control_strength)
+    return regions, torch.cat(masks)
+
+
+def pose_box_mask(image, index: int, margin: float) -> tuple:
+    """The box MASK of the ``index``-th skeleton (left to right, from 0) and how many were found."""
+    img = first_image(image)
+    boxes = find_pose_boxes(img, margin=margin,
+                            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+    if index >= len(boxes):
+        raise ValueError(f"pose box {index} requested but only {len(boxes)} person(s) found in the image")
+    return box_mask(int(img.shape[0]), int(img.shape[1]), *boxes[index]), len(boxes)

@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import numbers
 
+import comfy.patcher_extension
 import torch
 
-import comfy.patcher_extension
+from ...fusion.errors import ConceptError
+from ...fusion.families import ModelFamily
+from ...fusion.prompts.concepts import ConceptSet, substitute_concepts
+from ...fusion.prompts.layerwise_tensor import LayerwiseContext, layers_of
+from ..names import CONCEPTS_USED_KEY, LAYERWISE_KEY, LAYERWISE_WRAPPER, PROMPT_KEY
+from .family import clip_family, model_family
 
-from ..fusion.concepts import ConceptError, ConceptSet, substitute_concepts
-from ..fusion.layers import LAYER_OF_BLOCK, NUM_LAYERS
-from .layerwise_tensor import LayerwiseContext, layers_of
-
-LAYERWISE_KEY = "mixofshow_layerwise"
-# Provenance: on a conditioning, the ED-LoRAs whose tokens it uses; on a MODEL's model_options, the
-# ED-LoRAs it was loaded with. The regional sampler compares the two.
-CONCEPTS_USED_KEY = "mixofshow_concepts"
-PROMPT_KEY = "mixofshow_prompt"  # the prompt text (labels in region previews)
-WRAPPER_KEY = "mixofshow.layerwise"
 _PLACEHOLDERS = ("sks", "olis", "zxq", "qxv")
 # A concept prompt is encoded 16 times: at most this many 77-token sections go through the text
 # encoder at once (memory stays bounded), and a concept prompt may have at most MAX_SECTIONS sections.
@@ -84,8 +80,8 @@ def _layered_tokens(tokens: dict, positions: dict, vectors, tables, layers) -> d
 def encode_with_concepts(clip, text: str, concepts: ConceptSet) -> list:
     """CONDITIONING for ``text``: identical to the stock CLIP Text Encode when no concept token is
     present (one text-encoder pass); otherwise one entry per CLIP hook keyframe (as the stock encoder)
-    whose tensor is a :class:`LayerwiseContext` with the 16 layer-wise contexts, encoded in batches of
-    at most ``_SECTIONS_PER_PASS`` sequences."""
+    whose tensor is a :class:`LayerwiseContext` with one context per cross-attention layer of the CLIP's
+    family, encoded in batches of at most ``_SECTIONS_PER_PASS`` sequences."""
     if len(text) > MAX_PROMPT_CHARS:
         raise ConceptError(f"this prompt is {len(text):,} characters long; the pack's encoders take at most "
                            f"{MAX_PROMPT_CHARS:,} (about {MAX_SECTIONS} × 77 tokens)")
@@ -93,26 +89,28 @@ def encode_with_concepts(clip, text: str, concepts: ConceptSet) -> list:
     sections = len(next(iter(tokens.values())))
     if sections > MAX_SECTIONS:
         raise ConceptError(f"this prompt is {sections} × 77 tokens long; the pack's encoders take at most "
-                           f"{MAX_SECTIONS} × 77 tokens (a concept prompt is encoded 16 times, once per layer, and "
-                           f"every region's context is padded to the longest)")
+                           f"{MAX_SECTIONS} × 77 tokens (a concept prompt is encoded once per cross-attention layer, "
+                           f"and every region's context is padded to the longest)")
     if not vectors:
         return [[c, {**d, PROMPT_KEY: text}] for c, d in clip.encode_from_tokens_scheduled(tokens)]
+    layer_count = clip_family(clip, "Text Encode with Concepts").layer_count
     tables = concepts.tables
     per_pass = max(1, _SECTIONS_PER_PASS // sections)
-    passes = []  # per group of layers: the scheduled entries [[cond [1, n*S*77, C], dict], ...]
-    for first in range(0, NUM_LAYERS, per_pass):
-        layers = range(first, min(first + per_pass, NUM_LAYERS))
-        passes.append(clip.encode_from_tokens_scheduled(_layered_tokens(tokens, positions, vectors, tables, layers)))
+    groups = [range(first, min(first + per_pass, layer_count)) for first in range(0, layer_count, per_pass)]
+    # per group of layers: the scheduled entries [[cond [1, copies * tokens, C], dict], ...]
+    passes = [clip.encode_from_tokens_scheduled(_layered_tokens(tokens, positions, vectors, tables, layers))
+              for layers in groups]
     used = concepts.labels_for(tok for tok, _ in vectors)
     out = []
     for k, (_, extra) in enumerate(passes[0]):
-        stack = torch.cat([p[k][0].reshape(-1, sections * 77, p[k][0].shape[-1]) for p in passes]).unsqueeze(0)
+        stack = torch.cat([p[k][0].reshape(len(layers), -1, p[k][0].shape[-1])
+                           for p, layers in zip(passes, groups)]).unsqueeze(0)
         out.append([LayerwiseContext(stack), {**extra, CONCEPTS_USED_KEY: used, PROMPT_KEY: text}])
     return out
 
 
 def layerwise_of(entry) -> torch.Tensor | None:
-    """The ``[B, 16, T, C]`` stack of one CONDITIONING entry (``[tensor, dict]``) or context tensor,
+    """The ``[B, L, T, C]`` stack of one CONDITIONING entry (``[tensor, dict]``) or context tensor,
     if it carries one."""
     return layers_of(entry[0] if isinstance(entry, (list, tuple)) else entry)
 
@@ -132,12 +130,19 @@ class LayerwiseAttn2Patch:
     """attn2_patch: give cross-attention layer ``l`` its own context ``stack[:, l]``.
 
     Order-independent with other attn2 patches that only read the context; unknown blocks and
-    batches without layer-wise data pass through untouched.
+    batches without layer-wise data pass through untouched. ``family`` names the layers.
     """
+
+    def __init__(self, family: ModelFamily):
+        self.family = family
+
+    def layer(self, extra_options: dict) -> int | None:
+        """The cross-attention layer an attn2 patch is called for."""
+        return self.family.layer_of(extra_options.get("block", ()), extra_options.get("block_index", 0))
 
     def __call__(self, n, context, value, extra_options):
         stack = extra_options.get(LAYERWISE_KEY)
-        layer = LAYER_OF_BLOCK.get(tuple(extra_options.get("block", ())))
+        layer = self.layer(extra_options)
         if stack is None or layer is None or stack.shape[0] != context.shape[0]:
             return n, context, value
         ctx = stack[:, layer if stack.shape[1] > 1 else 0].to(context.dtype)
@@ -153,6 +158,6 @@ def install_layerwise(model) -> None:
     patches = options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", [])
     if any(isinstance(p, LayerwiseAttn2Patch) for p in patches):
         return
-    model.set_model_attn2_patch(LayerwiseAttn2Patch())
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+    model.set_model_attn2_patch(LayerwiseAttn2Patch(model_family(model, "layer-wise conditioning")))
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, LAYERWISE_WRAPPER,
                                _move_to_transformer_options)

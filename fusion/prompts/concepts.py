@@ -11,7 +11,8 @@ from typing import Mapping
 
 import torch
 
-from .edlora import TOKEN_PATTERN, EDLoRA
+from ..errors import ConceptError
+from ..files.edlora import TOKEN_PATTERN, EDLoRA
 
 # A LoRA module's factors, keyed by the weight it patches (ComfyUI state-dict keys: the MODEL's, e.g.
 # "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", or the CLIP's relative to
@@ -20,9 +21,6 @@ from .edlora import TOKEN_PATTERN, EDLoRA
 # 4-D conv factors [out, r, 1, 1] @ [r, in, kh, kw].
 Factors = Mapping[str, "tuple[torch.Tensor, torch.Tensor]"]
 
-
-class ConceptError(ValueError):
-    """Token collisions and unknown concept tokens."""
 
 
 @dataclass(frozen=True)
