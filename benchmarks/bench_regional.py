@@ -51,7 +51,7 @@ import nodes as comfy_nodes  # noqa: E402
 
 model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
     str(REPO / ".host" / "models" / "sd15_random_fp16.safetensors"), output_vae=False)
-install_regions = env.pack("nodes.regional_attention").install_regions
+install_regions = env.pack("nodes.glue.regional").install_regions
 enc = comfy_nodes.CLIPTextEncode().encode
 pos, neg = enc(clip, "people in a hall")[0], enc(clip, "lowres")[0]
 

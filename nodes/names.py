@@ -28,7 +28,6 @@ PREVIEW_PREFIX = "mixofshow_regions"      # temp images of region previews
 LAYERWISE_KEY = "mixofshow_layerwise"     # transformer_options: the [B, L, T, C] stack of the UNet call
 CONCEPTS_USED_KEY = "mixofshow_concepts"  # conditioning dict / model_options: the ED-LoRAs a prompt used / a MODEL has
 PROMPT_KEY = "mixofshow_prompt"           # conditioning dict: the prompt text (labels in region previews)
-REGIONS_KEY = "mixofshow_regions"         # transformer_options: the sampling run's RegionalSampling
 BOX_ATTR = "mixofshow_box"                # attribute of a MASK made from a box: (top, left, bottom, right)
 LAYERWISE_WRAPPER = "mixofshow.layerwise"  # DIFFUSION_MODEL wrapper keys
 REGIONAL_WRAPPER = "mixofshow.regional"

@@ -36,7 +36,7 @@ from comfy import weight_adapter
 from ...fusion.merge import cache as fc
 from ...fusion.merge import gradient_fusion as gf
 from ...fusion.prompts.concepts import ConceptSet
-from ..names import CONCEPTS_USED_KEY
+from ..names import CONCEPTS_USED_KEY, LAYERWISE_WRAPPER
 from .fused_patches import add_fused, strip_patches
 from .layerwise import (
     LayerwiseAttn2Patch,
@@ -45,7 +45,6 @@ from .layerwise import (
     layerwise_of,
     tokenize_with_concepts,
 )
-from .region_lora import WRAPPER_KEY
 
 
 class _Hooks:
@@ -301,7 +300,7 @@ def _forward_options(model):
 
     def strip(obj):
         if isinstance(obj, dict):
-            out = {k: strip(v) for k, v in obj.items() if k not in (CONCEPTS_USED_KEY, WRAPPER_KEY)}
+            out = {k: strip(v) for k, v in obj.items() if k not in (CONCEPTS_USED_KEY, LAYERWISE_WRAPPER)}
             return {k: v for k, v in out.items() if v not in ({}, [])}
         if isinstance(obj, list):
             return [strip(v) for v in obj if not own(v)]

@@ -5,7 +5,7 @@ import comfy.samplers
 
 import nodes as comfy_nodes
 
-from .regional_attention import install_regions
+from .regional import install_regions
 
 
 class RegionalGuider(comfy.samplers.CFGGuider):

@@ -168,7 +168,6 @@ def test_inputs_are_not_modified(env, concept):
 
 def test_load_reference_pose_lists_the_shipped_poses_and_loads_one(env):
     ed = env.pack("nodes.glue.images")
-    routes = env.pack("nodes.glue.routes")
     assert POSE in ed.reference_poses()
     image, width, height = node("MixOfShowLoadReferencePose", pose=POSE)
     assert image.shape == (1, 512, 1024, 3) and (width, height) == (1024, 512)
@@ -181,7 +180,6 @@ def test_load_reference_pose_lists_the_shipped_poses_and_loads_one(env):
 
 def test_pose_boxes_route_uses_the_pose_regions_detector(env):
     ed = env.pack("nodes.glue.images")
-    routes = env.pack("nodes.glue.routes")
     image, _, _ = node("MixOfShowLoadReferencePose", pose=POSE)
     result = ed.pose_boxes_for({"pose": POSE}, 0.05)
     assert (result["width"], result["height"]) == (1024, 512)
@@ -198,7 +196,6 @@ def test_pose_boxes_route_uses_the_pose_regions_detector(env):
 
 
 def test_tokens_route_reads_the_file_before_any_run(env, write_edlora):
-    ed = env.pack("nodes.glue.images")
     routes = env.pack("nodes.glue.routes")
     name = write_edlora("ed_tokens.safetensors", tokens=("<tk1>", "<tk2>"), seed=33)
     assert routes.tokens_of(name) == ["<tk1>", "<tk2>"]

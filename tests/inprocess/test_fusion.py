@@ -73,7 +73,6 @@ def own_vs_fused(env, tiny, name, text, fc, fcs, concepts):
     """Relative errors (fused vs own merged CLIP, base vs own) of the layer-wise stack, unpadded positions."""
     model, clip, _ = tiny
     enc = env.pack("nodes.glue.layerwise")
-    gf = env.pack("fusion.merge.gradient_fusion")
     _, own_clip, own = load_set(env, tiny, [name])
     tokens = enc.tokenize_with_concepts(clip, text, own)[0]["l"][0]
     n = next(j for j, t in enumerate(tokens) if j > 0 and t[0] == 49407) + 1
@@ -393,7 +392,7 @@ def test_fused_model_accepts_regions_encoded_with_the_fused_concepts(env, tiny, 
     fm, fc, fcs, _ = run(env).fuse(model, clip, concepts, settings(env), use_cache=False)
     assert fm.model_options["mixofshow_concepts"] == fcs.labels == concepts.labels
     enc = env.pack("nodes.glue.layerwise").encode_with_concepts
-    regional = env.pack("nodes.glue.regional_attention")
+    regional = env.pack("nodes.glue.regional")
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1
     regions = pn.region(enc(fc, "a <ra1>", fcs), enc(fc, "blurry", fcs), mask)
@@ -429,7 +428,6 @@ def write_kohya_lora(env, name, seed, rank=4, alpha=2.0, text=True, locon=False)
 
 def lora_concept(env, model, clip, concepts, name, words, strength=1.0):
     en = env.pack("nodes.glue.loading")
-    folders = env.pack("nodes.glue.folders")
     path = env.folder_paths.get_full_path_or_raise("loras", name)
     return en.apply_lora_concept(model, clip, concepts, path, words, strength, strength)
 

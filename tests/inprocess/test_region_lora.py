@@ -57,7 +57,7 @@ def sample(model, pos, neg, steps=1, seed=3, cfg=5.0):
 
 
 def install(env, model, regions):
-    return env.pack("nodes.glue.regional_attention").install_regions(model, regions)
+    return env.pack("nodes.glue.regional").install_regions(model, regions)
 
 
 def test_one_full_region_equals_the_merged_model(env, tiny, loras):
@@ -282,7 +282,7 @@ def test_regions_without_a_model_are_unchanged_bit_for_bit(env, tiny, loras):
     plain = pn.region(pos, neg, box(0, 0, 64, 64))
     same = pn.region(pos, neg, box(0, 0, 64, 64), model=sampling)
     a, b = install(env, sampling, plain), install(env, sampling, same)
-    key = env.pack("nodes.glue.region_lora").WRAPPER_KEY
+    key = env.pack("nodes.names").REGIONAL_WRAPPER
     for patched in (a, b):
         wrappers = patched.model_options["transformer_options"].get("wrappers", {})
         assert all(key not in per_key for per_key in wrappers.values())

@@ -34,7 +34,7 @@ def controlnet(env):
 
 
 def rn(env):
-    return env.pack("nodes.glue.regional_attention")
+    return env.pack("nodes.glue.regional")
 
 
 def pose_hint():
@@ -129,7 +129,7 @@ def test_box_regions_follow_the_reference_box_rule(env, tiny):
     for _, (top, left, bottom, right) in boxes:
         regions = pn.region(cond, cond, pn.box_mask(1024, 512, top, left, bottom, right), regions)
     assert [r.box for r in regions] == [tuple(b) for _, b in boxes]
-    data = env.pack("nodes.glue.regional_attention").RegionData(regions)
+    data = env.pack("nodes.glue.regional").RegionalSampling(regions)
     for fh, fw in ((64, 128), (32, 64), (16, 32), (8, 16)):
         flat = data.flat_masks(fh, fw, "cpu")
         for r, (_, (top, left, bottom, right)) in enumerate(boxes):

@@ -21,7 +21,7 @@ H, W = 64, 128  # pixels; latent 8x16
 
 
 def rn(env):
-    return env.pack("nodes.glue.regional_attention")
+    return env.pack("nodes.glue.regional")
 
 
 def encode(clip, text):

@@ -1,10 +1,8 @@
 """fusion/cache.py: the on-disk store (misses never raise, LRU under a size cap, nothing written unless
 stored), the digests keys are made of, and the code version that changes with the recording/solving code."""
-import ast
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
