@@ -315,12 +315,12 @@ def _zip_entry_count(path: str, size: int) -> tuple[int, int]:
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or at + 22 > len(tail):
         return -1, -1
-    entries, cd_bytes = struct.unpack("<HI", tail[at + 10:at + 16])
+    entries, cd_bytes = struct.unpack_from("<HI", tail, at + 10)
     if entries == 0xFFFF or cd_bytes == 0xFFFFFFFF:  # zip64: the real counts are in the zip64 record
         loc = at - 20
         if loc < 0 or tail[loc:loc + 4] != b"PK\x06\x07":
             return -1, -1
-        (offset,) = struct.unpack("<Q", tail[loc + 8:loc + 16])
+        (offset,) = struct.unpack_from("<Q", tail, loc + 8)
         with open(path, "rb") as fh:
             fh.seek(offset)
             rec = fh.read(56)

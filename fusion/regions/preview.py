@@ -26,7 +26,8 @@ def parse_color(text: str) -> Color:
     """``"#rrggbb"`` -> ``(r, g, b)``; raises :class:`ValueError` for anything else."""
     if not isinstance(text, str) or not _HEX.fullmatch(text):
         raise ValueError(f"a colour must be written #rrggbb, got {text!r}")
-    return int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)
+    r, g, b = bytes.fromhex(text[1:])
+    return r, g, b
 
 
 def region_color(index: int) -> Color:
