@@ -13,7 +13,7 @@ Three synthetic whole-block rank-4 ED-LoRAs on the full-size random SD1.5 (reduc
 * ``cf rcond=c``: the closed form with an eigenvalue cutoff at ``c·λmax`` instead of a ridge.
 
 Held-out rows are recorded once per concept, as that concept's own model produces them (its own text
-LoRA, k/v and UNet LoRA: "the inputs that concept produces", design §3), unlike the recordings: stage 1
+LoRA, k/v and UNet LoRA: "the inputs that concept produces", docs/design.md §5.1), unlike the recordings: stage 1
 and 2 on other prompts (``a painting of <words>``, ``a close-up photo of <words>``), stage 3 sampling the
 second prompt variant (``<words>``) with another seed and other timesteps (one step more). Every method is
 scored on these same rows. Reported per stage: the fused layer's output error against the concept's own

@@ -1,5 +1,3 @@
-"""ComfyUI adapters. Node families, one module each with a ``NODES`` list: ``edlora_nodes`` (loaders),
-``region_nodes``, ``sampling_nodes``, ``fusion_nodes``; ``common`` holds what they share (socket types,
-categories, the V3 base class). The glue behind them: ``layerwise`` (layer-wise conditioning transport),
-``lora_patch`` (ED-LoRA -> ComfyUI LoRA patches), ``regions`` (what a region is), ``regional_attention``
-(the attention patches of regional sampling)."""
+"""ComfyUI adapters (docs/design.md §1.5). Node families, one module each with node classes only and a ``NODES``
+list: ``edlora_nodes`` (loaders), ``fusion_nodes``, ``region_nodes``, ``sampling_nodes``, ``editor_nodes``;
+``names`` holds every name shared with ComfyUI and the browser; the glue behind the nodes is in ``glue/``."""

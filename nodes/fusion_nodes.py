@@ -1,5 +1,5 @@
-"""Fusion nodes: Gradient Fusion (design §3) and Save Fused ED-LoRA Bundle. The work is in
-nodes/fusion_run.py (one fusion), nodes/fusion_recording.py (recording), nodes/fused_patches.py
+"""Fusion nodes: Gradient Fusion (docs/design.md §5) and Save Fused ED-LoRA Bundle (§6). The work is in
+nodes/glue/fusion_run.py (one fusion), nodes/glue/fusion_recording.py (recording), nodes/glue/fused_patches.py
 (patches and bundles) and fusion/ (plan, solver, cache, bundle format)."""
 from __future__ import annotations
 

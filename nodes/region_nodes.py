@@ -1,4 +1,4 @@
-"""Region nodes: Region, Box to Mask (two spellings), Pose Box to Mask, Regions from Pose (design §4)."""
+"""Region nodes: Region, Box to Mask (two spellings), Pose Box to Mask, Regions from Pose (docs/design.md §8)."""
 from __future__ import annotations
 
 from comfy_api.latest import io

@@ -1,4 +1,4 @@
-"""Sampling nodes: Regional KSampler and Regional Guider (design §4)."""
+"""Sampling nodes: Regional KSampler and Regional Guider (docs/design.md §9)."""
 from __future__ import annotations
 
 import comfy.samplers

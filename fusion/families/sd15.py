@@ -1,5 +1,5 @@
 """Stable Diffusion 1.x (SD1.5 and its fine-tunes): CLIP ViT-L/14 (768 wide, one encoder), a UNet with 16
-cross-attention layers of one transformer block each (design §1-§2)."""
+cross-attention layers of one transformer block each (docs/design.md §1.2)."""
 from __future__ import annotations
 
 from .profile import ModelFamily, SpatialTransformer, TextEncoder

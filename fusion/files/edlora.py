@@ -1,6 +1,6 @@
 """ED-LoRA files: reading (.pth and .safetensors), validation, and the flat safetensors layout.
 
-An ED-LoRA (design §1) holds per-layer token tables (``new_concept_embedding``) and LoRA factors
+An ED-LoRA (docs/design.md §2.1) holds per-layer token tables (``new_concept_embedding``) and LoRA factors
 for the SD1.x text encoder and UNet, in diffusers module naming, in one of two key spellings:
 ``<module>.lora_down.weight`` / ``<module>.lora_up.weight`` (Mix-of-Show ``main``) or
 ``<module>_lora.down.weight`` / ``<module>_lora.up.weight`` (``research_branch``).
@@ -13,7 +13,7 @@ Flat safetensors layout written by :func:`save_edlora` (metadata ``format=mixofs
     unet.<module>.lora_down.weight         [r, in] or [r, in, 1, 1]
     unet.<module>.lora_up.weight           [out, r] or [out, r, 1, 1]
 
-Files are untrusted (:mod:`fusion.filecheck`): a ``.pth`` is only read with
+Files are untrusted (:mod:`fusion.files.filecheck`): a ``.pth`` is only read with
 ``torch.load(weights_only=True)``, every tensor is checked (float dtype, shape, finite), and every
 error is an :class:`EDLoRAError` naming the file, the key and what was expected.
 

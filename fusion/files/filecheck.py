@@ -1,6 +1,6 @@
 """Reading untrusted tensor files: bounded messages, safe reading, tensor validation.
 
-Everything here treats the file as hostile (design §1, issue #10 §4): a ``.pth`` is only read with
+Everything here treats the file as hostile (docs/design.md §2.6): a ``.pth`` is only read with
 ``torch.load(weights_only=True)``, and only after its zip archive and pickle have been looked at
 without running anything; every error is an :class:`EDLoRAError` that names the file; no message
 ever stringifies file content whole (:func:`shown`).

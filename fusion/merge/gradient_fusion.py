@@ -1,7 +1,7 @@
-"""The gradient-fusion procedure (design §3) without ComfyUI: what is fused (the plan), the three stages
+"""The gradient-fusion procedure (docs/design.md §5) without ComfyUI: what is fused (the plan), the three stages
 in order, each concept's rows folded in as they are recorded, the per-layer solves, and progress.
 
-A :class:`Recorder` produces the rows: ``nodes/fusion_recording.py`` inside ComfyUI, or a plain-torch
+A :class:`Recorder` produces the rows: ``nodes/glue/fusion_recording.py`` inside ComfyUI, or a plain-torch
 stand-in in the unit tests. Everything here is plain torch.
 
 Conventions
@@ -17,7 +17,7 @@ Conventions
 * Only linear and 1×1-conv weights are fused (their input rows determine the output); a LoRA on a
   larger convolution (LoCon) is refused (unfolding a 3×3 conv's inputs multiplies the recorded width
   by 9: ~0.5 GB of Gram per 1280-channel layer).
-* The result per weight is the factored change ``(U, C)``: ``W* = W0 + U @ C`` (fusion.solver).
+* The result per weight is the factored change ``(U, C)``: ``W* = W0 + U @ C`` (fusion.merge.solver).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from . import solver as S
 
 STAGES = ("text", "cross_kv", "unet")
 SOLVERS = ("closed_form", "lbfgs")
-# Reference L-BFGS iteration counts (design §3): text encoder and cross-attention k/v, other UNet layers.
+# Reference L-BFGS iteration counts (docs/design.md §5.9): text encoder and cross-attention k/v, other UNet layers.
 LBFGS_ITERATIONS = {"text": 500, "cross_kv": 500, "unet": 50}
 # The reference's schedule: DPM-Solver++ (2M) on linspace timesteps (see fusion_recording).
 REFERENCE_SAMPLER = "reference"

@@ -1,4 +1,4 @@
-"""Per-layer solvers for Mix-of-Show gradient fusion (design §3). Plain torch, no ComfyUI imports.
+"""Per-layer solvers for Mix-of-Show gradient fusion (docs/design.md §5.6-§5.9). Plain torch, no ComfyUI imports.
 
 One linear (or 1×1-conv) layer with original weight ``W0 [out, in]``; concept ``i`` tuned it to
 ``Wi = W0 + Ui Di`` (``Ui = αi·upi [out, ri]`` with the strength folded in, ``Di = downi [ri, in]``)

@@ -1,4 +1,4 @@
-"""Concept sets and concept-token prompts (design §1-§2), independent of ComfyUI.
+"""Concept sets and concept-token prompts (docs/design.md §3.2, §4.2), independent of ComfyUI.
 
 A :class:`ConceptSet` is what the pack's nodes pass around as ``EDLORA_CONCEPTS``: the loaded
 ED-LoRAs with the strengths they were applied at. It is immutable: adding returns a new set.

@@ -1,6 +1,6 @@
-"""The regional blend (design §4), pure torch.
+"""The regional blend (docs/design.md §9.1), pure torch.
 
-The rule (design doc section 4), applied in every cross-attention layer to the
+The rule, applied in every cross-attention layer to the
 rows of one prompt (positive rows with the regions' prompts, unconditional rows
 with the regions' negative prompts):
 
@@ -34,7 +34,7 @@ def _region_weights(masks: Tensor) -> tuple[Tensor, Tensor]:
 def blend_weights(masks_flat: Tensor) -> Tensor:
     """Each region's weight in the blend of :func:`blend_regions`, per token: ``[R, N]`` masks ->
     ``[R, N]`` weights ``c * m_r / S`` (the global output gets ``1 - c``). Region LoRAs use the same
-    weights (fusion/regional_lora.py)."""
+    weights (fusion/regions/lowrank.py, docs/design.md §10)."""
     return _region_weights(masks_flat)[0]
 
 

@@ -1,11 +1,11 @@
-"""A LoRA per region in one UNet pass (issue 8): every patched layer computes
+"""A LoRA per region in one UNet pass (docs/design.md §10): every patched layer computes
 
     y = W0 x + sum_r w_r(p) * delta_r(x),        delta_r(x) = up_r(down_r(x)),
 
 where ``W0 x`` is the sampling model's own output of the layer, ``delta_r`` region r's low-rank LoRA
 product (strength and alpha/rank folded into ``up_r``) and ``w_r(p)`` region r's weight at output
 position ``p``: the same mask blend as the regional attention (``c * m_r / S``,
-:func:`fusion.regional.blend_weights`), so outside all regions the layer is the sampling model's and
+:func:`fusion.regions.blend.blend_weights`), so outside all regions the layer is the sampling model's and
 binary overlaps are averaged. Because the weight is a scalar per position, it is applied between the
 two factors, ``w_r * (x D_r^T) U_r^T``: two thin matrix products for all regions together
 (:class:`LowRankBank`). Plain torch; no ComfyUI import.

@@ -1,7 +1,7 @@
-"""Recording layer inputs for gradient fusion inside ComfyUI (design §3, internals §5), and the cache key
-built from everything the recordings read.
+"""Recording layer inputs for gradient fusion inside ComfyUI (docs/design.md §5.3-§5.5), and the cache key
+built from everything the recordings read (docs/design.md §7.1).
 
-:class:`ComfyRecorder` is the :class:`fusion.gradient_fusion.Recorder` of the nodes. Per stage and
+:class:`ComfyRecorder` is the :class:`fusion.merge.gradient_fusion.Recorder` of the nodes. Per stage and
 concept it works on clones of the base MODEL/CLIP whose patches on the fused weights are dropped (fusion
 starts from the original weights) and hooks the shared modules (forward pre-hooks, always removed):
 
@@ -323,7 +323,7 @@ def recording_keys(model, clip, concepts: ConceptSet, settings: gf.FusionSetting
       the original weight), CLIP skip (``clip.layer_idx``), the patches on weights that are not fused, the
       MODEL's model options (wrappers, attention patches of other packs, ...; the pack's own layer-wise
       patch aside) and object patches (e.g. ModelSamplingDiscrete's v-prediction), described by
-      :func:`fusion.cache.describe`;
+      :func:`fusion.merge.cache.describe`;
     * each concept: name, file digest, strengths, trigger words, its LoRA factors and tables (tensor
       digests: in-memory concepts too) and its recording prompts as ComfyUI's tokenizer makes them
       (``embedding:`` files included);

@@ -1,10 +1,10 @@
-"""Layer-wise (P+) conditioning inside ComfyUI (design §2).
+"""Layer-wise (P+) conditioning inside ComfyUI (docs/design.md §4).
 
-Transport (see ../shared/reference/comfyui-internals.md §2-§3):
+Transport (docs/design.md §4.4-§4.5):
 * the encode step returns a CONDITIONING whose tensor is a :class:`LayerwiseContext`: the ordinary
   ``[B, T, 768]`` layer-0 context, carrying the ``[B, 16, T, 768]`` stack of all 16 layers. Stock
   conditioning edits (Average, Concat, Zero Out, ...) and ComfyUI's batching (cond + uncond in one
-  UNet call, token padding) act on the stack too (nodes/layerwise_tensor.py), and stock nodes and
+  UNet call, token padding) act on the stack too (fusion/prompts/layerwise_tensor.py), and stock nodes and
   ControlNets see a valid context;
 * a DIFFUSION_MODEL wrapper takes the stack off the UNet's context into ``transformer_options``; one
   attn2 patch picks layer ``l`` by ``extra_options["block"]``.

@@ -1,4 +1,4 @@
-"""Map an ED-LoRA's diffusers-named LoRA factors onto a ComfyUI MODEL / CLIP (internals §4.2).
+"""Map an ED-LoRA's diffusers-named LoRA factors onto a ComfyUI MODEL / CLIP (docs/design.md §3.1).
 
 UNet modules go through ComfyUI's ``lora_unet_<name with _>`` key map, text-encoder modules through
 its ``text_encoder.<name>`` (diffusers LoRA) map; both are ComfyUI's own maps, so the patches are

@@ -1,9 +1,10 @@
-"""Regions of a regional sampling (design §4): what a region is and how one is built and checked.
+"""Regions of a regional sampling (docs/design.md §8): what a region is and how one is built and checked.
 
 A region is a mask with its own prompts. Masks made from a box (the box nodes, Regions from Pose,
 Pose Box to Mask, the Regions Editor) carry the box itself, so that every layer rasterises it the
-way Mix-of-Show does (hard 0/1, :func:`fusion.regional.box_layer_mask`); other masks are area-averaged
-to each layer. A region may also carry a MODEL: its character's LoRA then acts inside the region only.
+way Mix-of-Show does (hard 0/1, :func:`fusion.regions.masks.box_layer_mask`); other masks are area-averaged
+to each layer (docs/design.md §8.2-§8.3). A region may also carry a MODEL: its character's LoRA then acts
+inside the region only (§10).
 """
 from __future__ import annotations
 

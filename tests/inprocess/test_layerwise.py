@@ -1,4 +1,4 @@
-"""Issue 2, §4: layer-wise conditioning is right, checked against a plain implementation of §2."""
+"""Issue 2, §4: layer-wise conditioning is right, checked against a plain implementation of docs/design.md §4.1."""
 import comfy.sample
 import comfy.sd
 import pack_nodes as pn
@@ -8,7 +8,7 @@ import torch
 import nodes as comfy_nodes
 
 # Written out here on purpose (not imported from the pack): ComfyUI's block of each of the 16
-# cross-attention layers, in the UNet's run order (design §2).
+# cross-attention layers, in the UNet's run order (docs/design.md §1.2).
 BLOCKS = [("input", 1), ("input", 2), ("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0)] + \
          [("output", i) for i in range(3, 12)]
 PREFIXES = [f"input_blocks.{n}.1" for n in (1, 2, 4, 5, 7, 8)] + ["middle_block.1"] + \

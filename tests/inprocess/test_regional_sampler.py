@@ -1,4 +1,4 @@
-"""Issue 3, design §4: regional sampling, checked against a brute-force implementation written here."""
+"""Issue 3, docs/design.md §9: regional sampling, checked against a brute-force implementation written here."""
 import importlib
 import math
 from pathlib import Path
