@@ -27,8 +27,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 try:
     import aiohttp
@@ -268,7 +268,8 @@ class _UiGraph:
             if candidate.get("type") == wanted_type:
                 return i
         for i, candidate in enumerate(inputs):
-            if _valid_connection(candidate.get("type"), out_type) and _valid_connection(candidate.get("type"), wanted_type):
+            kind = candidate.get("type")
+            if _valid_connection(kind, out_type) and _valid_connection(kind, wanted_type):
                 return i
         return None
 
@@ -594,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.input=value",
                         help="change an input before queuing; NODE is a node id or title (repeatable)")
     parser.add_argument("--server", default=DEFAULT_SERVER, help=f"ComfyUI server URL (default {DEFAULT_SERVER})")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for the images (default ./{DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"folder for the images (default ./{DEFAULT_OUT})")
     args = parser.parse_args(argv)
     try:
         workflow = json.loads(args.workflow.read_text(encoding="utf-8"))

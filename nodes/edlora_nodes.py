@@ -37,7 +37,8 @@ class LoadEDLoRA(PackNode):
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A clone of the model with the ED-LoRA's UNet LoRA."),
-                io.Clip.Output(display_name="clip", tooltip="A clone of the CLIP with the ED-LoRA's text-encoder LoRA."),
+                io.Clip.Output(display_name="clip",
+                               tooltip="A clone of the CLIP with the ED-LoRA's text-encoder LoRA."),
                 CONCEPTS.Output(display_name="concepts",
                                 tooltip="The concept set: every loaded ED-LoRA's tokens, for Text Encode with "
                                         "Concepts, regions and Gradient Fusion."),
@@ -139,8 +140,9 @@ class LoRAAsConcept(PackNode):
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                tooltip="LoRA file in models/loras."),
-                io.String.Input("trigger_words", default="", tooltip="The words that name this character in prompts, "
-                                                                     "e.g. 'ohwx woman'. Must differ between concepts."),
+                io.String.Input("trigger_words", default="",
+                                tooltip="The words that name this character in prompts, e.g. 'ohwx woman'. Must "
+                                        "differ between concepts."),
                 io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Scale of the LoRA on the UNet."),
                 io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,

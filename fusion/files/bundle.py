@@ -37,7 +37,8 @@ from .edlora import EDLoRA, _check_table, _Reader
 from .filecheck import check_file_tensor
 
 EMBEDDING_PREFIX = "new_concept_embedding."
-_LORA_KEY = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+|text_encoders\.[A-Za-z0-9_.]+|diffusion_model\.[A-Za-z0-9_.]+)"
+_LORA_KEY = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+|text_encoders\.[A-Za-z0-9_.]+"
+                       r"|diffusion_model\.[A-Za-z0-9_.]+)"
                        r"\.(lora_up\.weight|lora_down\.weight|alpha)$")
 
 
@@ -70,7 +71,8 @@ def save_bundle(bundle: FusedBundle, path: str, extra_metadata: dict[str, str] |
         tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
     for tok, t in bundle.embeddings.items():
         table = t.detach().float().cpu()
-        tensors[EMBEDDING_PREFIX + tok] = (table[:, 0] if table.ndim == 3 and table.shape[1] == 1 else table).contiguous()
+        single = table.ndim == 3 and table.shape[1] == 1
+        tensors[EMBEDDING_PREFIX + tok] = (table[:, 0] if single else table).contiguous()
     meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "base": bundle.base,
             "concepts": json.dumps(bundle.concepts), "settings": json.dumps(bundle.settings, sort_keys=True),
             **(extra_metadata or {})}

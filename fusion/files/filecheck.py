@@ -183,7 +183,8 @@ def check_file_tensor(file_name: str, key: str, tensor: object, *, ndim: int | t
     allowed = (ndim,) if isinstance(ndim, int) else ndim
     ok = allowed is None or tensor.ndim in allowed
     if ok and shapes is not None:
-        ok = any(len(p) == tensor.ndim and all(s is None or s == d for s, d in zip(p, tensor.shape)) for p in shapes)
+        ok = any(len(p) == tensor.ndim and all(s is None or s == d for s, d in zip(p, tensor.shape, strict=True))
+                 for p in shapes)
     if not ok or 0 in tensor.shape:
         if expected is None:
             wanted = [_shape_text(p) for p in shapes] if shapes is not None else [f"{n}-D" for n in allowed or ()]

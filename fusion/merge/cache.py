@@ -16,8 +16,9 @@ import inspect
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -58,14 +59,14 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def tensor_digests(tensors: Mapping[str, torch.Tensor], threads: Optional[int] = None) -> dict[str, str]:
+def tensor_digests(tensors: Mapping[str, torch.Tensor], threads: int | None = None) -> dict[str, str]:
     """:func:`tensor_digest` of each named tensor, ``threads`` (default: all CPUs) at a time."""
     names = list(tensors)
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-        return dict(zip(names, pool.map(lambda k: tensor_digest(tensors[k]), names)))
+        return dict(zip(names, pool.map(lambda k: tensor_digest(tensors[k]), names), strict=True))
 
 
-def tensors_digest(tensors: Mapping[str, torch.Tensor], threads: Optional[int] = None) -> str:
+def tensors_digest(tensors: Mapping[str, torch.Tensor], threads: int | None = None) -> str:
     """One digest of named tensors (names sorted), each hashed in full."""
     return digest(sorted(tensor_digests(tensors, threads).items()))
 
@@ -152,7 +153,7 @@ def legacy_code_versions(host_version: str) -> list[str]:
 
 # --------------------------------------------------------------------------- the store
 
-def max_bytes_from_env(value: Optional[str]) -> int:
+def max_bytes_from_env(value: str | None) -> int:
     """``MIXOFSHOW_FUSION_CACHE_MAX_MB`` (MiB; 0 = store nothing); unset or invalid: 2 GiB."""
     if value is None or not value.strip():
         return DEFAULT_MAX_BYTES
@@ -174,7 +175,7 @@ class FusionCache:
     def path(self, key: str) -> str:
         return os.path.join(self.folder, key + CACHE_SUFFIX)
 
-    def load(self, key: str, read: Callable[[str], T]) -> Optional[T]:
+    def load(self, key: str, read: Callable[[str], T]) -> T | None:
         """``read(path)`` of the entry, or None: no entry, or one ``read`` refused (any exception: logged
         as a warning; the entry will be overwritten)."""
         path = self.path(key)
@@ -204,7 +205,7 @@ class FusionCache:
             return False
         return True
 
-    def store(self, key: str, write: Callable[[str], None]) -> Optional[str]:
+    def store(self, key: str, write: Callable[[str], None]) -> str | None:
         """Write an entry with ``write(path)`` (atomically: a temporary file, then renamed), then evict the
         least recently used entries beyond the cap. Returns the path, or None when it was not kept."""
         if self.max_bytes <= 0:
@@ -241,7 +242,7 @@ class FusionCache:
                 out.append((st.st_mtime, st.st_size, path))
         return sorted(out)
 
-    def evict(self, keep: Optional[str] = None) -> list[str]:
+    def evict(self, keep: str | None = None) -> list[str]:
         """Delete least recently used files until the folder holds at most ``max_bytes``; ``keep`` goes
         last (and only when it alone is over the cap)."""
         entries = self.entries()

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Optional, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -95,7 +96,7 @@ class Target:
     stage: str                # "text" | "cross_kv" | "unet"
     group: str                # module path whose input is recorded (its input group)
     shape: tuple[int, ...]    # weight shape
-    layer: Optional[int] = None  # cross-attention layer (table row) of a cross_kv weight
+    layer: int | None = None  # cross-attention layer (table row) of a cross_kv weight
 
     @property
     def in_features(self) -> int:
@@ -198,7 +199,7 @@ Tap = Callable[[str, int, str, torch.Tensor, bool], None]  # (stage, concept, gr
 
 class Recorder(Protocol):
     def record(self, stage: str, concept: int, fused: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-               groups: Mapping[str, Optional[int]], sink: Sink, on_step: Callable[[int, int], None]) -> None:
+               groups: Mapping[str, int | None], sink: Sink, on_step: Callable[[int, int], None]) -> None:
         """Produce concept ``concept``'s rows for ``stage`` and pass them to ``sink(group, rows,
         channels_first)``, for every group in ``groups`` (group -> cross-attention layer for "cross_kv").
         ``fused``: the changes solved by the earlier stages (key -> ``(U, C)``), which the recording
@@ -222,7 +223,7 @@ class FusionResult:
 
 
 class _Progress:
-    def __init__(self, callback: Optional[Progress], total: int):
+    def __init__(self, callback: Progress | None, total: int):
         self.callback, self.total, self.done = callback, total, 0
 
     def report(self, advance: int, text: str) -> None:
@@ -235,8 +236,8 @@ def _stage_text(stage: str, i: int, n: int) -> str:
     return {"text": f"text encoder {i + 1}/{n}", "cross_kv": f"cross-attention k/v {i + 1}/{n}"}[stage]
 
 
-def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, progress: Optional[Progress] = None,
-               *, keep_problems: bool = False, tap: Optional[Tap] = None) -> FusionResult:
+def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, progress: Progress | None = None,
+               *, keep_problems: bool = False, tap: Tap | None = None) -> FusionResult:
     """The three stages in order (text encoder, cross-attention k/v, other UNet layers); each stage records
     every concept with the changes of the earlier stages, folding its rows into one
     :class:`~fusion.solver.FoldedInputs` per input group (memory independent of the number of concepts),
@@ -271,10 +272,11 @@ def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, p
             for g, targets in groups.items():
                 accs[g].begin_concept({t.key: plan.deltas[i][t.key][1] for t in targets if t.key in plan.deltas[i]})
 
-            def sink(group: str, rows: torch.Tensor, channels_first: bool = False, _i=i) -> None:
-                accs[group].add(rows, channels_first)
+            def sink(group: str, rows: torch.Tensor, channels_first: bool = False, _i: int = i,
+                     _accs: dict[str, S.FoldedInputs] = accs, _stage: str = stage) -> None:
+                _accs[group].add(rows, channels_first)
                 if tap is not None:
-                    tap(stage, _i, group, rows, channels_first)
+                    tap(_stage, _i, group, rows, channels_first)
 
             def on_step(step: int, steps: int, _i=i) -> None:
                 bar.report(1, f"UNet: concept {_i + 1} of {n}, step {step}/{steps}")
@@ -288,7 +290,8 @@ def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, p
         result.seconds[f"{stage}_record"] = t1 - t0
         for g, targets in groups.items():
             acc = accs[g]
-            problems = [S.LayerProblem(t.key, {i: plan.deltas[i][t.key][0] for i in range(n) if t.key in plan.deltas[i]})
+            problems = [S.LayerProblem(t.key, {i: plan.deltas[i][t.key][0] for i in range(n)
+                                               if t.key in plan.deltas[i]})
                         for t in targets]
             if acc.count == 0:
                 result.unrecorded += [t.key for t in targets]
@@ -299,7 +302,7 @@ def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, p
                 changes = S.solve_closed_form(acc, problems, ridge=settings.ridge)
             else:
                 changes = {p.name: S.solve_lbfgs(acc, p, LBFGS_ITERATIONS[stage]) for p in problems}
-            for t, p in zip(targets, problems):
+            for t, p in zip(targets, problems, strict=True):
                 up, down = changes[p.name]
                 result.deltas[t.key] = (up.cpu(), down.cpu())
                 if keep_problems:

@@ -30,8 +30,8 @@ reference optimiser on the same objective (and its iterates are ``U·C`` too, se
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -81,10 +81,10 @@ class FoldedInputs:
         self.device = torch.device(device) if device is not None else None
         self.count = 0
         self._downs: list[dict[str, Tensor]] = []  # per concept: module -> D [r, in]
-        self._stacked: list[Optional[Tensor]] = []  # per concept: all its D stacked [Σr, in], None without LoRA
-        self._rhs: list[Optional[Tensor]] = []  # per concept: stacked D XᵀX (Gram mode)
-        self._rows: Optional[list[list[Tensor]]] = [] if keep_rows else None  # per concept: row chunks; None once folded
-        self._gram: Optional[Tensor] = None
+        self._stacked: list[Tensor | None] = []  # per concept: all its D stacked [Σr, in], None without LoRA
+        self._rhs: list[Tensor | None] = []  # per concept: stacked D XᵀX (Gram mode)
+        self._rows: list[list[Tensor]] | None = [] if keep_rows else None  # per concept: row chunks; None once folded
+        self._gram: Tensor | None = None
         self._lower_stale = False  # only the upper triangle is accumulated; mirrored on read
         n_strips = min(8, max(1, self.in_features // self._STRIP))
         step = -(-self.in_features // n_strips)
@@ -193,7 +193,7 @@ class FoldedInputs:
             self._rows[i] = chunks = [torch.cat(chunks)]
         return chunks[0]
 
-    def gram(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+    def gram(self, dtype: torch.dtype | None = None) -> Tensor:
         """``Σ XᵀX`` over every concept's rows: symmetric ``[in, in]`` (zeros when nothing was added), in
         ``dtype`` (default: the accumulation dtype; from kept rows it is computed in that precision)."""
         dtype = dtype or self.dtype
@@ -209,11 +209,11 @@ class FoldedInputs:
                 self._lower_stale = False
             return self._gram.to(dtype)
 
-    def down(self, i: int, module: str) -> Optional[Tensor]:
+    def down(self, i: int, module: str) -> Tensor | None:
         """Concept ``i``'s down factor ``D [r, in]`` on ``module`` (None: no LoRA there)."""
         return self._downs[i].get(module)
 
-    def rhs(self, i: int, module: str, dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+    def rhs(self, i: int, module: str, dtype: torch.dtype | None = None) -> Tensor | None:
         """``M = D XᵢᵀXᵢ [r, in]`` of concept ``i`` on ``module`` (None: no LoRA there), in ``dtype``
         (default: the accumulation dtype; from kept rows it is computed in that precision)."""
         dtype = dtype or self.dtype
@@ -295,7 +295,7 @@ def _lambda_max_lower(a: Tensor, iters: int = 20) -> float:
     return float(growth.max())
 
 
-def _solve_psd(A: Tensor, rhs: Tensor, ridge_abs: float, tol_abs: Optional[float], rcond: Optional[float]):
+def _solve_psd(A: Tensor, rhs: Tensor, ridge_abs: float, tol_abs: float | None, rcond: float | None):
     """``rhs (A + ridge·I)⁻¹`` for the symmetric PSD ``A`` (``rhs [k, d]``); returns (solution, info).
 
     With a ridge the matrix is positive definite: Cholesky. Without, eigen-directions at or below the
@@ -327,7 +327,7 @@ def _solve_psd(A: Tensor, rhs: Tensor, ridge_abs: float, tol_abs: Optional[float
 # --------------------------------------------------------------------------- closed form
 
 def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ridge: float = 0.0,
-                      rcond: Optional[float] = None, *, compute_dtype: torch.dtype = torch.float64,
+                      rcond: float | None = None, *, compute_dtype: torch.dtype = torch.float64,
                       return_info: bool = False):
     """The fused change of every module in ``problems`` (all reading ``inputs``), factored:
     ``W* − W0 = U C`` with ``U = [Ui …]`` and ``C = M (G + λI)⁻¹`` (module text), in one solve shared by
@@ -400,7 +400,7 @@ def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ri
             C, info = _solve_psd(A, rhs, ridge_abs, tol_abs, rcond)
             C = finish(C)
         out, r0 = {}, 0
-        for p, u, r in zip(problems, ups, sizes):
+        for p, u, r in zip(problems, ups, sizes, strict=True):
             out[p.name] = (u.to(torch.float32), C[r0:r0 + r].to(torch.float32))
             r0 += r
         info = {**info, "space": space}
@@ -425,7 +425,7 @@ def _folded_terms(inputs: FoldedInputs, problem: LayerProblem, dev, f64):
 
 
 def layer_objective(inputs: FoldedInputs, problem: LayerProblem,
-                    change: Optional[tuple[Tensor, Tensor]] = None) -> float:
+                    change: tuple[Tensor, Tensor] | None = None) -> float:
     """``Σ_i ‖Xi (W − Wi)ᵀ‖²`` for ``W = W0 + A B`` (``change = (A [out, k], B [k, in])``; None = W0),
     in float64: the summed squared output error over every recorded row that both solvers minimise
     (ridge term not included). From the rows where they are kept (exact), else from ``G`` and the ``M``:
@@ -518,7 +518,8 @@ def solve_lbfgs(inputs: FoldedInputs, problem: LayerProblem, iterations: int, *,
         # that is not the same in W and in Y, so that iteration runs with the W-space value; the rest
         # continue the same optimiser state with the reference's remaining iteration and evaluation budget.
         g0 = -2.0 * N / norm
-        opt.param_groups[0]["lr"] = lr * min(1.0, 1.0 / float((Q @ g0).abs().sum())) / min(1.0, 1.0 / float(g0.abs().sum()))
+        opt.param_groups[0]["lr"] = (lr * min(1.0, 1.0 / float((Q @ g0).abs().sum()))
+                                     / min(1.0, 1.0 / float(g0.abs().sum())))
         opt.step(closure)
         state = opt.state[Y]
         used = int(state.get("func_evals", 1))

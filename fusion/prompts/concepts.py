@@ -6,8 +6,8 @@ ED-LoRAs with the strengths they were applied at. It is immutable: adding return
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 
@@ -62,7 +62,7 @@ def _words_collide(a: str, b: str) -> bool:
 class ConceptSet:
     concepts: tuple[Concept, ...] = ()
 
-    def add(self, concept: Concept) -> "ConceptSet":
+    def add(self, concept: Concept) -> ConceptSet:
         owners = self.token_owners()
         for tok in concept.edlora.tokens:
             if tok in owners:

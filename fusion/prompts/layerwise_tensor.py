@@ -52,7 +52,7 @@ class LayerwiseContext(Tensor):
     layers: Tensor | None
 
     @staticmethod
-    def __new__(cls, layers: Tensor) -> "LayerwiseContext":
+    def __new__(cls, layers: Tensor) -> LayerwiseContext:
         if layers.dim() != 4:
             raise ValueError(f"layer-wise contexts must be [B, L, T, C], got {tuple(layers.shape)}")
         obj = Tensor._make_subclass(cls, layers[:, 0].clone(), False)  # own storage: in-place edits apply once
@@ -178,7 +178,7 @@ def _wrap(out: Tensor, layers: Tensor) -> LayerwiseContext:
     return obj
 
 
-def _drop_layers(target: "LayerwiseContext") -> None:
+def _drop_layers(target: LayerwiseContext) -> None:
     global _warned_drop
     target.layers = None
     if not _warned_drop:

@@ -63,7 +63,8 @@ def parse_boxes(regions_json: str) -> list[EditorBox]:
             raise ValueError(f"{where}: the prompt is empty; write who or what is in this box")
         strength = _number(box, "control_strength", where, 1.0)
         if not 0.0 <= strength <= MAX_CONTROL_STRENGTH:
-            raise ValueError(f"{where}: control_strength must be between 0 and {MAX_CONTROL_STRENGTH:g}, got {strength:g}")
+            raise ValueError(f"{where}: control_strength must be between 0 and {MAX_CONTROL_STRENGTH:g}, "
+                             f"got {strength:g}")
         color = _text(box, "color", where)
         try:
             rgb = parse_color(color) if color else None

@@ -95,7 +95,7 @@ class LowRankBank:
         f = self._factors(x)
         out = torch.zeros(*x.shape[:-1], f.up.shape[0], device=x.device, dtype=x.dtype)
         start = 0
-        for region, rank in zip(f.regions, f.ranks):
+        for region, rank in zip(f.regions, f.ranks, strict=True):
             rows = rows_of_region.get(region)
             if rows is not None:
                 out[..., rows, :] = (x[..., rows, :] @ f.down[start:start + rank].mT) @ f.up[:, start:start + rank].mT

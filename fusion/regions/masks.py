@@ -146,7 +146,8 @@ def region_layer_masks(masks: Tensor, boxes: Sequence[Sequence[int] | None], fea
         raise ValueError(f"expected masks [R, H, W] and R boxes, got {tuple(masks.shape)} and {len(boxes)} boxes")
     height, width = int(masks.shape[1]), int(masks.shape[2])
     rows = [box_layer_mask(box, height, width, feature_h, feature_w).reshape(-1).to(masks.device)
-            if box is not None else layer_masks(mask, feature_h, feature_w)[0] for mask, box in zip(masks, boxes)]
+            if box is not None else layer_masks(mask, feature_h, feature_w)[0]
+            for mask, box in zip(masks, boxes, strict=True)]
     if not rows:
         return torch.zeros(0, int(feature_h) * int(feature_w), dtype=torch.float32, device=masks.device)
     return torch.stack(rows)

@@ -1,6 +1,6 @@
 """Region boxes from files and pictures: the reference's box files, and one box per OpenPose skeleton.
 
-numpy and OpenCV are imported inside :func:`find_pose_boxes` only, so the rest of the core never needs them.
+OpenCV is imported inside :func:`find_pose_boxes` only (the pack loads without it).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
+
+from .opencv import opencv
 
 _BOX_LINE = re.compile(
     r"""^\s*([A-Za-z_]\w*)\s*=\s*(['"])\s*\[\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*\]\s*\2\s*$"""
@@ -208,7 +210,7 @@ def find_pose_boxes(
     Boxes are in pixels, ``bottom`` / ``right`` exclusive. An image with no
     foreground gives ``[]``.
     """
-    import cv2
+    cv2 = opencv("finding people in a pose image")
     import numpy as np
 
     def interrupt() -> None:

@@ -1,15 +1,16 @@
 """Region previews: each region's mask in its colour, outlined and labelled, over the pose image or a
 grey canvas (the picture the Regions Editor, Regions from Pose and the Regional KSampler/Guider show).
 
-Pure numpy + OpenCV; no ComfyUI import. Images are RGB ``uint8`` ``[H, W, 3]``.
+Pure numpy + OpenCV (imported when a preview is drawn); no ComfyUI import. Images are RGB ``uint8`` ``[H, W, 3]``.
 """
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
-import cv2
 import numpy as np
+
+from .opencv import opencv
 
 # The editor (js/lib/regions.js) gives new boxes the same colours, in the same order.
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
@@ -59,6 +60,7 @@ def _fit(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     if m.ndim != 2:
         raise ValueError(f"each mask must be [H, W], got shape {m.shape}")
     if m.shape != (height, width):
+        cv2 = opencv("drawing a region preview")
         m = cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR)
     return np.clip(np.nan_to_num(m), 0.0, 1.0)
 
@@ -102,14 +104,15 @@ def draw_regions(masks: Sequence[np.ndarray], labels: Sequence[str], background:
     palette = [(colors[i] if colors is not None and colors[i] is not None else region_color(i))
                for i in range(len(masks))]
     canvas = out.astype(np.float32)
-    for m, color in zip(fitted, palette):
+    for m, color in zip(fitted, palette, strict=True):
         weight = (_FILL_ALPHA * m)[:, :, None]
         canvas = canvas * (1.0 - weight) + np.asarray(color, np.float32) * weight
     out = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     thickness = max(2, round(min(height, width) / 200))
     font_scale = max(0.45, min(height, width) / 560)
+    cv2 = opencv("drawing a region preview")
     font = cv2.FONT_HERSHEY_SIMPLEX
-    for i, (m, color, label) in enumerate(zip(fitted, palette, labels)):
+    for i, (m, color, label) in enumerate(zip(fitted, palette, labels, strict=True)):
         inside = (m >= 0.5).astype(np.uint8)
         if not inside.any():
             continue

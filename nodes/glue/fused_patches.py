@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
-from typing import Mapping
+from collections.abc import Mapping
 
 import comfy.lora
 import comfy.utils
@@ -102,7 +102,8 @@ def lora_names(model, clip) -> tuple[dict[str, str], dict[str, str]]:
         return out
 
     def unet_prefer(name: str, key: str) -> bool:  # the diffusers-named kohya key, not the ldm-named one
-        return name.startswith("lora_unet_") and name != "lora_unet_" + key[len("diffusion_model."):-7].replace(".", "_")
+        ldm_named = "lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+        return name.startswith("lora_unet_") and name != ldm_named
 
     unet = invert(comfy.lora.model_lora_keys_unet(model.model, {}), unet_prefer, lambda k: k[:-len(".weight")])
     text = invert(comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}),
@@ -115,7 +116,8 @@ def bundle_of(model_deltas: Mapping[str, Delta], clip_deltas: Mapping[str, Delta
     """A version-2 bundle of fused deltas (with the concepts' tables) for ``model``/``clip``'s layout."""
     unet_names, text_names = lora_names(model, clip)
     lora = {}
-    for deltas, names, root in ((model_deltas, unet_names, model.model), (clip_deltas, text_names, clip.cond_stage_model)):
+    for deltas, names, root in ((model_deltas, unet_names, model.model),
+                                (clip_deltas, text_names, clip.cond_stage_model)):
         for key, (up, down) in deltas.items():
             lora[names[key]] = shaped(up, down, comfy.utils.get_attr(root, key).shape)
     tokens = [t for c in fusion["concepts"] for t in c["tokens"]]
@@ -151,15 +153,14 @@ def deltas_of_bundle(b: FusedBundle, model, clip, source: str) -> tuple[dict[str
     unet_map = comfy.lora.model_lora_keys_unet(model.model, {})
     clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
     model_deltas, clip_deltas = {}, {}
+    parts = ((unet_map, model.model, model_deltas, "MODEL"), (clip_map, clip.cond_stage_model, clip_deltas, "CLIP"))
     for name, (up, down) in b.lora.items():
-        for key_map, root, out, part in ((unet_map, model.model, model_deltas, "MODEL"),
-                                         (clip_map, clip.cond_stage_model, clip_deltas, "CLIP")):
-            key = key_map.get(name)
-            if isinstance(key, str):
-                break
-        else:
+        found = next(((key_map[name], root, out, part) for key_map, root, out, part in parts
+                      if isinstance(key_map.get(name), str)), None)
+        if found is None:
             raise BundleError(f"{source}: LoRA module '{name}' is not in this MODEL or CLIP -- the bundle is for "
                               f"another base model")
+        key, root, out, part = found
         shape = tuple(comfy.utils.get_attr(root, key).shape)
         if up.shape[0] != shape[0] or down[0].numel() != math.prod(shape[1:]):
             raise BundleError(f"{source}: {part} weight {key} is {shape} here but {tuple(up.shape)} @ "

@@ -25,7 +25,7 @@ recording works whatever way ComfyUI applies patches (in place, low-VRAM, per mo
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import comfy.model_management as mm
 import comfy.sample
@@ -68,7 +68,8 @@ class _Hooks:
 
 def _lora_patches(factors: Mapping[str, tuple]) -> dict:
     """A concept's own factors (alpha/rank folded in) as ComfyUI LoRA patches (scale 1, strength apart)."""
-    return {k: weight_adapter.LoRAAdapter(set(), (up, down, None, None, None, None)) for k, (up, down) in factors.items()}
+    return {k: weight_adapter.LoRAAdapter(set(), (up, down, None, None, None, None))
+            for k, (up, down) in factors.items()}
 
 
 def _first_section(tokens: dict) -> list:
@@ -339,7 +340,7 @@ def recording_keys(model, clip, concepts: ConceptSet, settings: gf.FusionSetting
         "words": c.trigger_words, "tokens": c.edlora.tokens,
         "factors": fc.describe({"text": dict(c.text_factors), "unet": dict(c.unet_factors)}, depth=4),
         "tables": fc.describe(dict(c.edlora.embeddings), depth=2), "prompts": p,
-    } for c, p in zip(concepts.concepts, prompts)]
+    } for c, p in zip(concepts.concepts, prompts, strict=True)]
     host = host_version()
     rest = (sorted(model_digests.items()), sorted(clip_digests.items()), {
         "model_class": [k.__qualname__ for k in type(model.model).__mro__],

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
 
 import comfy.model_management as mm
 import comfy.utils
@@ -62,7 +61,8 @@ def plan_for(model, clip, concepts: ConceptSet) -> gf.FusionPlan:
     loras = [gf.ConceptLoRA(concept_label(c), c.text_factors, c.unet_factors, c.text_encoder_strength,
                             c.unet_strength) for c in concepts.concepts]
     return gf.make_plan(loras, _shapes(clip.cond_stage_model, {k for c in loras for k in c.text}),
-                        _shapes(model.model, {k for c in loras for k in c.unet}), model_family(model, "Gradient Fusion"))
+                        _shapes(model.model, {k for c in loras for k in c.unet}),
+                        model_family(model, "Gradient Fusion"))
 
 
 def _weight_digests(patcher) -> dict[str, str]:
@@ -103,8 +103,8 @@ def _from_cache(path: str, plan: gf.FusionPlan, model, clip):
     return model_deltas, clip_deltas
 
 
-def fuse(model, clip, concepts: Optional[ConceptSet], settings: gf.FusionSettings, use_cache: bool = True,
-         progress: Optional[gf.Progress] = None, *, keep_problems: bool = False, tap: Optional[gf.Tap] = None):
+def fuse(model, clip, concepts: ConceptSet | None, settings: gf.FusionSettings, use_cache: bool = True,
+         progress: gf.Progress | None = None, *, keep_problems: bool = False, tap: gf.Tap | None = None):
     """Gradient fusion of ``concepts`` on the base ``model``/``clip``; returns (fused MODEL, fused CLIP,
     fused concept set, statistics). ``progress(done, total, text)`` as in
     :func:`fusion.gradient_fusion.run_fusion` (plus the interrupt check); ``keep_problems``/``tap`` for tests

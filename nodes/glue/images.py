@@ -9,7 +9,6 @@ from pathlib import Path
 import folder_paths
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from ...fusion.regions.pose import find_pose_boxes
 
@@ -37,6 +36,8 @@ def pose_path(name: str) -> Path:
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """``[H, W, 3]`` uint8 RGB of an image file (EXIF rotation applied, as Load Image does)."""
+    from PIL import Image, ImageOps  # only when an image is read
+
     with Image.open(path) as img:
         return np.array(ImageOps.exif_transpose(img).convert("RGB"))
 

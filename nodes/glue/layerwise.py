@@ -69,7 +69,7 @@ def _layered_tokens(tokens: dict, positions: dict, vectors, tables, layers) -> d
         copies = []
         for layer in layers:
             copy = [list(section) for section in sections]
-            for (s, j), (tok, v) in zip(positions[key], vectors):
+            for (s, j), (tok, v) in zip(positions[key], vectors, strict=True):
                 pair = copy[s][j]
                 copy[s][j] = (tables[tok][layer, v], *pair[1:])
             copies.extend(copy)
@@ -104,7 +104,7 @@ def encode_with_concepts(clip, text: str, concepts: ConceptSet) -> list:
     out = []
     for k, (_, extra) in enumerate(passes[0]):
         stack = torch.cat([p[k][0].reshape(len(layers), -1, p[k][0].shape[-1])
-                           for p, layers in zip(passes, groups)]).unsqueeze(0)
+                           for p, layers in zip(passes, groups, strict=True)]).unsqueeze(0)
         out.append([LayerwiseContext(stack), {**extra, CONCEPTS_USED_KEY: used, PROMPT_KEY: text}])
     return out
 

@@ -84,8 +84,8 @@ def low_rank_factors(adapter, key: str, source: str) -> tuple:
         raise LoRAFormatError(f"{source}: {key} is a DoRA patch (it has a dora_scale); only plain low-rank LoRA "
                               f"patches can be applied per region or fused")
     if mid is not None or reshape is not None:
-        raise LoRAFormatError(f"{source}: {key} is a LoRA with {'a Tucker mid weight' if mid is not None else 'a reshape'}"
-                              f", which cannot be applied per region or fused")
+        what = "a Tucker mid weight" if mid is not None else "a reshape"
+        raise LoRAFormatError(f"{source}: {key} is a LoRA with {what}, which cannot be applied per region or fused")
     scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
     return up.float() * scale, down.float()
 

@@ -178,7 +178,7 @@ class RegionalSampling:
         key = (layer, tuple(chunks), rows, global_context.device, global_context.dtype)
         if key not in self._contexts:
             per_region = [[_layer_of(neg if chunk == 1 else pos, layer) for chunk in chunks]
-                          for pos, neg in zip(self.positive, self.negative)]
+                          for pos, neg in zip(self.positive, self.negative, strict=True)]
             self._contexts[key] = pack_region_contexts(per_region, rows, global_context.device, global_context.dtype)
         regions, mask, tokens = self._contexts[key]
         self._layouts[layer] = ContextLayout(global_context.shape[1], tokens, mask)
@@ -234,6 +234,11 @@ class RegionalSampling:
 
         return {"tokens": tokens, "context": context, "conv": conv, "emb": emb}[kind]
 
+    def _block_size_hook(self, key: int):
+        def remember(_m, args):
+            self._block_hw[key] = tuple(args[0].shape[-2:])
+        return remember
+
     # ---- the DIFFUSION_MODEL wrapper
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         self._latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
@@ -245,8 +250,7 @@ class RegionalSampling:
         try:
             for module, bank, kind, block, layer in self.lora_layers:
                 if block is not None:  # the ResNet block's feature size, seen just before its time embedding
-                    handles.append(block.register_forward_pre_hook(
-                        lambda _m, args, key=id(module): self._block_hw.__setitem__(key, tuple(args[0].shape[-2:]))))
+                    handles.append(block.register_forward_pre_hook(self._block_size_hook(id(module))))
                 handles.append(module.register_forward_hook(self._hook(module, bank, kind, layer)))
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         finally:

@@ -159,7 +159,7 @@ def pose_regions(image, clip, prompts: str, negative: str, margin: float, concep
     neg = encode_with_concepts(clip, negative, concepts)
     height, width = int(img.shape[0]), int(img.shape[1])
     masks = [box_mask(height, width, *b) for b in boxes]
-    for mask, line in zip(masks, lines):
+    for mask, line in zip(masks, lines, strict=True):
         regions = add_region(regions, encode_with_concepts(clip, line, concepts), neg, mask, control_strength)
     return regions, torch.cat(masks)
 

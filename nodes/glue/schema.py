@@ -56,7 +56,8 @@ def check_choices(cls: type[io.ComfyNode], **values) -> bool | str:
         choices = options.get(name)
         if value is None or choices is None or value in choices:
             continue
-        listed = ", ".join(repr(c) for c in choices[:20]) + (f", … ({len(choices)} in all)" if len(choices) > 20 else "")
+        more = f", … ({len(choices)} in all)" if len(choices) > 20 else ""
+        listed = ", ".join(repr(c) for c in choices[:20]) + more
         return (f"'{str(value)[:200]}' is not one of the choices ({listed or 'none: the folder is empty'}) — for a "
                 f"model: is the file in the right models folder?")
     return True

@@ -14,12 +14,6 @@ SUFFIXES = (".py", ".js", ".md", ".toml", ".sh", ".json")
 EXCLUDED_DIRS = ("tests/fixtures/",)
 # Written in pieces so that this file does not match itself.
 POINTERS = (".." + "/shared", "/shared" + "/design")
-# Files being rewritten on another branch whose pointers go with them; an entry must be removed as soon as
-# its file no longer points outside (or is gone): the second test says so.
-PENDING_REWRITE = {
-    "nodes/glue/regional_attention.py": "merged into nodes/glue/regional.py (docs/design.md §9)",
-}
-
 
 def _tracked_text_files() -> list[str]:
     done = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True)
@@ -38,14 +32,6 @@ def _pointers(name: str) -> list[str]:
 
 
 def test_no_tracked_file_points_outside_the_repository():
-    found = [hit for name in _tracked_text_files() if name not in PENDING_REWRITE for hit in _pointers(name)]
+    found = [hit for name in _tracked_text_files() for hit in _pointers(name)]
     assert not found, ("these lines point outside the repository; point to docs/design.md (its § sections) "
                        "instead:\n" + "\n".join(found))
-
-
-def test_pending_rewrites_are_still_pending():
-    tracked = set(_tracked_text_files())
-    stale = [f"{name} ({why})" for name, why in PENDING_REWRITE.items()
-             if name not in tracked or not _pointers(name)]
-    assert not stale, ("remove these from PENDING_REWRITE in tests/unit/test_no_outside_pointers.py: they no "
-                       "longer point outside the repository (or are gone):\n" + "\n".join(stale))
