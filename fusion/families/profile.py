@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 LayerKey = tuple[str, int, int]  # ComfyUI's (block name, block id, transformer block index)
 
@@ -73,10 +74,10 @@ class ModelFamily:
     def _layer_index(self) -> dict[LayerKey, int]:
         return {key: i for i, key in enumerate(self.layers)}
 
-    def layer_of(self, block: object, block_index: object = 0) -> int | None:
+    def layer_of(self, block: Any, block_index: Any = 0) -> int | None:
         """The layer at ComfyUI's ``extra_options["block"]`` / ``["block_index"]``, else None."""
         try:
-            name, number = block  # type: ignore[misc]
+            name, number = block
             return self._layer_index.get((str(name), int(number), int(block_index or 0)))
         except (TypeError, ValueError):
             return None

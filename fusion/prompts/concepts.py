@@ -6,7 +6,7 @@ ED-LoRAs with the strengths they were applied at. It is immutable: adding return
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -79,7 +79,7 @@ class ConceptSet:
     def token_owners(self) -> dict[str, str]:
         return {tok: c.edlora.name for c in self.concepts for tok in c.edlora.tokens}
 
-    def labels_for(self, tokens) -> tuple[str, ...]:
+    def labels_for(self, tokens: Iterable[str]) -> tuple[str, ...]:
         """Which loaded files (``name (digest)``) define these tokens — provenance for conditionings."""
         wanted = set(tokens)
         return tuple(sorted({concept_label(c) for c in self.concepts if wanted & set(c.edlora.tokens)}))
@@ -119,7 +119,7 @@ def substitute_concepts(text: str, tables: dict[str, torch.Tensor], placeholder:
     """
     vectors: list[tuple[str, int]] = []
 
-    def repl(m) -> str:
+    def repl(m: re.Match[str]) -> str:
         tok = m.group(0)
         if tok not in tables:
             known = " ".join(sorted(tables)) or "none — load an ED-LoRA first"

