@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -58,13 +58,13 @@ class FusionSettings:
     scheduler: str = "normal"
     ridge: float = DEFAULT_RIDGE
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, not {self.solver!r}")
         if not self.ridge >= 0.0:
             raise ValueError(f"ridge must be >= 0, not {self.ridge}")
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -278,7 +278,7 @@ def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, p
                 if tap is not None:
                     tap(_stage, _i, group, rows, channels_first)
 
-            def on_step(step: int, steps: int, _i=i) -> None:
+            def on_step(step: int, steps: int, _i: int = i) -> None:
                 bar.report(1, f"UNet: concept {_i + 1} of {n}, step {step}/{steps}")
 
             if stage != "unet":

