@@ -18,9 +18,14 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from types import CellType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 from ..log import log
 from ..versions import BUNDLE_VERSION, RECORDING_VERSION, SOLVER_VERSION
@@ -45,7 +50,7 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()
 
 
-def _tensor_bytes(t: torch.Tensor):
+def _tensor_bytes(t: torch.Tensor) -> npt.NDArray[np.uint8]:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -55,7 +60,7 @@ def _tensor_bytes(t: torch.Tensor):
 def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and every byte of its values."""
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(_tensor_bytes(t))
+    h.update(_tensor_bytes(t))  # type: ignore[arg-type]  # numpy declares ndarray.__buffer__ for Python >= 3.12 only
     return h.hexdigest()
 
 
@@ -80,11 +85,11 @@ def describe(obj: Any, depth: int = 6) -> Any:
     return _describe(obj, depth, set())
 
 
-def _qualname(k) -> str:
+def _qualname(k: object) -> str:
     return f"{getattr(k, '__module__', '')}.{getattr(k, '__qualname__', getattr(k, '__name__', ''))}"
 
 
-def _describe(obj: Any, depth: int, seen: set) -> Any:
+def _describe(obj: Any, depth: int, seen: set[int]) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, (torch.dtype, torch.device)):
@@ -96,7 +101,7 @@ def _describe(obj: Any, depth: int, seen: set) -> Any:
     if id(obj) in seen:
         return "<seen>"
     seen.add(id(obj))
-    inner = lambda v: _describe(v, depth - 1, seen)  # noqa: E731
+    inner: Callable[[Any], Any] = lambda v: _describe(v, depth - 1, seen)  # noqa: E731
     if isinstance(obj, Mapping):
         return {str(k): inner(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (list, tuple)):
@@ -113,7 +118,7 @@ def _describe(obj: Any, depth: int, seen: set) -> Any:
                 "defaults": inner(obj.__defaults__ or ())}
     if inspect.isbuiltin(obj) or inspect.ismodule(obj):
         return {"builtin": _qualname(obj)}
-    out: dict = {"class": [_qualname(k) for k in type(obj).__mro__]}
+    out: dict[str, Any] = {"class": [_qualname(k) for k in type(obj).__mro__]}
     if isinstance(obj, torch.nn.Module):
         out["state"] = tensors_digest(obj.state_dict())
         attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "training"}
@@ -124,7 +129,7 @@ def _describe(obj: Any, depth: int, seen: set) -> Any:
     return out
 
 
-def _filled(cell) -> bool:
+def _filled(cell: CellType) -> bool:
     try:
         cell.cell_contents  # noqa: B018 - raises ValueError for an empty cell
         return True
@@ -226,7 +231,7 @@ class FusionCache:
 
     def entries(self) -> list[tuple[float, int, str]]:
         """(last use, size, path) of every managed file, oldest first."""
-        out = []
+        out: list[tuple[float, int, str]] = []
         try:
             names = os.listdir(self.folder)
         except OSError:
