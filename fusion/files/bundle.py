@@ -26,6 +26,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -37,6 +38,7 @@ from .edlora import EDLoRA, _check_table, _Reader
 from .filecheck import check_file_tensor
 
 EMBEDDING_PREFIX = "new_concept_embedding."
+_T = TypeVar("_T")
 _LORA_KEY = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+|text_encoders\.[A-Za-z0-9_.]+"
                        r"|diffusion_model\.[A-Za-z0-9_.]+)"
                        r"\.(lora_up\.weight|lora_down\.weight|alpha)$")
@@ -48,10 +50,10 @@ class FusedBundle:
     """A fused result: LoRA factors by LoRA module name (``lora_unet_…`` / ``lora_te_…``, scale 1),
     every concept's tables and the metadata. Version-1 files carry full weights in ``weights``."""
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    concepts: list[dict] = field(default_factory=list)
+    concepts: list[dict[str, Any]] = field(default_factory=list)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> [16, n, 768]
     base: str = ""
-    settings: dict = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
     version: str = BUNDLE_VERSION
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # v1: "model.<key>" / "clip.<key>"
 
@@ -90,7 +92,7 @@ def is_bundle(path: str) -> bool:
         return False
 
 
-def _check_tensor(name: str, key: str, t, float32: bool = True) -> torch.Tensor:
+def _check_tensor(name: str, key: str, t: object, float32: bool = True) -> torch.Tensor:
     """A dense float tensor with only finite values (the ED-LoRA rules), as a bundle error; float32
     unless ``float32=False`` (0.1.0's full weights keep the base's dtype)."""
     try:
@@ -99,7 +101,7 @@ def _check_tensor(name: str, key: str, t, float32: bool = True) -> torch.Tensor:
         raise BundleError(str(e)) from None
 
 
-def _check_bundle_table(name: str, key: str, t) -> torch.Tensor:
+def _check_bundle_table(name: str, key: str, t: object) -> torch.Tensor:
     """A token table by the ED-LoRA table rules (float, finite, ``[16, 768]`` or ``[16, n, 768]``), as a
     bundle error."""
     try:
@@ -108,7 +110,7 @@ def _check_bundle_table(name: str, key: str, t) -> torch.Tensor:
         raise BundleError(str(e)) from None
 
 
-def _json(name: str, meta: dict, field_name: str, kind: type):
+def _json(name: str, meta: dict[str, str], field_name: str, kind: type[_T]) -> _T:
     try:
         value = json.loads(meta.get(field_name, "[]" if kind is list else "{}"))
     except (json.JSONDecodeError, TypeError) as e:
@@ -118,10 +120,10 @@ def _json(name: str, meta: dict, field_name: str, kind: type):
     return value
 
 
-def _check_concepts(name: str, concepts: list) -> list[dict]:
+def _check_concepts(name: str, concepts: list[Any]) -> list[dict[str, Any]]:
     if not concepts:
         raise BundleError(f"{name}: the bundle lists no concepts")
-    out = []
+    out: list[dict[str, Any]] = []
     for c in concepts:
         if not isinstance(c, dict) or not isinstance(c.get("name"), str):
             raise BundleError(f"{name}: every concept needs a 'name' (found {str(c)[:80]})")

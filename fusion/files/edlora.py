@@ -38,6 +38,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -131,7 +132,7 @@ def _named(name: str) -> Iterator[None]:
         raise EDLoRAError(f"{file_label(name)}: unreadable ED-LoRA ({exception_text(e)})") from e
 
 
-def read_state_dict(path: str) -> tuple[dict, dict[str, str]]:
+def read_state_dict(path: str) -> tuple[dict[Any, Any], dict[str, str]]:
     """Read a ``.safetensors`` or (safely) a torch.save ``.pth``/``.pt`` file; returns (state, metadata).
 
     See :func:`fusion.filecheck.read_tensor_file` for what is refused before anything is loaded.
@@ -155,7 +156,7 @@ class _Reader:
         if len(self.ignored) < MAX_IGNORED_KEPT:
             self.ignored.append(shown(key, 60))
 
-    def tensor(self, key: str, value: object, **checks) -> torch.Tensor:
+    def tensor(self, key: str, value: object, **checks: Any) -> torch.Tensor:
         if torch.is_tensor(value):
             self.elements += value.numel()  # before any copy: the budget bounds what loading allocates
             if self.elements > MAX_EDLORA_ELEMENTS:
@@ -221,7 +222,7 @@ def _gather_parts(state: object, r: _Reader) -> dict[str, dict[str, object]]:
     return parts
 
 
-def _split_lora_factors(r: _Reader, part: str, flat: dict,
+def _split_lora_factors(r: _Reader, part: str, flat: dict[str, object],
                         family: ModelFamily) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     factors: dict[str, dict[str, object]] = {}
     for key, value in flat.items():
@@ -293,7 +294,7 @@ def _xti_hint(state: object, family: ModelFamily) -> str:
             f"{', '.join(missing)}), so it is not an XTI embedding either")
 
 
-def parse_edlora(state: dict, name: str, family: ModelFamily = SD15) -> EDLoRA:
+def parse_edlora(state: dict[Any, Any], name: str, family: ModelFamily = SD15) -> EDLoRA:
     """Validate a loaded state dict (nested, ``params``-wrapped or flat) and return an :class:`EDLoRA`.
 
     Token tables are normalised to ``[L, n, C]`` float32 (the family's L layers and C-wide rows; n vectors
@@ -325,7 +326,7 @@ def _is_xti_state(state: object, family: ModelFamily) -> bool:
         isinstance(k, str) and (k in _PARTS or k == "params" or k.partition(".")[0] in _PARTS) for k in state)
 
 
-def parse_xti(state: dict, name: str, token: str, family: ModelFamily = SD15) -> EDLoRA:
+def parse_xti(state: dict[Any, Any], name: str, token: str, family: ModelFamily = SD15) -> EDLoRA:
     """A kohya XTI (P+) embedding: one key per layer (IN01..OUT11), each ``[n, C]``, becomes one token table.
 
     Other entries are ignored with a warning, like those beside an ED-LoRA's parts.

@@ -34,6 +34,7 @@ import re
 import struct
 import zipfile
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -56,6 +57,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]  # torch.save before PyTorch 1.6
 _CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX",
                  "EXT1", "EXT2", "EXT4"}  # the opcodes with which a pickle imports or calls code
+_OPCODE_BY_CODE = {op.code: op for op in pickletools.opcodes}  # = pickletools.code2op, which is undocumented
 
 
 
@@ -211,7 +213,7 @@ def check_file_tensor(file_name: str, key: str, tensor: object, *, ndim: int | t
 # ---------------------------------------------------------------------------------- reading files
 
 
-def read_tensor_file(path: str) -> tuple[dict, dict[str, str]]:
+def read_tensor_file(path: str) -> tuple[dict[Any, Any], dict[str, str]]:
     """Read a ``.safetensors`` or a torch.save ``.pth``/``.pt`` file; returns ``(state, metadata)``.
 
     ``.pth`` files: only zip archives written by torch.save (PyTorch >= 1.6) are read, after the
@@ -250,7 +252,7 @@ def safetensors_metadata(path: str) -> dict[str, str]:
         return {}
 
 
-def _read_safetensors(path: str, name: str, size: int) -> tuple[dict, dict[str, str]]:
+def _read_safetensors(path: str, name: str, size: int) -> tuple[dict[Any, Any], dict[str, str]]:
     with open(path, "rb") as fh:
         head = fh.read(8)
     if len(head) < 8:
@@ -274,7 +276,7 @@ def _read_safetensors(path: str, name: str, size: int) -> tuple[dict, dict[str, 
                           f"({text.removeprefix('Error while deserializing header: ')})") from e
 
 
-def _read_pth(path: str, name: str, size: int) -> dict:
+def _read_pth(path: str, name: str, size: int) -> dict[Any, Any]:
     with open(path, "rb") as fh:
         head = fh.read(len(_LEGACY_MAGIC))
     if head.startswith(_LEGACY_MAGIC):
@@ -432,8 +434,10 @@ def _scan_pickle(name: str, data: bytes) -> None:
                 stack.append(_LEAF)
                 containers += kind.startswith("EMPTY_")
             elif kind in ("BINPUT", "LONG_BINPUT"):
+                assert isinstance(arg, int)  # genops reads these opcodes' memo index as an int
                 memo[arg] = stack[-1]
             elif kind in ("BINGET", "LONG_BINGET"):
+                assert isinstance(arg, int)
                 stack.append(memo[arg])
             elif kind in ("SETITEM", "APPEND", "BUILD"):
                 del stack[-2 if kind == "SETITEM" else -1:]
@@ -467,7 +471,7 @@ def _unpickling_error(name: str, e: pickle.UnpicklingError) -> EDLoRAError:
                            f"{shown(found[1].rstrip('.'), 80)}){refused}")
     found = re.search(r"Unsupported operand (\d+)", text)
     if found:
-        op = pickletools.code2op.get(chr(int(found[1]))) if int(found[1]) < 256 else None
+        op = _OPCODE_BY_CODE.get(chr(int(found[1]))) if int(found[1]) < 256 else None
         if op is None:
             return EDLoRAError(f"{name}: truncated or corrupt .pth file (byte {found[1]} in its pickle is not a "
                                f"pickle opcode)")
