@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from .preview import Color, parse_color
 
@@ -26,7 +27,7 @@ class EditorBox:
     color: Color | None = None
 
 
-def _number(box: dict, key: str, where: str, default: float | None = None) -> float:
+def _number(box: dict[str, Any], key: str, where: str, default: float | None = None) -> float:
     value = box.get(key, default)
     if value is None:
         raise ValueError(f"{where}: '{key}' is missing")
@@ -35,7 +36,7 @@ def _number(box: dict, key: str, where: str, default: float | None = None) -> fl
     return float(value)
 
 
-def _text(box: dict, key: str, where: str) -> str:
+def _text(box: dict[str, Any], key: str, where: str) -> str:
     value = box.get(key, "")
     if not isinstance(value, str):
         raise ValueError(f"{where}: '{key}' must be text, got {json.dumps(value)}")
@@ -57,7 +58,7 @@ def parse_boxes(regions_json: str) -> list[EditorBox]:
         where = f"Regions Editor box {i + 1}"
         if not isinstance(box, dict):
             raise ValueError(f"{where}: expected an object with top, left, bottom, right and prompt")
-        edges = [round(_number(box, k, where)) for k in ("top", "left", "bottom", "right")]
+        top, left, bottom, right = (round(_number(box, k, where)) for k in ("top", "left", "bottom", "right"))
         prompt = _text(box, "prompt", where)
         if not prompt.strip():
             raise ValueError(f"{where}: the prompt is empty; write who or what is in this box")
@@ -70,7 +71,7 @@ def parse_boxes(regions_json: str) -> list[EditorBox]:
             rgb = parse_color(color) if color else None
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
-        boxes.append(EditorBox(*edges, prompt=prompt, negative=_text(box, "negative", where),
+        boxes.append(EditorBox(top, left, bottom, right, prompt=prompt, negative=_text(box, "negative", where),
                                control_strength=strength, label=_text(box, "label", where).strip(), color=rgb))
     return boxes
 

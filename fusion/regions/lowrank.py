@@ -48,8 +48,9 @@ class LowRankBank:
             raise ValueError("regions' LoRA factors for one layer must have the same in/out shapes")
         self.is_conv = downs[0].dim() == 4
         self._base = _Factors(regions, [d.shape[0] for d in downs], torch.cat(downs), torch.cat(ups, dim=1))
-        self._cast: dict = {}
-        self._columns: dict = {}  # id(weights) -> [N, sum r] column weights (weights are cached by the caller)
+        self._cast: dict[tuple[torch.device, torch.dtype], _Factors] = {}
+        # id(weights) -> [N, sum r] column weights (weights are cached by the caller)
+        self._columns: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     @property
     def regions(self) -> list[int]:
@@ -102,7 +103,8 @@ class LowRankBank:
             start += rank
         return out
 
-    def conv(self, x: Tensor, weights: Tensor | None, stride, padding, dilation, out_hw: tuple[int, int]) -> Tensor:
+    def conv(self, x: Tensor, weights: Tensor | None, stride: int | tuple[int, ...],
+             padding: int | tuple[int, ...] | str, dilation: int | tuple[int, ...], out_hw: tuple[int, int]) -> Tensor:
         """The same for a conv layer: ``x`` ``[B, in, h, w]``, ``weights`` ``[R, h'*w']`` at the output size."""
         f = self._factors(x)
         down = f.down if f.down.dim() == 4 else f.down[:, :, None, None]

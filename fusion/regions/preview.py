@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from .opencv import opencv
 
@@ -55,7 +56,7 @@ def _background(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)  # a copy: the caller's image is never drawn on
 
 
-def _fit(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+def _fit(mask: np.ndarray, height: int, width: int) -> npt.NDArray[np.float32]:
     m = np.asarray(mask, dtype=np.float32)
     if m.ndim != 2:
         raise ValueError(f"each mask must be [H, W], got shape {m.shape}")
@@ -101,8 +102,8 @@ def draw_regions(masks: Sequence[np.ndarray], labels: Sequence[str], background:
     out = _background(background)
     height, width = out.shape[:2]
     fitted = [_fit(m, height, width) for m in masks]
-    palette = [(colors[i] if colors is not None and colors[i] is not None else region_color(i))
-               for i in range(len(masks))]
+    given: Sequence[Color | None] = colors if colors is not None else [None] * len(masks)
+    palette = [c if c is not None else region_color(i) for i, c in enumerate(given)]
     canvas = out.astype(np.float32)
     for m, color in zip(fitted, palette, strict=True):
         weight = (_FILL_ALPHA * m)[:, :, None]
