@@ -11,6 +11,7 @@ import math
 import os
 import uuid
 from collections.abc import Mapping
+from typing import Any
 
 import comfy.lora
 import comfy.utils
@@ -152,6 +153,8 @@ def deltas_of_bundle(b: FusedBundle, model, clip, source: str) -> tuple[dict[str
     as the stock Load LoRA; every module must exist here with the bundle's shapes."""
     unet_map = comfy.lora.model_lora_keys_unet(model.model, {})
     clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    model_deltas: dict[str, Delta]
+    clip_deltas: dict[str, Delta]
     model_deltas, clip_deltas = {}, {}
     parts = ((unet_map, model.model, model_deltas, "MODEL"), (clip_map, clip.cond_stage_model, clip_deltas, "CLIP"))
     for name, (up, down) in b.lora.items():
@@ -210,7 +213,8 @@ def apply_bundle(model, clip, path: str):
 
 def _apply_full_weights(model, clip, b: FusedBundle, name: str, concepts: ConceptSet):
     """A 0.1.0 bundle: its fused weights replace the base weights ("set" patches)."""
-    parts = {"model": (model, {}), "clip": (clip.patcher, {})}
+    parts: dict[str, tuple[Any, dict[str, tuple[str, tuple[torch.Tensor]]]]] = {  # part: (patcher, "set" patches)
+        "model": (model, {}), "clip": (clip.patcher, {})}
     for key, w in b.weights.items():
         part, _, rest = key.partition(".")
         patcher, out = parts[part]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import comfy.model_management as mm
 import comfy.sample
@@ -33,6 +34,7 @@ import comfy.samplers
 import torch
 from comfy import weight_adapter
 
+from ...fusion.errors import FusionError
 from ...fusion.merge import cache as fc
 from ...fusion.merge import gradient_fusion as gf
 from ...fusion.prompts.concepts import ConceptSet
@@ -75,7 +77,7 @@ def _lora_patches(factors: Mapping[str, tuple]) -> dict:
 def _first_section(tokens: dict) -> list:
     sections = next(iter(tokens.values()))
     if len(sections) != 1:
-        raise gf.FusionError(f"a recording prompt is longer than one {len(sections[0])}-token section; "
+        raise FusionError(f"a recording prompt is longer than one {len(sections[0])}-token section; "
                              f"shorten the trigger words")
     return sections[0]
 
@@ -105,10 +107,10 @@ def concept_positions(clip, concepts: ConceptSet, prompt: str, words: str) -> li
         own = _first_section(clip.tokenize(prefix))
         skip = _end_position(own, end) - 1
         if [p[0] for p in own[1:1 + skip]] != [p[0] for p in section[1:1 + skip]]:
-            raise gf.FusionError(f"could not find '{words}' in the tokens of '{prompt}'")
+            raise FusionError(f"could not find '{words}' in the tokens of '{prompt}'")
     positions = list(range(1 + skip, stop)) + [stop]
     if len(positions) < 2:
-        raise gf.FusionError(f"'{words}' makes no tokens")
+        raise FusionError(f"'{words}' makes no tokens")
     return positions
 
 
@@ -139,7 +141,8 @@ class ComfyRecorder:
         self.prompts = prompts
         self.model_keys, self.clip_keys = plan.keys("model"), plan.keys("clip")
         self.recorded = {stage: 0 for stage in gf.STAGES}
-        self._fused_clip = (None, None)  # (which deltas, clone): one fused CLIP per stage, not per concept
+        # (which deltas, clone): one fused CLIP per stage, not per concept
+        self._fused_clip: tuple[tuple[tuple[str, int, int], ...] | None, Any] = (None, None)
 
     def record(self, stage, concept, fused, groups, sink, on_step) -> None:
         if stage == "text":
@@ -277,7 +280,7 @@ def _linear(root, path: str):
     if isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and tuple(module.stride) == (1, 1) \
             and module.groups == 1 and tuple(module.dilation) == (1, 1) and module.padding in ((0, 0), 0, "valid"):
         return module
-    raise gf.FusionError(f"'{path}' is a {type(module).__name__}; gradient fusion records linear and 1x1-conv "
+    raise FusionError(f"'{path}' is a {type(module).__name__}; gradient fusion records linear and 1x1-conv "
                          f"layers only")
 
 

