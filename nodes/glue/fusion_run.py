@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any, TypedDict
 
 import comfy.model_management as mm
 import comfy.utils
@@ -37,6 +38,19 @@ from .fused_patches import (
     original_weight,
 )
 from .fusion_recording import ComfyRecorder, recording_keys
+
+
+class _Stats(TypedDict):
+    cache: str  # "off", "miss" or "hit"
+    seconds: dict[str, float]  # step -> seconds
+    recorded: dict[str, int]  # stage -> inputs recorded
+    unrecorded: list[str]  # fused weights that never received an input
+    result: gf.FusionResult | None  # None on a cache hit; with keep_problems it holds the solved problems
+
+
+class FusionStats(_Stats, total=False):
+    """What :func:`fuse` reports; ``cache_file`` once a result was written to the cache."""
+    cache_file: str | None
 
 
 def fusion_cache() -> fc.FusionCache:
@@ -104,7 +118,8 @@ def _from_cache(path: str, plan: gf.FusionPlan, model, clip):
 
 
 def fuse(model, clip, concepts: ConceptSet | None, settings: gf.FusionSettings, use_cache: bool = True,
-         progress: gf.Progress | None = None, *, keep_problems: bool = False, tap: gf.Tap | None = None):
+         progress: gf.Progress | None = None, *, keep_problems: bool = False,
+         tap: gf.Tap | None = None) -> tuple[Any, Any, ConceptSet, FusionStats]:
     """Gradient fusion of ``concepts`` on the base ``model``/``clip``; returns (fused MODEL, fused CLIP,
     fused concept set, statistics). ``progress(done, total, text)`` as in
     :func:`fusion.gradient_fusion.run_fusion` (plus the interrupt check); ``keep_problems``/``tap`` for tests
@@ -120,7 +135,8 @@ def fuse(model, clip, concepts: ConceptSet | None, settings: gf.FusionSettings, 
         log.warning("Mix-of-Show fusion: the input MODEL/CLIP already carry patches on %d of the weights being fused "
                     "(were the loader outputs connected instead of the checkpoint's?); they are ignored -- fusion "
                     "starts from the original weights", len(dropped))
-    stats = {"cache": "off", "seconds": {}, "recorded": {s: 0 for s in gf.STAGES}, "unrecorded": [], "result": None}
+    stats: FusionStats = {"cache": "off", "seconds": {}, "recorded": {s: 0 for s in gf.STAGES}, "unrecorded": [],
+                          "result": None}
     store = fusion_cache() if use_cache and plan.targets and plan.concepts > 1 else None  # one concept: a merge
     if store is not None:
         base, key, legacy_keys = _identity(model, clip, concepts, settings, plan)
@@ -159,8 +175,8 @@ def fuse(model, clip, concepts: ConceptSet | None, settings: gf.FusionSettings, 
     model_deltas = {k: v for k, v in result.deltas.items() if k in model_keys}
     clip_deltas = {k: v for k, v in result.deltas.items() if k in clip_keys}
     m, c = fused_clones(model, clip, model_deltas, clip_deltas, info, out_concepts, strip=True)
-    stats.update(seconds={**stats["seconds"], **result.seconds}, recorded=dict(recorder.recorded),
-                 unrecorded=result.unrecorded, result=result)
+    stats.update({"seconds": {**stats["seconds"], **result.seconds}, "recorded": dict(recorder.recorded),
+                  "unrecorded": result.unrecorded, "result": result})
     if store is not None:
         t = time.perf_counter()
         bundle = bundle_of(model_deltas, clip_deltas, model, clip, info, concepts.tables)
