@@ -29,7 +29,9 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from types import ModuleType
 
+aiohttp: ModuleType | None
 try:
     import aiohttp
 except ImportError:  # progress then comes from polling /history
@@ -66,7 +68,7 @@ class Unreachable(RunError):
     exit_code = 3
 
 
-def _shorten(text: str, limit: int = MAX_DETAIL) -> str:
+def _shorten(text: object, limit: int = MAX_DETAIL) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
@@ -496,6 +498,7 @@ class Progress:
 
 
 async def _follow_websocket(server: Server, prompt: dict, client_id: str, log: Log) -> str:
+    assert aiohttp is not None  # run() calls this only where aiohttp was imported
     parts = urllib.parse.urlsplit(server.url)
     ws_url = urllib.parse.urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc,
                                       parts.path + "/ws", urllib.parse.urlencode({"clientId": client_id}), ""))
