@@ -29,6 +29,7 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
         model_out, clip_out, fused = apply_bundle(model, clip, path)
         for concept in fused.concepts:
             concepts = (concepts or ConceptSet()).add(concept)
+        assert concepts is not None  # load_bundle refuses a bundle without concepts
         model_out.model_options = {**model_out.model_options, CONCEPTS_USED_KEY: concepts.labels}
         return model_out, clip_out, concepts
     edlora = load_edlora(path)

@@ -2,6 +2,8 @@
 folder and listed under ``"images"`` in the UI message, as core's Preview Image does)."""
 from __future__ import annotations
 
+from typing import Any, overload
+
 import numpy as np
 import torch
 from comfy_api.latest import io, ui
@@ -32,7 +34,15 @@ def regions_preview(regions, background: torch.Tensor | None = None, colors: lis
     return torch.from_numpy(picture).float().div_(255.0)[None]
 
 
-def preview_ui(image: torch.Tensor | None) -> dict | None:
+@overload
+def preview_ui(image: torch.Tensor) -> dict[str, Any]: ...
+
+
+@overload
+def preview_ui(image: None) -> None: ...
+
+
+def preview_ui(image: torch.Tensor | None) -> dict[str, Any] | None:
     """The UI message that shows ``image`` in the node (None shows nothing)."""
     if image is None:
         return None

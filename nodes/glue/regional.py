@@ -268,6 +268,7 @@ class RegionalAttn2Patch(LayerwiseAttn2Patch):
     """attn2_patch: the global layer context, then every region's context, concatenated along the tokens."""
 
     def __init__(self, run: RegionalSampling):
+        assert run.family is not None  # install_regions gives the run the model's family
         super().__init__(run.family)
         self.run = run
 
