@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,9 @@ def test_comments_docstrings_and_log_lines_do_not_count(tmp_path):
     edited = source.replace('"""', '"""Edited. ', 1).replace("\n\n\ndef ", "\n\n\n# a comment\ndef ", 1)
     edited = edited.replace("\nimport torch\n", "\nimport torch\n\nlog.info('x')\n", 1)
     (tmp_path / rel).write_text(edited)
-    edited = edited.replace("def _work_device(device)", "def _work_device(device: object)", 1)
+    annotated = re.sub(r"def _work_device\(device[^)]*\)", "def _work_device(device: object)", edited, count=1)
+    assert annotated != edited
+    edited = annotated
     assert edited != source and code_digest((rel,), tmp_path) == code_digest((rel,))
     (tmp_path / rel).write_text(source.replace("def ", "def renamed_", 1))
     assert code_digest((rel,), tmp_path) != code_digest((rel,))
