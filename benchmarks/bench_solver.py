@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from fusion.merge.solver import FoldedInputs, LayerProblem, layer_objective, solve_closed_form, solve_lbfgs
 
-REPO = dev_paths.REPO  # on sys.path, for fusion
+REPO = dev_paths.REPO  # importable from here on: fusion
 N_CONCEPTS = 3
 RANK = 4
 CHUNK = 4096  # rows per recorded chunk (one UNet step at 64×64)

@@ -1,10 +1,10 @@
 """A real ComfyUI, in this process, with the pack loaded the way ComfyUI loads custom nodes.
 
 The ComfyUI root is ``$MIXOFSHOW_COMFYUI`` (your own checkout) or the project's host in ``.host/``
-(:func:`comfy_server.comfy_root`, the one place that rule lives). :func:`env` puts it at the front of
-``sys.path``: the one path edit of the tests (the rest is pyproject.toml's ``pythonpath``), made at run time
-because the root is chosen then and because ComfyUI's top-level ``nodes`` module must win over the pack's
-``nodes`` package.
+(:func:`comfy_server.comfy_root`, the one place that rule lives). :func:`env` puts it first on the import
+path: the one path edit of the tests (the rest is pyproject.toml's ``pythonpath``), made at run time because
+the root is chosen then and because ComfyUI's top-level ``nodes`` module must win over the pack's ``nodes``
+package.
 """
 from __future__ import annotations
 
