@@ -109,8 +109,11 @@ class Server:
             raise Unreachable(f"{self.url}{path} did not answer JSON: is this a ComfyUI server?") from e
 
     def post_json(self, path: str, body: dict) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        return self._answer(urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                                   headers={"Content-Type": "application/json"}))
+
+    def _answer(self, request: urllib.request.Request | str) -> tuple[int, dict]:
+        """(HTTP status, the JSON answer) of a request, error statuses included."""
         try:
             with self._open(request) as response:
                 return response.status, json.loads(response.read() or b"{}")
@@ -489,21 +492,32 @@ class Progress:
         return False
 
     def on_binary(self, payload: bytes) -> None:
-        """Binary messages: 4-byte big-endian type; type 3 is progress text (node id length, node id, text)."""
-        if len(payload) < 8 or int.from_bytes(payload[:4], "big") != 3:
-            return  # previews
-        size = int.from_bytes(payload[4:8], "big")
-        node_id = payload[8:8 + size].decode(errors="replace")
-        self.log(f"       {self._name(node_id)}: {_shorten(payload[8 + size:].decode(errors='replace'))}")
+        text = progress_text(payload)
+        if text is not None:  # else a preview
+            node_id, message = text
+            self.log(f"       {self._name(node_id)}: {_shorten(message)}")
+
+
+def progress_text(payload: bytes) -> tuple[str, str] | None:
+    """(node id, text) of a binary websocket message that is a node's progress text, else None. Binary messages:
+    4-byte big-endian type; type 3 is progress text (4-byte node id length, node id, text)."""
+    if len(payload) < 8 or int.from_bytes(payload[:4], "big") != 3:
+        return None
+    size = int.from_bytes(payload[4:8], "big")
+    return payload[8:8 + size].decode(errors="replace"), payload[8 + size:].decode(errors="replace")
+
+
+def websocket_url(server: Server, client_id: str) -> str:
+    parts = urllib.parse.urlsplit(server.url)
+    return urllib.parse.urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc, parts.path + "/ws",
+                                    urllib.parse.urlencode({"clientId": client_id}), ""))
 
 
 async def _follow_websocket(server: Server, prompt: dict, client_id: str, log: Log) -> str:
     assert aiohttp is not None  # run() calls this only where aiohttp was imported
-    parts = urllib.parse.urlsplit(server.url)
-    ws_url = urllib.parse.urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc,
-                                      parts.path + "/ws", urllib.parse.urlencode({"clientId": client_id}), ""))
     try:
-        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, heartbeat=30) as ws:
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(websocket_url(server, client_id), heartbeat=30) as ws:
             prompt_id = _queue(server, prompt, client_id, log)  # after connecting: no event is missed
             progress = Progress(prompt, prompt_id, log)
             async for message in ws:

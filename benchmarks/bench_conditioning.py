@@ -7,26 +7,24 @@ usage: .host/venv/bin/python benchmarks/bench_conditioning.py [--steps 3] [--rep
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "support"))
-sys.path.append(str(REPO))
-import comfy_env  # noqa: E402
+import dev_paths  # isort: split
 
+import comfy_env
+import torch
+from synthetic import make_edlora_state
+
+REPO = dev_paths.REPO
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=3)
 ap.add_argument("--repeats", type=int, default=3)
 ap.add_argument("--size", type=int, default=256)
 a = ap.parse_args()
 
-env = comfy_env.env()
+env = comfy_env.env()  # ComfyUI importable from here on
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
-import torch  # noqa: E402
-from synthetic import make_edlora_state  # noqa: E402
 
 import nodes as comfy_nodes  # noqa: E402
 

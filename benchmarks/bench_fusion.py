@@ -19,8 +19,6 @@ concepts loaded (``/proc/self/clear_refs`` resets the mark there); on CUDA also
 from __future__ import annotations
 
 import argparse
-import asyncio
-import importlib
 import json
 import os
 import subprocess
@@ -29,42 +27,20 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import dev_paths  # isort: split
+
+REPO = dev_paths.REPO
 FULL_CKPT = REPO / ".host" / "models" / "sd15_random_fp16.safetensors"
 STAGES = ("text", "cross_kv", "unet")
 
 
 def start_comfy(gpu: bool):
-    """An in-process ComfyUI with the pack loaded; returns ``pack(module) -> module``. CPU: the tests' harness
-    (tests/support/comfy_env.py, which forces --cpu); GPU: the same steps without --cpu."""
-    sys.path.insert(0, str(REPO / "tests" / "support"))
-    sys.path.append(str(REPO))
-    if not gpu:
-        import comfy_env
+    """An in-process ComfyUI with the pack loaded; returns (``pack(module) -> module``, the environment): the
+    tests' harness (tests/support/comfy_env.py), with --cpu unless ``gpu``."""
+    import comfy_env
 
-        env = comfy_env.env()
-        return env.pack, env
-    root = Path(os.environ.get("MIXOFSHOW_COMFYUI") or REPO / ".host" / "ComfyUI").resolve()
-    sys.path.insert(0, str(root))
-    from comfy.cli_args import args
-
-    base = Path(tempfile.mkdtemp(prefix="mixofshow-bench-base-"))
-    for sub in ("models/edloras", "models/loras", "input", "output"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    args.base_directory = str(base)
-    args.disable_api_nodes = True
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    assert asyncio.run(nodes.load_custom_node(str(REPO))), "the pack failed to load"
-    pack_name = str(REPO).replace(".", "_x_")
-
-    class Env:
-        pass
-
-    env = Env()
-    env.base = base
-    return (lambda module: importlib.import_module(f"{pack_name}.{module}")), env
+    env = comfy_env.env(cpu=not gpu)
+    return env.pack, env
 
 
 def _status_kib(field: str) -> int:

@@ -32,9 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_fusion import FULL_CKPT, load_model, start_comfy  # noqa: E402
+from bench_fusion import FULL_CKPT, load_model, start_comfy  # benchmarks/, beside this script
 
 STAGES = ("text", "cross_kv", "unet")
 E2E_TIMESTEPS = (900, 600, 300, 100)

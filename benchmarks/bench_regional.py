@@ -20,11 +20,15 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "support"))
-sys.path.append(str(REPO))
+import dev_paths  # isort: split
+
+import comfy_env
+import pack_nodes as pn
+import torch
+from lora_files import lora_factors, write_kohya_lora
+
+REPO = dev_paths.REPO
 CASES = ("stock", "3", "5", "3 LoRAs", "N-pass 3")
 
 ap = argparse.ArgumentParser()
@@ -37,15 +41,10 @@ ap.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU")
 ap.add_argument("--only", choices=CASES, help=argparse.SUPPRESS)  # memory child
 a = ap.parse_args()
 
-import comfy_env  # noqa: E402
-
-env = comfy_env.env(cpu=not a.gpu)
+env = comfy_env.env(cpu=not a.gpu)  # ComfyUI importable from here on
 import comfy.patcher_extension  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
-import pack_nodes as pn  # noqa: E402
-import torch  # noqa: E402
-from lora_files import lora_factors, write_kohya_lora  # noqa: E402
 
 import nodes as comfy_nodes  # noqa: E402
 

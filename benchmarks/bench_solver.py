@@ -29,21 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+
+import dev_paths  # isort: split
 
 import torch
+import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from fusion.merge.solver import FoldedInputs, LayerProblem, layer_objective, solve_closed_form, solve_lbfgs
 
-import torch.nn.functional as F  # noqa: E402
-
-from fusion.merge.solver import FoldedInputs, LayerProblem, layer_objective, solve_closed_form, solve_lbfgs  # noqa: E402
-
+REPO = dev_paths.REPO  # importable from here on: fusion
 N_CONCEPTS = 3
 RANK = 4
 CHUNK = 4096  # rows per recorded chunk (one UNet step at 64×64)

@@ -17,15 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+import dev_paths  # isort: split
+
 import torch
+from comfy_server import ComfyServer
+from synthetic import make_edlora_state
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools" / "host"))
-sys.path.append(str(REPO))
-from comfy_server import ComfyServer  # noqa: E402
-from synthetic import make_edlora_state  # noqa: E402
+import mixofshow_run
 
-import mixofshow_run  # noqa: E402
+REPO = dev_paths.REPO
 
 CHARACTERS = {"potter": ("<potter1>", "<potter2>"), "hermione": ("<hermione1>", "<hermione2>"),
               "thanos": ("<thanos1>", "<thanos2>")}

@@ -12,12 +12,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools" / "host"))
-sys.path.insert(0, str(REPO))
-from comfy_server import ComfyServer  # noqa: E402
+import dev_paths  # isort: split
 
-import mixofshow_run  # noqa: E402
+from comfy_server import ComfyServer
+
+import mixofshow_run
+
+REPO = dev_paths.REPO
 
 EXAMPLES = REPO / "example_workflows"
 

@@ -20,18 +20,15 @@ import json
 import sys
 import time
 import urllib.parse
-import urllib.request
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools" / "host"))
-sys.path.insert(0, str(REPO / "tools"))
-sys.path.append(str(REPO))
-import demo  # noqa: E402
-from browser import comfy_page  # noqa: E402
-from comfy_server import ComfyServer, error_message  # noqa: E402
+import dev_paths  # isort: split
 
-from fusion.regions.pose import parse_box_file  # noqa: E402
+import demo
+from boxes import parse_box_file
+from browser import comfy_page
+from comfy_server import ComfyServer, error_message
+
+REPO = dev_paths.REPO
 
 POSE = demo.POSE.name
 WIDTH, HEIGHT, STEPS = 512, 256, 8
@@ -325,8 +322,7 @@ def _view(server: ComfyServer, ref: dict):
 
     query = urllib.parse.urlencode({"filename": ref["filename"], "subfolder": ref.get("subfolder", ""),
                                     "type": ref["type"]})
-    with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=60) as response:
-        return Image.open(io.BytesIO(response.read())).convert("RGB")
+    return Image.open(io.BytesIO(server.get_bytes(f"/view?{query}"))).convert("RGB")
 
 
 def thumbnail(server: ComfyServer, entry: dict, node_id: str) -> bytes:

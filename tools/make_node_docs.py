@@ -17,7 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import dev_paths  # isort: split
+
+from comfy_server import ComfyServer
+
+REPO = dev_paths.REPO
 FAMILY_DIR = REPO / "tools" / "node_docs"
 DOCS_DIR = REPO / "js" / "docs"
 NODE_PREFIX = "MixOfShow"
@@ -110,9 +114,6 @@ def render_pages(object_info: dict, family_dir: Path = FAMILY_DIR) -> dict[str, 
 
 
 def main() -> int:
-    sys.path.insert(0, str(REPO / "tools" / "host"))
-    from comfy_server import ComfyServer
-
     with tempfile.TemporaryDirectory(prefix="mixofshow-docs-") as base, \
             ComfyServer(Path(base), {"mixofshow": REPO}) as server:
         object_info = server.get("/object_info")

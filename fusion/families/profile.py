@@ -96,20 +96,14 @@ class ModelFamily:
                 return t.ldm + diffusers_name[len(t.diffusers):]
         raise KeyError(diffusers_name)
 
-    def layer_of_unet_module(self, diffusers_name: str) -> int | None:
-        """The first layer of the SpatialTransformer holding a diffusers-named module (its own layer when the
-        module is inside ``transformer_blocks.j``), else None."""
-        return self._layer_of_path(diffusers_name, diffusers=True)
-
     def layer_of_weight(self, model_key: str) -> int | None:
         """The layer of a MODEL state-dict key (``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2
-        .to_k.weight``), else None."""
-        return self._layer_of_path(model_key.removeprefix("diffusion_model."), diffusers=False)
-
-    def _layer_of_path(self, path: str, *, diffusers: bool) -> int | None:
+        .to_k.weight``): the first layer of the SpatialTransformer holding it (its own layer when the key is
+        inside ``transformer_blocks.j``), else None."""
+        path = model_key.removeprefix("diffusion_model.")
         first = 0
         for t in self.transformers:
-            prefix = (t.diffusers if diffusers else t.ldm) + "."
+            prefix = t.ldm + "."
             if path.startswith(prefix):
                 m = re.match(r"transformer_blocks\.(\d+)\.", path[len(prefix):])
                 j = int(m[1]) if m else 0

@@ -56,13 +56,6 @@ def box_layer_mask(box: Sequence[int], height: int, width: int, feature_h: int, 
     return mask
 
 
-def boxes_to_masks(height: int, width: int, boxes: Sequence[Sequence[int]]) -> Tensor:
-    """Stack :func:`box_to_mask` for several ``[top, left, bottom, right]`` boxes -> ``[R, H, W]``."""
-    if len(boxes) == 0:
-        return torch.zeros(0, int(height), int(width), dtype=torch.float32)
-    return torch.stack([box_to_mask(height, width, *[int(v) for v in b]) for b in boxes])
-
-
 def _resample_matrix(in_size: int, out_size: int) -> Tensor:
     """1-D resampling operator ``[out_size, in_size]`` (float64).
 

@@ -1,40 +1,16 @@
-"""Region boxes from files and pictures: the reference's box files, and one box per OpenPose skeleton.
+"""Region boxes from pictures: one box per OpenPose skeleton.
 
 OpenCV is imported inside :func:`find_pose_boxes` only (the pack loads without it).
 """
 from __future__ import annotations
 
 import math
-import os
-import re
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
 from .opencv import opencv
-
-_BOX_LINE = re.compile(
-    r"""^\s*([A-Za-z_]\w*)\s*=\s*(['"])\s*\[\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*\]\s*\2\s*$"""
-)
-
-
-def parse_box_file(path: str | os.PathLike[str]) -> list[tuple[str, list[int]]]:
-    """Boxes from a reference ``.txt`` file, in file order.
-
-    Every line of the form ``name='[a, b, c, d]'`` (four integers, single or
-    double quotes) yields ``(name, [a, b, c, d])`` -- ``[top, left, bottom,
-    right]``. Prompt lines (``char1='<x> <y>'``, ``region3='a <dogA1>'``) and
-    anything else are ignored; names may repeat (``region3`` is used for both
-    the prompt and the box in one reference file).
-    """
-    boxes: list[tuple[str, list[int]]] = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            match = _BOX_LINE.match(line)
-            if match:
-                boxes.append((match.group(1), [int(match.group(k)) for k in range(3, 7)]))
-    return boxes
 
 
 def _to_uint8_image(image: Any) -> Any:

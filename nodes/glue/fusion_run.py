@@ -93,11 +93,6 @@ def _identity(model, clip, concepts: ConceptSet, settings: gf.FusionSettings,
     return (base, *recording_keys(model, clip, concepts, settings, plan, model_d, clip_d))
 
 
-def cache_key(model, clip, concepts: ConceptSet, settings: gf.FusionSettings) -> str:
-    """The cache key a fusion of ``concepts`` on this MODEL/CLIP with ``settings`` is stored under."""
-    return _identity(model, clip, concepts, settings, plan_for(model, clip, concepts))[1]
-
-
 def _fusion_info(base: str, concepts: ConceptSet, settings: gf.FusionSettings) -> dict:
     return {"base": base, "settings": settings.as_dict(),
             "concepts": [{"name": c.edlora.name, "digest": c.edlora.digest, "tokens": c.edlora.tokens,

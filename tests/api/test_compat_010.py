@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import demo
 import pytest
 from comfy_server import ComfyServer
 from PIL import Image
@@ -31,8 +32,6 @@ from server_events import interrupt
 import mixofshow_run
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-import demo  # noqa: E402
 
 V010 = REPO / "tests" / "fixtures" / "v0_1_0"
 GRAPHS = ("multi_concept", "fusion_regional")
@@ -85,7 +84,7 @@ def cancel(server: ComfyServer, prompt_ids: list[str], timeout: float = 180) -> 
         if not running and not pending:
             return
         if pending:
-            server.post("/queue", {"delete": pending})
+            server.post_json("/queue", {"delete": pending})
         for prompt_id in running:
             interrupt(server, prompt_id)
         time.sleep(1)
@@ -95,7 +94,7 @@ def cancel(server: ComfyServer, prompt_ids: list[str], timeout: float = 180) -> 
 def test_010_api_prompts_are_accepted_unchanged(demo_server):
     queued = []
     for name in GRAPHS:
-        status, body = demo_server.post("/prompt", {"prompt": released(name)[1]})
+        status, body = demo_server.post_json("/prompt", {"prompt": released(name)[1]})
         assert status == 200 and not body.get("node_errors"), (name, body)
         queued.append(body["prompt_id"])
     cancel(demo_server, queued)

@@ -1,9 +1,9 @@
 """The README's main job (tools/demo.sh → tools/demo.py): its graph runs through the headless runner on
 the demo models, and the picture it reports and copies to .host/demo.png is the sampled one, not one of
 the region previews the prompt also outputs."""
-import sys
 from pathlib import Path
 
+import demo
 import pytest
 from comfy_server import ComfyServer
 from PIL import Image
@@ -11,8 +11,6 @@ from PIL import Image
 import mixofshow_run
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-import demo  # noqa: E402
 
 DEMO_MODELS = [REPO / ".host" / "models" / name for name in (demo.CKPT, demo.ADAPTER)]
 

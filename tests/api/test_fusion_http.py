@@ -79,7 +79,7 @@ def test_a_0_1_0_prompt_fuses_and_its_bundle_loads_everywhere(server):
 def test_new_inputs_run_and_bad_values_are_refused(server):
     entry = server.run(fusion_graph(sampler_name="euler", scheduler="karras", ridge=0.001))
     assert entry["status"]["status_str"] == "success", error_message(entry)
-    status, body = server.post("/prompt", {"prompt": fusion_graph(scheduler="no_such_scheduler")})
+    status, body = server.post_json("/prompt", {"prompt": fusion_graph(scheduler="no_such_scheduler")})
     assert status == 400 and "scheduler" in str(body.get("node_errors", {}).get("4", {}))
-    status, body = server.post("/prompt", {"prompt": fusion_graph(ridge=-1.0)})
+    status, body = server.post_json("/prompt", {"prompt": fusion_graph(ridge=-1.0)})
     assert status == 400 and "ridge" in str(body.get("node_errors", {}).get("4", {}))

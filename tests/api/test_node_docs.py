@@ -3,12 +3,11 @@ tools/make_node_docs.py makes of the node definitions the server serves today, a
 URL ComfyUI's frontend requests for its node help panel."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import make_node_docs
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-import make_node_docs  # noqa: E402
 
 
 def help_url(node_def: dict) -> str:

@@ -55,5 +55,5 @@ def test_unknown_token_is_reported(server):
 def test_bad_widget_is_refused_with_http_400(server):
     g = graph()
     g["2"]["inputs"]["edlora_name"] = "missing.pth"
-    status, body = server.post("/prompt", {"prompt": g})
+    status, body = server.post_json("/prompt", {"prompt": g})
     assert status == 400 and "2" in body.get("node_errors", {})

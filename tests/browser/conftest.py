@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from browser import ARGS, CHROMIUM
+from comfy_server import ComfyServer, comfy_root
+from server_setup import PACKS
+from synthetic import make_edlora_state
+from ui_support import TINY_TOKENS, TINY_TOKENS_B, UI, post
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools" / "host"))
-sys.path.insert(0, str(REPO / "tools"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # ui_support, for the test modules
-from browser import ARGS, CHROMIUM  # noqa: E402
-from comfy_server import ComfyServer, comfy_root  # noqa: E402
-from synthetic import make_edlora_state  # noqa: E402
-from ui_support import TINY_TOKENS, TINY_TOKENS_B, UI, post  # noqa: E402
-
-FIXTURES = REPO / "tests" / "support" / "mixofshow_test_fixtures"
 FRONTEND_158 = REPO / ".host" / "frontend-1.58.1" / "comfyui_frontend_package" / "static"
 FRONTENDS = {"1.32.9": None, "1.58.1": FRONTEND_158}
 RENDERERS = ("classic", "vue")
@@ -45,11 +40,9 @@ def _missing() -> str | None:
 def pytest_collection_modifyitems(items):
     here = Path(__file__).resolve().parent
     missing = _missing()
-    for item in items:
-        if here in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(pytest.mark.browser)
-            if missing:
-                item.add_marker(pytest.mark.skip(reason=missing))
+    for item in items:  # the browser marker itself comes from tests/conftest.py
+        if missing and here in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.skip(reason=missing))
 
 
 @pytest.fixture(scope="session")
@@ -93,8 +86,7 @@ def server(request, tmp_path_factory):
     with contextlib.ExitStack() as stack:
         with _environ(OMP_NUM_THREADS=str(min(2, os.cpu_count() or 1))):
             # the examples sample the full-size SD1.5 while this process only waits: two threads
-            server = stack.enter_context(ComfyServer(base, {"mixofshow": REPO, "mixofshow_test_fixtures": FIXTURES},
-                                                     front_end_root=root))
+            server = stack.enter_context(ComfyServer(base, PACKS, front_end_root=root))
         server.frontend = request.param
         yield server
 

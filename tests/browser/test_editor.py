@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from comfy_server import error_message as execution_error
 from PIL import Image
-from ui_support import TINY_TOKENS, execution_error, queue_and_wait, tiny_graph
+from ui_support import TINY_TOKENS, queue_and_wait, tiny_graph
 
 from fusion.regions.pose import find_pose_boxes
 
@@ -198,17 +199,8 @@ def test_regions_from_pose_shows_its_preview_after_a_run(ui):
 
 
 def test_the_routes_refuse_bad_requests_with_a_message(server):
-    import urllib.error
-    import urllib.request
-
     def status(path, body=None):
-        request = urllib.request.Request(server.url + path, data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+        return server.get_status(path) if body is None else server.post_json(path, body)
 
     assert status("/api/mixofshow/tokens?name=ui_tiny.pth") == (200, {"name": "ui_tiny.pth",
                                                                       "tokens": list(TINY_TOKENS)})

@@ -5,8 +5,9 @@ full-size random SD1.5 is slow on CPU)."""
 import json
 
 import pytest
+from comfy_server import error_message as execution_error
 from make_example_workflows import EXAMPLES, THUMBNAIL_SIZE
-from ui_support import REPO, execution_error, wait_history
+from ui_support import REPO, wait_history
 
 NAMES = list(EXAMPLES)
 PACK_MODULE = "mixofshow"  # the pack's folder name in custom_nodes (the template browser's category)

@@ -1,19 +1,18 @@
 """Gradient Fusion's progress in the bundled frontend (headless Chromium): while the node fuses, its current
 stage ("text encoder 1/2", "UNet: concept 2 of 2, step 3/6", "solving ... layers") arrives as the
 progress_text message and is rendered on the node; one screenshot is taken while it shows."""
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from browser import CHROMIUM
+from comfy_server import ComfyServer, comfy_root
+from fusion_graphs import fusion_and_save
+from server_setup import PACKS
+from synthetic import make_edlora_state
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools" / "host"))
-from browser import CHROMIUM  # noqa: E402
-from comfy_server import ComfyServer, comfy_root  # noqa: E402
-from fusion_graphs import fusion_and_save  # noqa: E402
-from synthetic import make_edlora_state  # noqa: E402
 
 pytestmark = [
     pytest.mark.browser,
@@ -21,7 +20,6 @@ pytestmark = [
     pytest.mark.skipif(not (comfy_root() / "main.py").is_file(), reason=f"no ComfyUI at {comfy_root()}"),
 ]
 pytest.importorskip("playwright")
-FIXTURES = REPO / "tests" / "support" / "mixofshow_test_fixtures"
 TINY = dict(model_channels=32, text_layers=2, text_intermediate=512)
 
 
@@ -33,7 +31,7 @@ def ui(tmp_path_factory, playwright_browser):
     (base / "models" / "edloras").mkdir(parents=True)
     for i, tokens in enumerate((("<p1>", "<p2>"), ("<q1>",))):
         torch.save(make_edlora_state(tokens, seed=60 + i, **TINY), base / "models" / "edloras" / f"progress_{i}.pth")
-    with ComfyServer(base, {"mixofshow": REPO, "mixofshow_test_fixtures": FIXTURES}) as server:
+    with ComfyServer(base, PACKS) as server:
         context = playwright_browser.new_context(viewport={"width": 1400, "height": 900})
         try:
             page = context.new_page()

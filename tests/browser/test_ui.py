@@ -2,7 +2,8 @@
 own concept tokens as rendered text, typing "<" offers the connected tokens, a stock CLIP Text Encode
 with a concept token gets a warning when queued, Gradient Fusion starts with a fixed seed and shows
 the stage text it is sent."""
-from ui_support import REPO, TINY_TOKENS, TINY_TOKENS_B, execution_error, queue_and_wait, tiny_graph
+from comfy_server import error_message as execution_error
+from ui_support import REPO, TINY_TOKENS, TINY_TOKENS_B, queue_and_wait, tiny_graph
 
 PACK_EXTENSIONS = {"mixofshow.concepts", "mixofshow.autocomplete", "mixofshow.regionsEditor",
                    "mixofshow.stockEncoderWarning", "mixofshow.fusion", "mixofshow.referencePose"}

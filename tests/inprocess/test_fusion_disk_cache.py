@@ -1,5 +1,6 @@
 """The fusion cache inside ComfyUI: hits record nothing, the key sees everything the recordings read,
 bad entries are misses that get overwritten, cache off writes nothing, the size cap evicts."""
+import functools
 import logging
 import os
 from pathlib import Path
@@ -8,6 +9,7 @@ import comfy_extras.nodes_model_advanced as advanced
 import pytest
 import torch
 from comfy import weight_adapter
+from fusion_keys import cache_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -85,7 +87,7 @@ class OtherPackAttention:
 def test_the_key_sees_everything_the_recordings_read(env, tiny, pair, tmp_path):
     model, clip, _ = tiny
     concepts = pair[2]
-    key = env.pack("nodes.glue.fusion_run").cache_key
+    key = functools.partial(cache_key, env)
     base = key(model, clip, concepts, settings(env))
     assert key(model.clone(), clip.clone(), concepts, settings(env)) == base
     assert key(pair[0], pair[1], concepts, settings(env)) == base  # loader outputs: their fused-weight patches aside
@@ -156,7 +158,7 @@ def test_trigger_words_and_embedding_files_are_in_the_key(env, tiny, pair):
     other_words = Concept(plain.edlora, 1.0, 1.0, trigger_words="embedding:ca_ti man", unet_factors=a.unet_factors,
                           text_factors=a.text_factors)
     ConceptSet = env.pack("fusion.prompts.concepts").ConceptSet
-    key = env.pack("nodes.glue.fusion_run").cache_key
+    key = functools.partial(cache_key, env)
     s = settings(env)
     k1 = key(model, clip, ConceptSet().add(pair[2].concepts[1]).add(plain), s)
     k2 = key(model, clip, ConceptSet().add(pair[2].concepts[1]).add(other_words), s)
@@ -262,7 +264,7 @@ def test_an_entry_written_by_release_0_2_0_still_hits_and_is_renamed(env, tiny, 
     (old,) = V0_2_ENTRY.glob("*.fused")
     (cache_dir / old.name).write_bytes(old.read_bytes())
     s = settings(env, steps=2, seed=0)
-    key = env.pack("nodes.glue.fusion_run").cache_key(model, clip, concepts, s)
+    key = cache_key(env, model, clip, concepts, s)
     assert key != old.stem
     with torch.inference_mode():
         _, _, _, stats = fuse(env, model, clip, concepts, s)

@@ -11,6 +11,7 @@ import pack_nodes as pn
 import pytest
 import torch
 import torch.nn.functional as F
+from boxes import parse_box_file
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -104,8 +105,8 @@ def test_full_region_with_zero_control_strength_is_sampling_without_control(env,
 def test_masks_reach_every_layer_at_the_right_size_and_place(env):
     """Reference boxes of a 1024x512 pose as painted masks (no box): at each of the 4 feature sizes the
     layer mask is the box scaled down (area-averaged), in row-major token order."""
-    pose, masks_of = env.pack("fusion.regions.pose"), env.pack("fusion.regions.masks")
-    boxes = pose.parse_box_file(POSES / "harry_hermione_thanos.txt")
+    masks_of = env.pack("fusion.regions.masks")
+    boxes = parse_box_file(POSES / "harry_hermione_thanos.txt")
     masks = torch.stack([masks_of.box_to_mask(512, 1024, *b) for _, b in boxes])
     for fh, fw in ((64, 128), (32, 64), (16, 32), (8, 16)):
         flat = masks_of.region_layer_masks(masks, [None] * len(boxes), fh, fw)
@@ -124,7 +125,7 @@ def test_box_regions_follow_the_reference_box_rule(env, tiny):
     mask (here: inverted twice, a new tensor) is area-averaged like any painted mask."""
     _, clip, _ = tiny
     cond = comfy_nodes.CLIPTextEncode().encode(clip, "a person")[0]
-    boxes = env.pack("fusion.regions.pose").parse_box_file(POSES / "harry_hermione_thanos.txt")
+    boxes = parse_box_file(POSES / "harry_hermione_thanos.txt")
     regions = None
     for _, (top, left, bottom, right) in boxes:
         regions = pn.region(cond, cond, pn.box_mask(1024, 512, top, left, bottom, right), regions)

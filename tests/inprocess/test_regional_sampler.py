@@ -8,6 +8,7 @@ import pack_nodes as pn
 import pytest
 import torch
 import torch.nn.functional as F
+from boxes import parse_box_file
 from comfy_env import execution_error, run_prompt
 
 import nodes as comfy_nodes
@@ -159,7 +160,7 @@ def test_box_regions_match_brute_force_with_the_reference_box_rule(env, tiny):
     """The 1024x512 reference boxes (harry_hermione_thanos) made by the box node: the regional noise
     prediction equals the brute force with the reference's per-layer box rule."""
     model, clip, _ = tiny
-    boxes = [tuple(b) for _, b in env.pack("fusion.regions.pose").parse_box_file(
+    boxes = [tuple(b) for _, b in parse_box_file(
         Path(__file__).resolve().parents[2] / "assets" / "poses" / "harry_hermione_thanos.txt")]
     pos, neg = encode(clip, "three people near a lake"), encode(clip, "blurry")
     prompts = [encode(clip, t) for t in ("a wizard in a robe", "a witch, smiling", "a giant in armour")]

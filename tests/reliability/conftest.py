@@ -26,9 +26,10 @@ import comfy_env
 import numpy as np
 import pytest
 import reliability_graphs as rg
+from comfy_server import ComfyServer, error_message
 from host_tier import module_without_host
 from lora_files import lora_factors, write_diffusers_lora, write_kohya_lora
-from server_setup import REPO, ComfyServer, error_message, pack_server, saved_pixels, write_tiny_edlora
+from server_setup import REPO, pack_server, saved_pixels, write_tiny_edlora
 
 MISSING_HOST = comfy_env.missing_host_reason()
 SUMMARY = REPO / ".reliability" / "last_run.json"

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import reliability_graphs as rg
-from server_setup import cached_nodes, error_message, event_data, rss_mib, saved_pixels
+from comfy_server import error_message
+from server_setup import cached_nodes, event_data, rss_mib, saved_pixels
 
 ORDER_SEED = 7
 RSS_FROM = 5  # the RSS after this prompt is the reference for the RSS after the last
@@ -79,7 +80,7 @@ class Soak:
 def try_bad(tier, bad: rg.BadPrompt) -> Fault:
     server = tier.server
     if bad.http_400:
-        status, body = server.post("/prompt", {"prompt": bad.graph})
+        status, body = server.post_json("/prompt", {"prompt": bad.graph})
         node_errors = body.get("node_errors", {})
         message = " ".join(e.get("details", "") for n in node_errors.values() for e in n.get("errors", []))
         node = next(iter(node_errors), None)

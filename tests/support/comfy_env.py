@@ -1,7 +1,10 @@
 """A real ComfyUI, in this process, with the pack loaded the way ComfyUI loads custom nodes.
 
 The ComfyUI root is ``$MIXOFSHOW_COMFYUI`` (your own checkout) or the project's host in ``.host/``
-(:func:`comfy_server.comfy_root`, the one place that rule lives).
+(:func:`comfy_server.comfy_root`, the one place that rule lives). :func:`env` puts it first on the import
+path: the one path edit of the tests (the rest is pyproject.toml's ``pythonpath``), made at run time because
+the root is chosen then and because ComfyUI's top-level ``nodes`` module must win over the pack's ``nodes``
+package.
 """
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+from comfy_server import comfy_root
+
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "mixofshow_test_fixtures"
-sys.path.insert(0, str(REPO / "tools" / "host"))
-from comfy_server import comfy_root  # noqa: E402
 
 _ENV: SimpleNamespace | None = None
 # how the executor's code reads its cache arguments: cache_args["ram"], self.cache_args.get("lru", 0)
@@ -70,7 +73,7 @@ def env(cpu: bool = True) -> SimpleNamespace:
     if _ENV is not None:
         return _ENV
     root = comfy_root()
-    sys.path.insert(0, str(root))
+    sys.path.insert(0, str(root))  # in front of the repo root: ComfyUI's nodes module, not the pack's package
     base = Path(tempfile.mkdtemp(prefix="mixofshow-base-"))
     for sub in ("models/edloras", "models/loras", "models/checkpoints", "models/controlnet", "input", "output"):
         (base / sub).mkdir(parents=True, exist_ok=True)

@@ -1,20 +1,21 @@
 """Follow one prompt on a real ComfyUI server through its websocket (the events the web UI gets),
 and interrupt it at a chosen moment: when an event says it has got that far (e.g. a progress step
-of a given node), ``POST /interrupt`` names the prompt. Every wait is bounded."""
+of a given node), ``POST /interrupt`` names the prompt. Every wait is bounded. The requests, the
+websocket address and the binary progress-text frames are the headless runner's (mixofshow_run)."""
 from __future__ import annotations
 
 import asyncio
 import json
-import struct
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
 import aiohttp
-from server_setup import ComfyServer
+from comfy_server import ComfyServer
 
-TEXT_FRAME = 3  # ComfyUI's BinaryEventTypes.TEXT (send_progress_text)
+import mixofshow_run
+
 FINISHED = ("execution_success", "execution_error", "execution_interrupted")
 
 
@@ -44,19 +45,16 @@ class Interrupted:
 
 def interrupt(server: ComfyServer, prompt_id: str) -> int:
     """``POST /interrupt`` for one prompt (the server ignores it unless that prompt is running)."""
-    return server.post("/interrupt", {"prompt_id": prompt_id})[0]
+    return server.post_json("/interrupt", {"prompt_id": prompt_id})[0]
 
 
 def _text_event(data: bytes, prompt_id: str) -> dict | None:
-    """A node's progress text (binary frame: type 3, node id length, node id, UTF-8 text) as an event
-    ``{"type": "progress_text", "data": {"node", "text", "prompt_id"}}``; None for other binary frames.
-    The frame names no prompt: this client queues one prompt at a time."""
-    if len(data) < 8 or struct.unpack(">I", data[:4])[0] != TEXT_FRAME:
+    """A node's progress text as an event ``{"type": "progress_text", "data": {"node", "text", "prompt_id"}}``;
+    None for other binary frames. The frame names no prompt: this client queues one prompt at a time."""
+    text = mixofshow_run.progress_text(data)
+    if text is None:
         return None
-    length = struct.unpack(">I", data[4:8])[0]
-    node = data[8:8 + length].decode("utf-8", "replace")
-    return {"type": "progress_text", "data": {"node": node, "text": data[8 + length:].decode("utf-8", "replace"),
-                                              "prompt_id": prompt_id}}
+    return {"type": "progress_text", "data": {"node": text[0], "text": text[1], "prompt_id": prompt_id}}
 
 
 def stage_text_of(node_id: str, starts_with: str) -> Callable[[dict], bool]:
@@ -72,13 +70,10 @@ async def _interrupt_when(server: ComfyServer, graph: dict, ready: Callable[[dic
     client_id = uuid.uuid4().hex
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as session, \
-            session.ws_connect(f"{server.url}/ws?clientId={client_id}", heartbeat=30) as ws:
-        # queued after connecting, so no event of the prompt is missed
-        status, body = await loop.run_in_executor(None, server.post, "/prompt",
-                                                  {"prompt": graph, "client_id": client_id})
-        if status != 200:
-            raise RuntimeError(f"/prompt refused the graph: {json.dumps(body)[:2000]}")
-        run = Interrupted(body["prompt_id"])
+            session.ws_connect(mixofshow_run.websocket_url(server, client_id), heartbeat=30) as ws:
+        # queued after connecting, so no event of the prompt is missed (mixofshow_run.Refused if refused)
+        run = Interrupted(await loop.run_in_executor(None, mixofshow_run._queue, server, graph, client_id,
+                                                     lambda line: None))
         queued = interrupted_at = time.monotonic()
         async for message in ws:
             if message.type == aiohttp.WSMsgType.BINARY:
@@ -107,7 +102,7 @@ def interrupt_when(server: ComfyServer, graph: dict, ready: Callable[[dict], boo
     is true; return when it has finished (interrupted, or not) and is in ``/history``, with its events."""
     run = asyncio.run(asyncio.wait_for(_interrupt_when(server, graph, ready), timeout))
     deadline = time.monotonic() + 30  # the websocket event comes just before the history entry
-    while run.prompt_id not in server.get(f"/history/{run.prompt_id}"):
+    while run.prompt_id not in server.get_json(f"/history/{run.prompt_id}"):
         if time.monotonic() > deadline:
             raise TimeoutError(f"prompt {run.prompt_id} finished but has no /history entry after 30 s")
         time.sleep(0.1)

@@ -3,18 +3,15 @@ fixture pack with the tiny models), the tiny ED-LoRA files its prompts load, and
 prompt did (its saved images, the nodes it took from ComfyUI's cache, its error, the server's memory)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from comfy_server import ComfyServer
 from PIL import Image
+from synthetic import make_edlora_state
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools" / "host"))
-from comfy_server import ComfyServer, error_message  # noqa: E402,F401 - error_message re-exported for the tiers
-from synthetic import make_edlora_state  # noqa: E402
-
 FIXTURES = REPO / "tests" / "support" / "mixofshow_test_fixtures"
 PACKS = {"mixofshow": REPO, "mixofshow_test_fixtures": FIXTURES}
 # make_edlora_state's sizes for the fixture pack's tiny CLIP (2 layers, 512 wide MLP) and its

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from synthetic import make_edlora_state
 
 from fusion.errors import MAX_MESSAGE_CHARS, EDLoRAError
 from fusion.families import SD15
@@ -25,7 +26,6 @@ from fusion.files import filecheck
 from fusion.files.edlora import TOKEN_PATTERN, EDLoRA, load_edlora, parse_edlora, save_edlora
 
 XTI_LAYER_KEYS = SD15.xti_keys
-from synthetic import make_edlora_state
 
 TINY = dict(model_channels=8, text_layers=1, text_intermediate=16, whole_block=False, rank=2)
 

@@ -3,7 +3,9 @@ import logging
 
 import pytest
 import torch
+from family_layers import layer_of_unet_module
 from safetensors.torch import save_file
+from synthetic import make_edlora_state
 
 from fusion.errors import MAX_MESSAGE_CHARS, ConceptError, EDLoRAError
 from fusion.families import SD15
@@ -20,9 +22,6 @@ from fusion.versions import BUNDLE_FORMAT
 
 XTI_LAYER_KEYS = SD15.xti_keys
 diffusers_unet_to_ldm = SD15.ldm_unet_module
-layer_of_unet_module = SD15.layer_of_unet_module
-from synthetic import make_edlora_state
-
 SMALL = dict(model_channels=32, text_layers=2, text_intermediate=512)
 
 

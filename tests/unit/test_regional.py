@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from boxes import boxes_to_masks, parse_box_file
+
+from fusion.regions.blend import blend_regions
+from fusion.regions.masks import box_to_mask, feature_hw_for_tokens, layer_masks, resize_masks
+from fusion.regions.pose import find_pose_boxes
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[2]
-
-from fusion.regions.blend import blend_regions
-from fusion.regions.masks import box_to_mask, boxes_to_masks, feature_hw_for_tokens, layer_masks, resize_masks
-from fusion.regions.pose import find_pose_boxes, parse_box_file
 
 POSES = REPO / "assets" / "poses"  # Mix-of-Show's reference poses and box files (Apache-2.0, see NOTICE.md)
 

@@ -361,7 +361,7 @@ def test_bad_inputs_raise():
         solve_closed_form(acc, [LayerProblem("m", {0: torch.randn(3, 2)})])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 def test_cuda_inputs_are_solved_on_the_device():
     deltas, xs = _problem(out=8, d=32, rows=(40, 40), seed=14)
     dev = torch.device("cuda")

@@ -1,4 +1,6 @@
-"""Start/stop a real ComfyUI server on 127.0.0.1 and talk to its HTTP API (tests and the demo)."""
+"""Start/stop a real ComfyUI server on 127.0.0.1 for the tests, the demo and the tools. Its HTTP client is
+the headless runner's (:class:`mixofshow_run.Server`, the one client of the project); this module adds the
+server process and the few requests only the tests make."""
 from __future__ import annotations
 
 import json
@@ -7,10 +9,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
+
+import mixofshow_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,11 +29,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ComfyServer:
+def _quiet(line: str) -> None:
+    """The runner's log, for prompts the tests queue (they print nothing)."""
+
+
+class ComfyServer(mixofshow_run.Server):
     """``main.py --cpu`` with ``--base-directory BASE``; the pack (and any extra packs) linked into
     ``BASE/custom_nodes``; ``front_end_root``: serve that frontend (a ``comfyui_frontend_package/static``
     folder) instead of the bundled one. Use as a context manager. ``python`` defaults to this interpreter
-    (the host's venv, or the environment of the ComfyUI that ``$MIXOFSHOW_COMFYUI`` names)."""
+    (the host's venv, or the environment of the ComfyUI that ``$MIXOFSHOW_COMFYUI`` names).
+
+    Requests: the runner's ``get_json``, ``get_bytes`` and ``post_json`` (``(status, JSON)``, error statuses
+    included), plus :meth:`get`, :meth:`get_status` and :meth:`run`."""
 
     def __init__(self, base: Path, packs: dict[str, Path], python: str | None = None, port: int | None = None,
                  env: dict[str, str] | None = None, front_end_root: Path | None = None):
@@ -40,10 +49,11 @@ class ComfyServer:
         self.front_end_root = front_end_root
         self.python = python or sys.executable
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(f"http://127.0.0.1:{self.port}")
         self.proc = None
+        self.log = None
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         for sub in ("custom_nodes", "models/checkpoints", "models/edloras", "models/controlnet", "input", "output",
                     "user/default", "temp"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
@@ -57,6 +67,14 @@ class ComfyServer:
             if not link.exists():
                 link.symlink_to(target)
         self.log = open(self.base / "server.log", "ab")
+        try:
+            self._start()
+        except BaseException:  # no server left running, no log file left open
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **self.env)
         self.proc = subprocess.Popen(
             [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
@@ -69,11 +87,10 @@ class ComfyServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited early; see {self.base / 'server.log'}")
             try:
-                self.get("/system_stats")
-                return self
-            except (urllib.error.URLError, ConnectionError, OSError):
+                self.get_json("/system_stats")
+                return
+            except (mixofshow_run.RunError, OSError):
                 time.sleep(0.5)
-        self.__exit__(None, None, None)
         raise RuntimeError("ComfyUI did not come up within 180 s")
 
     def __exit__(self, *exc) -> None:
@@ -83,35 +100,27 @@ class ComfyServer:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
     def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=60) as r:
-            body = r.read()
+        """GET: the JSON answer, or the text of any other (a script, a help page); RunError on an error status."""
+        body = self.get_bytes(path)
         return json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
 
-    def post(self, path: str, obj) -> tuple[int, dict]:
-        """POST JSON; returns (status, the JSON answer, {} for the endpoints that answer with an empty body
-        such as /interrupt and /queue)."""
-        req = urllib.request.Request(self.url + path, data=json.dumps(obj).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+    def get_status(self, path: str) -> tuple[int, dict]:
+        """GET a route that may refuse: (status, the JSON answer), error statuses included."""
+        return self._answer(self.url + path)
 
     def run(self, graph: dict, timeout: float = 900) -> dict:
-        """Queue a prompt, wait for it, return its /history entry (raises on HTTP 400)."""
-        status, r = self.post("/prompt", {"prompt": graph, "client_id": str(uuid.uuid4())})
-        if status != 200:
-            raise RuntimeError(f"/prompt refused the graph: {json.dumps(r)[:2000]}")
-        pid = r["prompt_id"]
+        """Queue a prompt, wait for it, return its /history entry (mixofshow_run.Refused when refused)."""
+        pid = mixofshow_run._queue(self, graph, str(uuid.uuid4()), _quiet)
         deadline = time.time() + timeout
         while time.time() < deadline:
-            h = self.get(f"/history/{pid}")
-            if pid in h and h[pid].get("status", {}).get("completed") is not None:
-                return h[pid]
+            entry = mixofshow_run._finished_entry(self, pid)
+            if entry is not None:
+                return entry
             time.sleep(0.25)
         raise TimeoutError(f"prompt {pid} did not finish within {timeout} s")
 

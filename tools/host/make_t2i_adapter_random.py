@@ -9,15 +9,16 @@ import math
 import os
 import sys
 
+import torch
+from safetensors.torch import save_file
+
 ap = argparse.ArgumentParser()
 ap.add_argument("comfy_dir")
 ap.add_argument("out")
 ap.add_argument("--seed", type=int, default=0)
 a = ap.parse_args()
-sys.path.insert(0, os.path.abspath(a.comfy_dir))
-import torch  # noqa: E402
+sys.path.insert(0, os.path.abspath(a.comfy_dir))  # this ComfyUI's comfy package (make_models.sh names it)
 from comfy.t2i_adapter.adapter import Adapter  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 net = Adapter(cin=64 * 3, channels=[320, 640, 1280, 1280], nums_rb=2, ksize=1, sk=True, use_conv=False, xl=False)
 g = torch.Generator().manual_seed(a.seed)

@@ -2,10 +2,8 @@
 the fixtures are in conftest.py)."""
 from __future__ import annotations
 
-import json
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,10 +163,7 @@ def wait_history(server, prompt_count: int, timeout: float = 600) -> dict:
 
 def post(server, path: str, body: dict) -> int:
     """POST JSON to a server route that answers with an empty body (/settings, /free); the status."""
-    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return response.status
+    return server.post_json(path, body)[0]
 
 
 def queue_and_wait(ui: UI, timeout: float = 600, fresh: bool = False) -> dict:
@@ -180,13 +175,6 @@ def queue_and_wait(ui: UI, timeout: float = 600, fresh: bool = False) -> dict:
     before = len(ui.server.get("/history"))
     ui.queue()
     return wait_history(ui.server, before + 1, timeout)
-
-
-def execution_error(entry: dict) -> str:
-    for event, data in entry.get("status", {}).get("messages", []):
-        if event == "execution_error":
-            return f"{data.get('exception_type')}: {data.get('exception_message')}"
-    return ""
 
 
 def tiny_graph(**extra) -> dict:
