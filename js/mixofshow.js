@@ -3,8 +3,9 @@
 // before a run the file's tokens (asked of the backend), after a run what the node reported.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { EDLORA_LOADER, LORA_CONCEPT, TOKENS_SHOWN, tokensOfFile, widgetValue } from "./lib/concepts.js";
+import { TOKENS_SHOWN, tokensOfFile, widgetValue } from "./lib/concepts.js";
 import { addStyle, el } from "./lib/dom.js";
+import { EDLORA_LOADER, LORA_CONCEPT } from "./lib/names.js";
 
 addStyle("mixofshow-tokens-style", `
 .mixofshow-tokens { box-sizing: border-box; width: 100%; padding: 4px 8px; border-radius: 6px; background: #1c2430;

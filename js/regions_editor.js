@@ -8,10 +8,10 @@ import { attachAutocomplete } from "./lib/autocomplete.js";
 import { conceptCandidates, widgetValue } from "./lib/concepts.js";
 import { addStyle, el, keepEvents } from "./lib/dom.js";
 import { inputOrigin, knownImage, viewUrl } from "./lib/image_source.js";
+import { REGIONS_EDITOR, ROUTE_POSE_BOXES, UI_CANVAS } from "./lib/names.js";
 import { boxesFromPose, boxFromPoints, completeBox, isUsable, labelOf, moveBox, parseBoxes, resizeBox,
   serializeBoxes } from "./lib/regions.js";
 
-const EDITOR_NODE = "MixOfShowRegionsEditor";
 const HANDLES = ["nw", "ne", "sw", "se"];
 const SOURCE_POLL_MS = 1000; // the upstream Load Image / pose choice has no event we can listen to
 
@@ -335,7 +335,7 @@ class RegionsEditor {
     }
     this.status("Looking for people in the pose…");
     try {
-      const response = await api.fetchApi("/mixofshow/pose_boxes", { method: "POST",
+      const response = await api.fetchApi(ROUTE_POSE_BOXES, { method: "POST",
         headers: { "Content-Type": "application/json" }, body: JSON.stringify({ image: source.ref }) });
       const found = await response.json();
       if (!response.ok) throw new Error(found.error ?? response.statusText);
@@ -389,7 +389,7 @@ function setUpEditor(node) {
 app.registerExtension({
   name: "mixofshow.regionsEditor",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== EDITOR_NODE) return;
+    if (nodeData.name !== REGIONS_EDITOR) return;
     const chain = (name, after) => {
       const original = nodeType.prototype[name];
       nodeType.prototype[name] = function () {
@@ -416,7 +416,7 @@ app.registerExtension({
     chain("onExecuted", function (message) {
       const editor = this.mixofshowEditor;
       if (!editor) return;
-      editor.lastRun = message?.mixofshow_canvas?.[0] ?? null;
+      editor.lastRun = message?.[UI_CANVAS]?.[0] ?? null;
       editor.refreshSource();
       editor.renderAll();
     });
