@@ -94,7 +94,4 @@ app.registerExtension({
       this.mixofshowRefreshTokens?.();
     };
   },
-  async setup() {
-    window.__mixofshowExtension = true;
-  },
 });

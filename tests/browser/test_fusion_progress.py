@@ -14,6 +14,7 @@ from browser import CHROMIUM  # noqa: E402
 from comfy_server import ComfyServer, comfy_root  # noqa: E402
 from fusion_graphs import fusion_and_save  # noqa: E402
 from synthetic import make_edlora_state  # noqa: E402
+from ui_support import PACK_LOADED  # noqa: E402
 
 pytestmark = [
     pytest.mark.browser,
@@ -41,7 +42,7 @@ def ui(tmp_path_factory, playwright_browser):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(server.url + "/", wait_until="domcontentloaded")
             page.wait_for_function("() => window.app && window.app.graph && window.comfyAPI", timeout=90000)
-            page.wait_for_function("() => window.__mixofshowExtension === true", timeout=30000)
+            page.wait_for_function(PACK_LOADED, timeout=30000)
             yield server, page, errors
         finally:
             context.close()
