@@ -10,15 +10,16 @@ import { EDLORA_LOADER, LORA_CONCEPT } from "./lib/names.js";
 addStyle("mixofshow-tokens-style", `
 .mixofshow-tokens { box-sizing: border-box; width: 100%; padding: 4px 8px; border-radius: 6px; background: #1c2430;
   color: #d9e8ff; font: 13px/1.4 monospace; overflow-wrap: anywhere; overflow: hidden; }
-.mixofshow-tokens-title { color: #8aa0b8; font: 11px sans-serif; margin-right: 6px; }
-.mixofshow-tokens.empty .mixofshow-tokens-value { color: #8a8a8a; font-style: italic; font-family: sans-serif; }
+.mixofshow-tokens .mixofshow-tokens-title { color: #8aa0b8; font: 11px sans-serif; margin-right: 6px; }
+.mixofshow-tokens.mixofshow-empty .mixofshow-tokens-value { color: #8a8a8a; font-style: italic;
+  font-family: sans-serif; }
 `);
 
 const TITLES = { [EDLORA_LOADER]: "tokens", [LORA_CONCEPT]: "trigger words" };
 
 function addTokensWidget(node) {
   const value = el("span", { className: "mixofshow-tokens-value" });
-  const element = el("div", { className: "mixofshow-tokens empty" },
+  const element = el("div", { className: "mixofshow-tokens mixofshow-empty" },
     [el("span", { className: "mixofshow-tokens-title", textContent: TITLES[node.comfyClass] }), value]);
   const widget = node.addDOMWidget("concept_tokens", "mixofshow_tokens", element, {
     serialize: false, hideOnZoom: false, getMinHeight: () => 30, getMaxHeight: () => 72,
@@ -28,7 +29,7 @@ function addTokensWidget(node) {
   node.setSize([Math.max(node.size[0], width), Math.max(node.size[1], height)]);
   return (text, placeholder = "") => {
     value.textContent = text || placeholder;
-    element.classList.toggle("empty", !text);
+    element.classList.toggle("mixofshow-empty", !text);
   };
 }
 

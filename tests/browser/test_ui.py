@@ -248,3 +248,17 @@ def test_the_names_module_agrees_with_the_server(ui):
                                                              "margin": 3})
     assert answer[0] == 400 and "margin" in answer[1]["error"]  # the pack's own check
 
+
+def test_the_pack_css_is_scoped_to_its_widgets(ui):
+    """Every rule of the pack's stylesheets sits under the root class of one widget (the Regions Editor,
+    the tokens widget, the autocomplete popup), and every class it names has the pack's prefix."""
+    sheets = ui.page.evaluate("""() => [...document.querySelectorAll('style[id^="mixofshow-"]')].map(s => ({
+        id: s.id, selectors: [...s.sheet.cssRules].flatMap(r => r.selectorText.split(',').map(x => x.trim()))}))""")
+    assert {s["id"] for s in sheets} == {"mixofshow-editor-style", "mixofshow-tokens-style",
+                                        "mixofshow-autocomplete-style"}
+    for sheet in sheets:
+        root = sheet["selectors"][0]
+        assert re.fullmatch(r"\.mixofshow-[\w-]+", root), sheet
+        for selector in sheet["selectors"]:
+            assert selector == root or selector.startswith((root + " ", root + ".")), (sheet["id"], selector)
+            assert all(c.startswith("mixofshow-") for c in re.findall(r"\.([\w-]+)", selector)), selector
