@@ -3,21 +3,23 @@
 // before a run the file's tokens (asked of the backend), after a run what the node reported.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { EDLORA_LOADER, LORA_CONCEPT, TOKENS_SHOWN, tokensOfFile, widgetValue } from "./lib/concepts.js";
+import { TOKENS_SHOWN, tokensOfFile, widgetValue } from "./lib/concepts.js";
 import { addStyle, el } from "./lib/dom.js";
+import { EDLORA_LOADER, LORA_CONCEPT } from "./lib/names.js";
 
 addStyle("mixofshow-tokens-style", `
 .mixofshow-tokens { box-sizing: border-box; width: 100%; padding: 4px 8px; border-radius: 6px; background: #1c2430;
   color: #d9e8ff; font: 13px/1.4 monospace; overflow-wrap: anywhere; overflow: hidden; }
-.mixofshow-tokens-title { color: #8aa0b8; font: 11px sans-serif; margin-right: 6px; }
-.mixofshow-tokens.empty .mixofshow-tokens-value { color: #8a8a8a; font-style: italic; font-family: sans-serif; }
+.mixofshow-tokens .mixofshow-tokens-title { color: #8aa0b8; font: 11px sans-serif; margin-right: 6px; }
+.mixofshow-tokens.mixofshow-empty .mixofshow-tokens-value { color: #8a8a8a; font-style: italic;
+  font-family: sans-serif; }
 `);
 
 const TITLES = { [EDLORA_LOADER]: "tokens", [LORA_CONCEPT]: "trigger words" };
 
 function addTokensWidget(node) {
   const value = el("span", { className: "mixofshow-tokens-value" });
-  const element = el("div", { className: "mixofshow-tokens empty" },
+  const element = el("div", { className: "mixofshow-tokens mixofshow-empty" },
     [el("span", { className: "mixofshow-tokens-title", textContent: TITLES[node.comfyClass] }), value]);
   const widget = node.addDOMWidget("concept_tokens", "mixofshow_tokens", element, {
     serialize: false, hideOnZoom: false, getMinHeight: () => 30, getMaxHeight: () => 72,
@@ -27,7 +29,7 @@ function addTokensWidget(node) {
   node.setSize([Math.max(node.size[0], width), Math.max(node.size[1], height)]);
   return (text, placeholder = "") => {
     value.textContent = text || placeholder;
-    element.classList.toggle("empty", !text);
+    element.classList.toggle("mixofshow-empty", !text);
   };
 }
 
@@ -92,8 +94,5 @@ app.registerExtension({
       this[TOKENS_SHOWN] = this.comfyClass === LORA_CONCEPT ? [text] : text.split(/\s+/).filter(Boolean);
       this.mixofshowRefreshTokens?.();
     };
-  },
-  async setup() {
-    window.__mixofshowExtension = true;
   },
 });

@@ -3,7 +3,8 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { widgetValue } from "./lib/concepts.js";
 import { el } from "./lib/dom.js";
-import { REFERENCE_POSE, poseUrl } from "./lib/image_source.js";
+import { poseUrl } from "./lib/image_source.js";
+import { REFERENCE_POSE } from "./lib/names.js";
 
 function setUpPreview(node) {
   const image = el("img", { draggable: false, style: { width: "100%", height: "100%", objectFit: "contain",

@@ -8,51 +8,58 @@ import { attachAutocomplete } from "./lib/autocomplete.js";
 import { conceptCandidates, widgetValue } from "./lib/concepts.js";
 import { addStyle, el, keepEvents } from "./lib/dom.js";
 import { inputOrigin, knownImage, viewUrl } from "./lib/image_source.js";
+import { REGIONS_EDITOR, ROUTE_POSE_BOXES, UI_CANVAS } from "./lib/names.js";
 import { boxesFromPose, boxFromPoints, completeBox, isUsable, labelOf, moveBox, parseBoxes, resizeBox,
   serializeBoxes } from "./lib/regions.js";
 
-const EDITOR_NODE = "MixOfShowRegionsEditor";
 const HANDLES = ["nw", "ne", "sw", "se"];
 const SOURCE_POLL_MS = 1000; // the upstream Load Image / pose choice has no event we can listen to
 
 addStyle("mixofshow-editor-style", `
-.mos-editor { box-sizing: border-box; display: flex; flex-direction: column; gap: 6px; width: 100%; height: 100%;
-  min-height: 0; color: #ddd; font: 12px sans-serif; }
-.mos-toolbar { display: flex; gap: 6px; align-items: center; flex-wrap: wrap; }
-.mos-toolbar button, .mos-row button { background: #333; color: #eee; border: 1px solid #555; border-radius: 4px;
-  padding: 2px 8px; cursor: pointer; font: 12px sans-serif; }
-.mos-toolbar button:hover, .mos-row button:hover { background: #444; }
-.mos-info { color: #999; flex: 1; min-width: 120px; }
-.mos-stage { position: relative; width: 100%; flex: none; background: #404040; overflow: hidden; cursor: crosshair;
-  border-radius: 4px; touch-action: none; user-select: none; outline: none; }
-.mos-stage img { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; }
-.mos-box, .mos-draft { position: absolute; box-sizing: border-box; border: 2px solid; cursor: move; }
-.mos-draft { border-style: dashed; border-color: #fff; pointer-events: none; }
-.mos-box.selected { border-width: 3px; box-shadow: 0 0 0 1px #fff; }
-.mos-box-label { position: absolute; left: 0; top: 0; padding: 1px 4px; font: 11px monospace; color: #fff;
-  white-space: nowrap; max-width: 100%; overflow: hidden; text-overflow: ellipsis; pointer-events: none;
+.mixofshow-editor { box-sizing: border-box; display: flex; flex-direction: column; gap: 6px; width: 100%;
+  height: 100%; min-height: 0; color: #ddd; font: 12px sans-serif; }
+.mixofshow-editor .mixofshow-toolbar { display: flex; gap: 6px; align-items: center; flex-wrap: wrap; }
+.mixofshow-editor .mixofshow-toolbar button, .mixofshow-editor .mixofshow-row button { background: #333; color: #eee;
+  border: 1px solid #555; border-radius: 4px; padding: 2px 8px; cursor: pointer; font: 12px sans-serif; }
+.mixofshow-editor .mixofshow-toolbar button:hover,
+.mixofshow-editor .mixofshow-row button:hover { background: #444; }
+.mixofshow-editor .mixofshow-info { color: #999; flex: 1; min-width: 120px; }
+.mixofshow-editor .mixofshow-stage { position: relative; width: 100%; flex: none; background: #404040;
+  overflow: hidden; cursor: crosshair; border-radius: 4px; touch-action: none; user-select: none; outline: none; }
+.mixofshow-editor .mixofshow-stage img { position: absolute; inset: 0; width: 100%; height: 100%;
+  pointer-events: none; }
+.mixofshow-editor .mixofshow-box, .mixofshow-editor .mixofshow-draft { position: absolute; box-sizing: border-box;
+  border: 2px solid; cursor: move; }
+.mixofshow-editor .mixofshow-draft { border-style: dashed; border-color: #fff; pointer-events: none; }
+.mixofshow-editor .mixofshow-box.mixofshow-selected { border-width: 3px; box-shadow: 0 0 0 1px #fff; }
+.mixofshow-editor .mixofshow-box-label { position: absolute; left: 0; top: 0; padding: 1px 4px; font: 11px monospace;
+  color: #fff; white-space: nowrap; max-width: 100%; overflow: hidden; text-overflow: ellipsis; pointer-events: none;
   text-shadow: 0 0 2px #000; }
-.mos-handle { position: absolute; width: 10px; height: 10px; background: #fff; border: 1px solid #000;
-  box-sizing: border-box; }
-.mos-handle.nw { left: -5px; top: -5px; cursor: nwse-resize; }
-.mos-handle.se { right: -5px; bottom: -5px; cursor: nwse-resize; }
-.mos-handle.ne { right: -5px; top: -5px; cursor: nesw-resize; }
-.mos-handle.sw { left: -5px; bottom: -5px; cursor: nesw-resize; }
-.mos-box-delete { position: absolute; right: 2px; top: 2px; width: 16px; height: 16px; line-height: 14px; padding: 0;
-  text-align: center; background: rgba(0,0,0,.6); color: #fff; border: none; border-radius: 3px; cursor: pointer; }
-.mos-list { flex: 1; min-height: 60px; overflow-y: auto; display: flex; flex-direction: column; gap: 6px; }
-.mos-row { border-left: 4px solid; padding: 4px 6px; background: #262626; border-radius: 4px; display: flex;
-  flex-direction: column; gap: 3px; }
-.mos-row.selected { background: #2f3540; }
-.mos-row-head { display: flex; gap: 6px; align-items: center; }
-.mos-row-head input[type=color] { width: 24px; height: 20px; padding: 0; border: none; background: none; }
-.mos-row-head .mos-label { flex: 1; min-width: 40px; }
-.mos-row input, .mos-row textarea { background: #1b1b1b; color: #ddd; border: 1px solid #444; border-radius: 3px;
-  font: 12px monospace; box-sizing: border-box; }
-.mos-row textarea { width: 100%; resize: vertical; min-height: 34px; }
-.mos-row input[type=number] { width: 56px; }
-.mos-status { color: #9c9; min-height: 14px; } .mos-status.error { color: #f88; }
-.mos-empty { color: #888; font-style: italic; padding: 4px; }
+.mixofshow-editor .mixofshow-handle { position: absolute; width: 10px; height: 10px; background: #fff;
+  border: 1px solid #000; box-sizing: border-box; }
+.mixofshow-editor .mixofshow-handle.mixofshow-nw { left: -5px; top: -5px; cursor: nwse-resize; }
+.mixofshow-editor .mixofshow-handle.mixofshow-se { right: -5px; bottom: -5px; cursor: nwse-resize; }
+.mixofshow-editor .mixofshow-handle.mixofshow-ne { right: -5px; top: -5px; cursor: nesw-resize; }
+.mixofshow-editor .mixofshow-handle.mixofshow-sw { left: -5px; bottom: -5px; cursor: nesw-resize; }
+.mixofshow-editor .mixofshow-box-delete { position: absolute; right: 2px; top: 2px; width: 16px; height: 16px;
+  line-height: 14px; padding: 0; text-align: center; background: rgba(0,0,0,.6); color: #fff; border: none;
+  border-radius: 3px; cursor: pointer; }
+.mixofshow-editor .mixofshow-list { flex: 1; min-height: 60px; overflow-y: auto; display: flex;
+  flex-direction: column; gap: 6px; }
+.mixofshow-editor .mixofshow-row { border-left: 4px solid; padding: 4px 6px; background: #262626; border-radius: 4px;
+  display: flex; flex-direction: column; gap: 3px; }
+.mixofshow-editor .mixofshow-row.mixofshow-selected { background: #2f3540; }
+.mixofshow-editor .mixofshow-row-head { display: flex; gap: 6px; align-items: center; }
+.mixofshow-editor .mixofshow-row-head input[type=color] { width: 24px; height: 20px; padding: 0; border: none;
+  background: none; }
+.mixofshow-editor .mixofshow-row-head .mixofshow-label { flex: 1; min-width: 40px; }
+.mixofshow-editor .mixofshow-row input, .mixofshow-editor .mixofshow-row textarea { background: #1b1b1b; color: #ddd;
+  border: 1px solid #444; border-radius: 3px; font: 12px monospace; box-sizing: border-box; }
+.mixofshow-editor .mixofshow-row textarea { width: 100%; resize: vertical; min-height: 34px; }
+.mixofshow-editor .mixofshow-row input[type=number] { width: 56px; }
+.mixofshow-editor .mixofshow-status { color: #9c9; min-height: 14px; }
+.mixofshow-editor .mixofshow-status.mixofshow-error { color: #f88; }
+.mixofshow-editor .mixofshow-empty { color: #888; font-style: italic; padding: 4px; }
 `);
 
 class RegionsEditor {
@@ -128,18 +135,18 @@ class RegionsEditor {
       this.renderAll();
     }, onerror: () => this.status(`could not load the picture from ${this.source?.from ?? "the input"}`, true) });
     this.boxLayer = el("div", { style: { position: "absolute", inset: "0" } });
-    this.draft = el("div", { className: "mos-draft", style: { display: "none" } });
-    this.stage = el("div", { className: "mos-stage", tabIndex: 0 }, [this.image, this.boxLayer, this.draft]);
-    this.info = el("span", { className: "mos-info" });
-    this.list = el("div", { className: "mos-list" });
-    this.statusLine = el("div", { className: "mos-status" });
-    const toolbar = el("div", { className: "mos-toolbar" }, [
+    this.draft = el("div", { className: "mixofshow-draft", style: { display: "none" } });
+    this.stage = el("div", { className: "mixofshow-stage", tabIndex: 0 }, [this.image, this.boxLayer, this.draft]);
+    this.info = el("span", { className: "mixofshow-info" });
+    this.list = el("div", { className: "mixofshow-list" });
+    this.statusLine = el("div", { className: "mixofshow-status" });
+    const toolbar = el("div", { className: "mixofshow-toolbar" }, [
       el("button", { textContent: "From pose", title: "One box per skeleton found in the image (the detector of "
         + "Regions from Pose); box i keeps its prompts", onclick: () => this.fromPose() }),
       el("button", { textContent: "Clear", title: "Remove every box", onclick: () => this.clear() }),
       this.info,
     ]);
-    this.element = el("div", { className: "mos-editor" }, [toolbar, this.stage, this.list, this.statusLine]);
+    this.element = el("div", { className: "mixofshow-editor" }, [toolbar, this.stage, this.list, this.statusLine]);
     keepEvents(this.element);
     keepEvents(this.stage, ["pointerup", "click"]);
     this.stage.addEventListener("pointerdown", (e) => this.onPointerDown(e));
@@ -156,7 +163,7 @@ class RegionsEditor {
 
   status(text, isError = false) {
     this.statusLine.textContent = text;
-    this.statusLine.classList.toggle("error", isError);
+    this.statusLine.classList.toggle("mixofshow-error", isError);
   }
 
   renderAll() {
@@ -175,22 +182,24 @@ class RegionsEditor {
 
   boxElement(box, index) {
     const { width, height } = this.size();
-    const frame = el("div", { className: `mos-box${index === this.selected ? " selected" : ""}`, dataset: { index },
+    const selected = index === this.selected ? " mixofshow-selected" : "";
+    const frame = el("div", { className: `mixofshow-box${selected}`, dataset: { index },
       style: { left: `${(100 * box.left) / width}%`, top: `${(100 * box.top) / height}%`,
         width: `${(100 * (box.right - box.left)) / width}%`, height: `${(100 * (box.bottom - box.top)) / height}%`,
         borderColor: box.color, background: `${box.color}33` } }, [
-      el("div", { className: "mos-box-label", textContent: `${index + 1}: ${labelOf(box, index)}`,
+      el("div", { className: "mixofshow-box-label", textContent: `${index + 1}: ${labelOf(box, index)}`,
         style: { background: `${box.color}cc` } }),
-      el("button", { className: "mos-box-delete", textContent: "×", title: "Delete this box",
+      el("button", { className: "mixofshow-box-delete", textContent: "×", title: "Delete this box",
         dataset: { action: "delete" } }),
-      ...HANDLES.map((handle) => el("div", { className: `mos-handle ${handle}`, dataset: { handle } })),
+      ...HANDLES.map((handle) => el("div", { className: `mixofshow-handle mixofshow-${handle}`,
+        dataset: { handle } })),
     ]);
     return frame;
   }
 
   renderList() {
     if (!this.boxes.length) {
-      this.list.replaceChildren(el("div", { className: "mos-empty", textContent:
+      this.list.replaceChildren(el("div", { className: "mixofshow-empty", textContent:
         "No boxes yet: drag on the picture to draw one, or click From pose." }));
       return;
     }
@@ -203,19 +212,20 @@ class RegionsEditor {
       this.renderStage();
       this.commit();
     };
-    const prompt = el("textarea", { className: "mos-prompt", value: box.prompt, rows: 2,
+    const prompt = el("textarea", { className: "mixofshow-prompt", value: box.prompt, rows: 2,
       placeholder: "prompt of this box, e.g. a <potter1> <potter2>, in a robe (type < for tokens)",
       oninput: (e) => update("prompt", e.target.value) });
-    const negative = el("textarea", { className: "mos-negative", value: box.negative, rows: 1,
+    const negative = el("textarea", { className: "mixofshow-negative", value: box.negative, rows: 1,
       placeholder: "negative prompt of this box", oninput: (e) => update("negative", e.target.value) });
     for (const field of [prompt, negative]) attachAutocomplete(field, () => conceptCandidates(api, this.node));
-    return el("div", { className: `mos-row${index === this.selected ? " selected" : ""}`, dataset: { index },
+    const selected = index === this.selected ? " mixofshow-selected" : "";
+    return el("div", { className: `mixofshow-row${selected}`, dataset: { index },
       style: { borderLeftColor: box.color }, onfocusin: () => this.select(index, false) }, [
-      el("div", { className: "mos-row-head" }, [
+      el("div", { className: "mixofshow-row-head" }, [
         el("input", { type: "color", value: box.color, title: "Colour of this box",
           oninput: (e) => update("color", e.target.value), onchange: () => this.renderList() }),
         el("b", { textContent: String(index + 1) }),
-        el("input", { className: "mos-label", value: box.label, placeholder: "label (default: first token)",
+        el("input", { className: "mixofshow-label", value: box.label, placeholder: "label (default: first token)",
           oninput: (e) => update("label", e.target.value) }),
         el("span", { textContent: "control" }),
         el("input", { type: "number", min: 0, max: 10, step: 0.05, value: box.control_strength,
@@ -232,7 +242,7 @@ class RegionsEditor {
     if (index === this.selected) return;
     this.selected = index;
     this.renderStage();
-    [...this.list.children].forEach((row, i) => row.classList?.toggle("selected", i === index));
+    [...this.list.children].forEach((row, i) => row.classList?.toggle("mixofshow-selected", i === index));
     if (scroll) this.list.children[index]?.scrollIntoView({ block: "nearest" });
   }
 
@@ -263,7 +273,7 @@ class RegionsEditor {
     if (event.button !== 0) return;
     event.preventDefault();
     this.stage.focus({ preventScroll: true });
-    const frame = event.target.closest(".mos-box");
+    const frame = event.target.closest(".mixofshow-box");
     const index = frame ? Number(frame.dataset.index) : -1;
     if (event.target.dataset.action === "delete") {
       this.remove(index);
@@ -314,7 +324,7 @@ class RegionsEditor {
       this.renderAll();
       this.commit();
       // after the renderer has handled the pointer release (Nodes 2.0 moves the focus on it)
-      const prompt = this.list.children[this.selected]?.querySelector(".mos-prompt");
+      const prompt = this.list.children[this.selected]?.querySelector(".mixofshow-prompt");
       setTimeout(() => prompt?.focus());
     } else if (drag.changed) {
       this.renderList();
@@ -335,7 +345,7 @@ class RegionsEditor {
     }
     this.status("Looking for people in the pose…");
     try {
-      const response = await api.fetchApi("/mixofshow/pose_boxes", { method: "POST",
+      const response = await api.fetchApi(ROUTE_POSE_BOXES, { method: "POST",
         headers: { "Content-Type": "application/json" }, body: JSON.stringify({ image: source.ref }) });
       const found = await response.json();
       if (!response.ok) throw new Error(found.error ?? response.statusText);
@@ -389,7 +399,7 @@ function setUpEditor(node) {
 app.registerExtension({
   name: "mixofshow.regionsEditor",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== EDITOR_NODE) return;
+    if (nodeData.name !== REGIONS_EDITOR) return;
     const chain = (name, after) => {
       const original = nodeType.prototype[name];
       nodeType.prototype[name] = function () {
@@ -416,7 +426,7 @@ app.registerExtension({
     chain("onExecuted", function (message) {
       const editor = this.mixofshowEditor;
       if (!editor) return;
-      editor.lastRun = message?.mixofshow_canvas?.[0] ?? null;
+      editor.lastRun = message?.[UI_CANVAS]?.[0] ?? null;
       editor.refreshSource();
       editor.renderAll();
     });

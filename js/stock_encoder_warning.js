@@ -3,7 +3,8 @@
 // gets a warning toast: the stock encoder would encode "<potter1>" as plain text, not as the concept.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { CLIP_TYPE, CONCEPTS_TYPE, conceptCandidates } from "./lib/concepts.js";
+import { conceptCandidates } from "./lib/concepts.js";
+import { CLIP, CONCEPTS, NODE_ID_PREFIX } from "./lib/names.js";
 import { tokensIn } from "./lib/tokens.js";
 
 const MUTED = 2; // LiteGraph node modes that do not run
@@ -13,12 +14,12 @@ const BYPASSED = 4;
 async function stockEncodersWithConceptTokens(graph) {
   const found = [];
   for (const node of graph.nodes ?? graph._nodes ?? []) {
-    const packNode = String(node.comfyClass ?? "").startsWith("MixOfShow");
+    const packNode = String(node.comfyClass ?? "").startsWith(NODE_ID_PREFIX);
     if (packNode || node.mode === MUTED || node.mode === BYPASSED) continue;
-    if (!(node.inputs ?? []).some((input) => input.type === CLIP_TYPE && input.link != null)) continue;
+    if (!(node.inputs ?? []).some((input) => input.type === CLIP && input.link != null)) continue;
     const written = (node.widgets ?? []).flatMap((w) => (typeof w.value === "string" ? tokensIn(w.value) : []));
     if (!written.length) continue;
-    const defined = new Set((await conceptCandidates(api, node, [CLIP_TYPE, CONCEPTS_TYPE])).map((c) => c.text));
+    const defined = new Set((await conceptCandidates(api, node, [CLIP, CONCEPTS])).map((c) => c.text));
     const tokens = [...new Set(written.filter((token) => defined.has(token)))];
     if (tokens.length) found.push({ node, tokens });
   }

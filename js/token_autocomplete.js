@@ -5,8 +5,9 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { attachAutocomplete } from "./lib/autocomplete.js";
 import { conceptCandidates } from "./lib/concepts.js";
+import { POSE_REGIONS, TEXT_ENCODE } from "./lib/names.js";
 
-const PROMPT_NODES = new Set(["MixOfShowTextEncode", "MixOfShowPoseRegions"]);
+const PROMPT_NODES = new Set([TEXT_ENCODE, POSE_REGIONS]);
 
 /** The graph node whose widget `textarea` is (Nodes 2.0 marks node elements with data-node-id). */
 function nodeOf(textarea) {

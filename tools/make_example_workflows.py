@@ -359,7 +359,9 @@ def main() -> int:
     out_dir.mkdir(exist_ok=True)
     failed = []
     with ComfyServer(base, {"mixofshow": REPO}) as server, comfy_page(server.url) as (page, errors):
-        page.wait_for_function("() => window.__mixofshowExtension === true", timeout=60000)
+        # window.app is set once every extension's setup() has run; app.extensions lists the registered ones
+        page.wait_for_function("() => (window.app?.extensions ?? []).some((e) => e.name === 'mixofshow.concepts')",
+                               timeout=60000)
         for name, example in EXAMPLES.items():
             if not name.startswith(args.only):
                 continue

@@ -7,10 +7,11 @@ addStyle("mixofshow-autocomplete-style", `
 .mixofshow-autocomplete { position: fixed; z-index: 100000; min-width: 160px; max-height: 220px; overflow-y: auto;
   background: #222; color: #ddd; border: 1px solid #555; border-radius: 6px; font: 12px monospace;
   box-shadow: 0 4px 14px rgba(0,0,0,.5); padding: 2px 0; }
-.mixofshow-autocomplete-item { padding: 3px 10px; cursor: pointer; white-space: nowrap; display: flex; gap: 10px;
-  justify-content: space-between; }
-.mixofshow-autocomplete-item.active, .mixofshow-autocomplete-item:hover { background: #3b5b8c; color: #fff; }
-.mixofshow-autocomplete-detail { opacity: .6; font-family: sans-serif; }
+.mixofshow-autocomplete .mixofshow-autocomplete-item { padding: 3px 10px; cursor: pointer; white-space: nowrap;
+  display: flex; gap: 10px; justify-content: space-between; }
+.mixofshow-autocomplete .mixofshow-autocomplete-item.mixofshow-active,
+.mixofshow-autocomplete .mixofshow-autocomplete-item:hover { background: #3b5b8c; color: #fff; }
+.mixofshow-autocomplete .mixofshow-autocomplete-detail { opacity: .6; font-family: sans-serif; }
 `);
 
 const MIRRORED = ["boxSizing", "width", "fontFamily", "fontSize", "fontWeight", "lineHeight", "letterSpacing",
@@ -70,7 +71,8 @@ class Popup {
   }
 
   highlight() {
-    [...this.element.children].forEach((child, i) => child.classList.toggle("active", i === this.active));
+    [...this.element.children].forEach((child, i) =>
+      child.classList.toggle("mixofshow-active", i === this.active));
     this.element.children[this.active]?.scrollIntoView({ block: "nearest" });
   }
 

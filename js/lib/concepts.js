@@ -1,11 +1,8 @@
 // Which concept tokens a prompt can use: walk the graph links back to the loaders and ask each for
 // its tokens (what it showed after its last run, else the file's tokens from the backend route
 // GET /mixofshow/tokens, which also works before any run). No app import: `api` is passed in.
+import { CONCEPTS, EDLORA_LOADER, LORA_CONCEPT, ROUTE_TOKENS } from "./names.js";
 
-export const EDLORA_LOADER = "MixOfShowLoadEDLoRA";
-export const LORA_CONCEPT = "MixOfShowLoRAConcept";
-export const CONCEPTS_TYPE = "EDLORA_CONCEPTS";
-export const CLIP_TYPE = "CLIP";
 export const TOKENS_SHOWN = "mixofshowTokens"; // node property: the tokens its last run reported
 
 const byFile = new Map(); // edlora_name -> Promise<string[]>
@@ -41,7 +38,7 @@ function upstreamNodes(node, types) {
 export function tokensOfFile(api, name) {
   if (!name) return Promise.resolve([]);
   if (!byFile.has(name)) {
-    const request = api.fetchApi(`/mixofshow/tokens?name=${encodeURIComponent(name)}`)
+    const request = api.fetchApi(`${ROUTE_TOKENS}?name=${encodeURIComponent(name)}`)
       .then(async (response) => {
         if (!response.ok) throw new Error((await response.json()).error ?? response.statusText);
         return (await response.json()).tokens;
@@ -66,7 +63,7 @@ async function loaderTokens(api, loader) {
 }
 
 /** Completion candidates {text, detail} of every loader upstream of `node` through `types` inputs. */
-export async function conceptCandidates(api, node, types = [CONCEPTS_TYPE]) {
+export async function conceptCandidates(api, node, types = [CONCEPTS]) {
   const loaders = upstreamNodes(node, types).filter(isLoader);
   const lists = await Promise.all(loaders.map(async (loader) => {
     const file = widgetValue(loader, loader.comfyClass === LORA_CONCEPT ? "lora_name" : "edlora_name") ?? "";

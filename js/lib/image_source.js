@@ -1,8 +1,7 @@
 // Where the picture under a node's IMAGE input can be seen and read before a run: a shipped pose
 // (Load Reference Pose) or a file in input/ (Load Image). No app import: `api` is passed in.
 import { widgetValue } from "./concepts.js";
-
-export const REFERENCE_POSE = "MixOfShowLoadReferencePose";
+import { LOAD_IMAGE, REFERENCE_POSE, ROUTE_POSES } from "./names.js";
 
 /** {filename, subfolder, type} of a Load Image value such as "poses/a.png [output]". */
 function parseAnnotatedName(value) {
@@ -20,7 +19,7 @@ export function viewUrl(api, ref) {
 }
 
 export function poseUrl(api, name) {
-  return api.apiURL(`/mixofshow/poses/${encodeURIComponent(name)}`);
+  return api.apiURL(ROUTE_POSES.replace("{name}", encodeURIComponent(name)));
 }
 
 /** The node feeding input `inputName` of `node`, or null. */
@@ -38,7 +37,7 @@ export function knownImage(api, node, inputName) {
     const pose = widgetValue(origin, "pose");
     return pose ? { key: `pose:${pose}`, url: poseUrl(api, pose), ref: { pose }, from: origin.title } : null;
   }
-  if (origin.comfyClass === "LoadImage") {
+  if (origin.comfyClass === LOAD_IMAGE) {
     const value = widgetValue(origin, "image");
     if (!value) return null;
     const ref = parseAnnotatedName(value);

@@ -34,7 +34,7 @@ def editor_graph() -> dict:
 
 
 def stage_box(ui, node_id: int):
-    return ui.widget_element(node_id, "regions_json").query_selector(".mos-stage").bounding_box()
+    return ui.widget_element(node_id, "regions_json").query_selector(".mixofshow-stage").bounding_box()
 
 
 def drag(ui, start, end) -> None:
@@ -126,21 +126,22 @@ def test_boxes_move_resize_and_delete_with_the_mouse(ui):
     ui.load_api(g)
     ui.show_node(6)
     rect = stage_box(ui, 6)
-    assert len(ui.widget_element(6, "regions_json").query_selector_all(".mos-box")) == 2
+    assert len(ui.widget_element(6, "regions_json").query_selector_all(".mixofshow-box")) == 2
     # move box 1 by (+16, +8) pixels: grab it in its middle
     drag(ui, at(rect, 24 / W, 30 / H), at(rect, 40 / W, 38 / H))
     moved = editor_boxes(ui, 6)[0]
     assert (moved["top"], moved["left"], moved["bottom"] - moved["top"], moved["right"] - moved["left"]) == \
         pytest.approx((16, 24, 32, 32), abs=1)
     # resize box 2 by its bottom-right corner to (126, 62)
-    corner = ui.widget_element(6, "regions_json").query_selector('.mos-box[data-index="1"] .mos-handle.se')
+    corner = ui.widget_element(6, "regions_json").query_selector(
+        '.mixofshow-box[data-index="1"] .mixofshow-handle.mixofshow-se')
     c = corner.bounding_box()
     drag(ui, (c["x"] + c["width"] / 2, c["y"] + c["height"] / 2), at(rect, 126 / W, 62 / H))
     resized = editor_boxes(ui, 6)[1]
     assert (resized["top"], resized["left"]) == (20, 80)
     assert (resized["bottom"], resized["right"]) == pytest.approx((62, 126), abs=1)
     ui.shot("editor-moved-resized")
-    ui.widget_element(6, "regions_json").query_selector('.mos-box[data-index="0"] .mos-box-delete').click()
+    ui.widget_element(6, "regions_json").query_selector('.mixofshow-box[data-index="0"] .mixofshow-box-delete').click()
     left = editor_boxes(ui, 6)
     assert [b["prompt"] for b in left] == ["a tree"] and left[0]["color"] == "#3cb44b"  # keeps its colour
 
@@ -156,8 +157,8 @@ def test_boxes_round_trip_through_a_saved_workflow(ui):
     ui.settle()
     assert editor_boxes(ui, 6) == boxes  # API format after a save/load
     editor = ui.widget_element(6, "regions_json")
-    assert editor.query_selector(".mos-box-label").inner_text() == "1: reader"
-    assert editor.query_selector(".mos-prompt").input_value() == "a <u1>"
+    assert editor.query_selector(".mixofshow-box-label").inner_text() == "1: reader"
+    assert editor.query_selector(".mixofshow-prompt").input_value() == "a <u1>"
 
 
 def test_from_pose_fills_the_boxes_with_the_pose_regions_detector(ui):
@@ -168,9 +169,9 @@ def test_from_pose_fills_the_boxes_with_the_pose_regions_detector(ui):
     ui.load_api(g)
     ui.show_node(6)
     editor = ui.widget_element(6, "regions_json")
-    ui.page.wait_for_function("(el) => el.querySelector('.mos-stage img').naturalWidth === 1024", arg=editor)
+    ui.page.wait_for_function("(el) => el.querySelector('.mixofshow-stage img').naturalWidth === 1024", arg=editor)
     editor.query_selector("button:text('From pose')").click()
-    ui.page.wait_for_function("(el) => el.querySelectorAll('.mos-box').length === 3", arg=editor, timeout=15000)
+    ui.page.wait_for_function("(el) => el.querySelectorAll('.mixofshow-box').length === 3", arg=editor, timeout=15000)
     pose = np.asarray(Image.open(ui.server.base / "custom_nodes" / "mixofshow" / "assets" / "poses" / POSE)
                       .convert("RGB"))
     expected = [list(b) for b in find_pose_boxes(pose, margin=0.05)]

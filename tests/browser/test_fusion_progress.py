@@ -11,6 +11,7 @@ from comfy_server import ComfyServer, comfy_root
 from fusion_graphs import fusion_and_save
 from server_setup import PACKS
 from synthetic import make_edlora_state
+from ui_support import PACK_LOADED
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +40,7 @@ def ui(tmp_path_factory, playwright_browser):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(server.url + "/", wait_until="domcontentloaded")
             page.wait_for_function("() => window.app && window.app.graph && window.comfyAPI", timeout=90000)
-            page.wait_for_function("() => window.__mixofshowExtension === true", timeout=30000)
+            page.wait_for_function(PACK_LOADED, timeout=30000)
             yield server, page, errors
         finally:
             context.close()

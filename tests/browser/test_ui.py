@@ -2,6 +2,9 @@
 own concept tokens as rendered text, typing "<" offers the connected tokens, a stock CLIP Text Encode
 with a concept token gets a warning when queued, Gradient Fusion starts with a fixed seed and shows
 the stage text it is sent."""
+import ast
+import re
+
 from comfy_server import error_message as execution_error
 from ui_support import REPO, TINY_TOKENS, TINY_TOKENS_B, queue_and_wait, tiny_graph
 
@@ -194,3 +197,66 @@ def test_completion_and_box_helpers(ui):
     assert out["pose"] == [["kept", "#e6194b"], ["", "#3cb44b"]]
     assert out["parsed"] == [[], []]
     assert out["label"] == ["<p1>", "big 1.2 red", "region 3"]
+
+
+def python_names() -> tuple[dict[str, str], set[str]]:
+    """The string constants of nodes/names.py ({name: value}, a socket io.Custom("X") as X) and which of
+    them are sockets. Read, not imported: the pack's `nodes` package would meet ComfyUI's `nodes` module."""
+    values, sockets = {}, set()
+    for statement in ast.parse((REPO / "nodes" / "names.py").read_text()).body:
+        if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1
+                and isinstance(statement.targets[0], ast.Name)):
+            continue
+        name, value = statement.targets[0].id, statement.value
+        if isinstance(value, ast.Call) and ast.unparse(value.func) == "io.Custom" and value.args:
+            sockets.add(name)
+            value = value.args[0]
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            values[name] = value.value
+    return values, sockets
+
+
+def test_the_names_module_agrees_with_the_server(ui):
+    """js/lib/names.js, imported as the page imports it: a name nodes/names.py also has is equal there
+    (every socket and route of nodes/names.py is there), every other name is a registered node id or a
+    socket type of the registered nodes, the pack's node ids all start with its prefix, and the routes
+    answer from the pack."""
+    js = ui.page.evaluate("async () => ({...(await import('/extensions/mixofshow/lib/names.js'))})")
+    python, python_sockets = python_names()
+    object_info = ui.server.get("/object_info")
+    socket_types = {t for d in object_info.values() for t in d["output"] if isinstance(t, str)}
+    pack_nodes = {n for n, d in object_info.items()
+                  if re.fullmatch(r"custom_nodes\.mixofshow(@.*)?", d.get("python_module", ""))}
+
+    shared = {k for k in python if k in python_sockets or k.startswith("ROUTE_")}
+    assert len(shared) >= 5 and shared <= set(js), "every socket and route of nodes/names.py is in names.js"
+    assert {k: js[k] for k in js if k in python} == {k: python[k] for k in js if k in python}
+    assert all(python[k] in socket_types for k in python_sockets), "the pack's nodes use its sockets"
+    node_ids = {k for k, v in js.items() if k not in python and v in object_info}
+    comfy_sockets = {k for k, v in js.items() if k not in python and v in socket_types}
+    assert set(js) - set(python) - node_ids - comfy_sockets == {"NODE_ID_PREFIX"}, \
+        "every name is a nodes/names.py name, a registered node id or a socket type"
+    assert len(pack_nodes) >= 12 and all(n.startswith(js["NODE_ID_PREFIX"]) for n in pack_nodes)
+    assert {js[k] for k in node_ids if js[k].startswith(js["NODE_ID_PREFIX"])} <= pack_nodes
+
+    assert ui.server.get(f"/api{js['ROUTE_TOKENS']}?name=ui_tiny.pth")["tokens"] == list(TINY_TOKENS)
+    pose = ui.server.get_bytes("/api" + js["ROUTE_POSES"].replace("{name}", "harry_hermione_thanos.png"))
+    assert pose.startswith(b"\x89PNG")  # get_bytes raises on an error status
+    answer = ui.server.post(f"/api{js['ROUTE_POSE_BOXES']}", {"image": {"pose": "harry_hermione_thanos.png"},
+                                                             "margin": 3})
+    assert answer[0] == 400 and "margin" in answer[1]["error"]  # the pack's own check
+
+
+def test_the_pack_css_is_scoped_to_its_widgets(ui):
+    """Every rule of the pack's stylesheets sits under the root class of one widget (the Regions Editor,
+    the tokens widget, the autocomplete popup), and every class it names has the pack's prefix."""
+    sheets = ui.page.evaluate("""() => [...document.querySelectorAll('style[id^="mixofshow-"]')].map(s => ({
+        id: s.id, selectors: [...s.sheet.cssRules].flatMap(r => r.selectorText.split(',').map(x => x.trim()))}))""")
+    assert {s["id"] for s in sheets} == {"mixofshow-editor-style", "mixofshow-tokens-style",
+                                        "mixofshow-autocomplete-style"}
+    for sheet in sheets:
+        root = sheet["selectors"][0]
+        assert re.fullmatch(r"\.mixofshow-[\w-]+", root), sheet
+        for selector in sheet["selectors"]:
+            assert selector == root or selector.startswith((root + " ", root + ".")), (sheet["id"], selector)
+            assert all(c.startswith("mixofshow-") for c in re.findall(r"\.([\w-]+)", selector)), selector

@@ -13,6 +13,10 @@ TINY_TOKENS_B = ("<w1>",)
 _PACK_URL = "/extensions/mixofshow/"
 _PACK_ROUTES = (_PACK_URL, "/mixofshow/", "/api/mixofshow/")
 _NOT_THE_PACK = ("Content Security Policy", "api.comfy.org")  # the frontend's own lookups of node packs
+# The app is ready and the pack's extension with it: the frontend assigns window.app only after app.setup()
+# has run every extension's setup() (both frontends), and app.extensions lists the registered ones.
+PACK_LOADED = ("() => !!(window.app && window.app.graph && window.comfyAPI) "
+               "&& (window.app.extensions ?? []).some((e) => e.name === 'mixofshow.concepts')")
 
 
 class UI:
@@ -54,8 +58,7 @@ class UI:
 
     def load(self) -> None:
         self.page.goto(self.server.url + "/", wait_until="domcontentloaded")
-        self.page.wait_for_function("() => window.app && window.app.graph && window.comfyAPI "
-                                    "&& window.__mixofshowExtension === true", timeout=120000)
+        self.page.wait_for_function(PACK_LOADED, timeout=120000)
         self.page.wait_for_timeout(1500)
 
     def close_dialogs(self) -> None:
