@@ -33,7 +33,7 @@ model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=
 torch.save(make_edlora_state(("<b1>", "<b2>"), seed=3), env.base / "models" / "edloras" / "bench.pth")
 lmodel, lclip, concepts = env.pack("nodes.glue.loading").apply_edlora(
     model, clip, None, str(env.base / "models" / "edloras" / "bench.pth"), 0.7, 0.7)
-encode = env.pack("nodes.layerwise").encode_with_concepts
+encode = env.pack("nodes.glue.layerwise").encode_with_concepts
 
 calls = []
 transformer = lclip.cond_stage_model.clip_l.transformer

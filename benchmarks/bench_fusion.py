@@ -75,7 +75,7 @@ def child(args) -> dict:
     en = pack("nodes.glue.loading")
     folders = pack("nodes.glue.folders")
     concepts, m, c = None, model, clip
-    folder = Path(pack("nodes.glue.folders").folder_paths.get_folder_paths("edloras")[0])
+    folder = Path(folders.folder_paths.get_folder_paths("edloras")[0])
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(args.child):
         name = f"bench_{'tiny' if args.tiny else 'full'}_{i}.pth"
@@ -83,18 +83,20 @@ def child(args) -> dict:
                                      whole_block=not args.attention_only, **shape), folder / name)
         m, c, concepts = en.apply_edlora(m, c, concepts, folders.edlora_path(name), 1.0, 1.0)
     del m, c
-    gf = pack("fusion.gradient_fusion")
+    gf = pack("fusion.merge.gradient_fusion")
     settings = gf.FusionSettings(steps=args.steps, width=args.size, height=args.size, seed=0, solver=args.solver,
                                  sampler=args.sampler)
     import gc
 
+    import comfy.model_management
+
     gc.collect()
     # the cost of the base identity alone: sha256 over every byte of every MODEL and CLIP weight
-    run = pack("nodes.fusion_run")
+    run, fp = pack("nodes.glue.fusion_run"), pack("nodes.glue.fused_patches")
     t = time.perf_counter()
     run._weight_digests(model), run._weight_digests(clip.patcher)
     digest_s = time.perf_counter() - t
-    weights_gib = sum(run.original_weight(v).numel() * run.original_weight(v).element_size()
+    weights_gib = sum(fp.original_weight(v).numel() * fp.original_weight(v).element_size()
                       for p in (model, clip.patcher) for v in p.get_key_patches().values()) / 2**30
     gc.collect()
     rss_model = _status_kib("VmRSS")
@@ -112,8 +114,8 @@ def child(args) -> dict:
            "digest_s": digest_s, "weights_gib": weights_gib, "cpus": os.cpu_count(),
            "peak_rss_mib": _status_kib("VmHWM") / 1024, "recorded": stats["recorded"],
            "cache_mib": os.path.getsize(stats["cache_file"]) / 2**20 if stats.get("cache_file") else 0.0,
-           "device": str(pack("nodes.fusion_run").mm.get_torch_device()), "threads": torch.get_num_threads(),
-           "fused": len(pack("nodes.fused_patches").fused_of(fm)[0]) + len(pack("nodes.fused_patches").fused_of(fc.patcher)[0])}
+           "device": str(comfy.model_management.get_torch_device()), "threads": torch.get_num_threads(),
+           "fused": len(fp.fused_of(fm)[0]) + len(fp.fused_of(fc.patcher)[0])}
     if args.gpu:
         out["peak_vram_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -131,13 +133,16 @@ def table(results: list[dict], args) -> str:
             + (f" {'peak VRAM':>10s}" if gpu else ""))
     lines += [head, "-" * len(head)]
     first_above = None
+
+    def rec_sol(seconds: dict, stage: str) -> str:
+        return f"{seconds.get(stage + '_record', 0):.1f}/{seconds.get(stage + '_solve', 0):.1f}"
+
     for r in results:
         s = r["seconds"]
         above = r["peak_rss_mib"] - r["rss_model_mib"]
         first_above = first_above if first_above is not None else above
-        rec_sol = lambda st: f"{s.get(st + '_record', 0):.1f}/{s.get(st + '_solve', 0):.1f}"  # noqa: E731
         lines.append(f"{r['n']:3d} {r['total']:8.1f} {r['total'] / r['n']:7.1f} {s.get('identity', 0):6.1f} "
-                     f"{rec_sol('text'):>13s} {rec_sol('cross_kv'):>12s} {rec_sol('unet'):>14s} "
+                     f"{rec_sol(s, 'text'):>13s} {rec_sol(s, 'cross_kv'):>12s} {rec_sol(s, 'unet'):>14s} "
                      f"{r['peak_rss_mib']:8.0f}M {r['rss_model_mib']:9.0f}M {above:7.0f}M "
                      f"{(above / first_above - 1) * 100 if first_above else 0:6.1f}% {r['cache_mib']:9.1f}"
                      + (f" {r['peak_vram_mib']:9.0f}M" if gpu else ""))

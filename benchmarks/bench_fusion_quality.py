@@ -109,6 +109,11 @@ def weight_sum(plan):
     return out
 
 
+def with_rcond(solve_closed_form, rcond: float):
+    """``solve_closed_form`` with its eigenvalue cutoff fixed at ``rcond`` (whatever the caller passes)."""
+    return lambda *a, **k: solve_closed_form(*a, **{**k, "rcond": rcond})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4, help="recording steps per concept (held out: one more)")
@@ -133,13 +138,14 @@ def main(argv=None) -> int:
     import comfy.samplers
     from synthetic import make_edlora_state
 
-    gf, run, rec_mod = pack("fusion.gradient_fusion"), pack("nodes.fusion_run"), pack("nodes.fusion_recording")
-    solver, fp, enc = pack("fusion.solver"), pack("nodes.fused_patches"), pack("nodes.layerwise")
+    gf, solver = pack("fusion.merge.gradient_fusion"), pack("fusion.merge.solver")
+    run, rec_mod = pack("nodes.glue.fusion_run"), pack("nodes.glue.fusion_recording")
+    fp, enc = pack("nodes.glue.fused_patches"), pack("nodes.glue.layerwise")
     en = pack("nodes.glue.loading")
     folders = pack("nodes.glue.folders")
     t_start = time.perf_counter()
     model, clip, shape = load_model(not args.tiny, env)
-    folder = Path(en.folder_paths.get_folder_paths("edloras")[0])
+    folder = Path(folders.folder_paths.get_folder_paths("edloras")[0])
     folder.mkdir(parents=True, exist_ok=True)
     concepts, names = None, []
     for i in range(args.concepts):
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
         outs = [denoised(m_i, c_i, own, e2e_prompt[i], s) for s in sigmas]
         own_out.append(outs)
         base_err.append([float((denoised(m_b, c_b, emb, e2e_prompt[i], s)[0] - o).norm() / (x - o).norm())
-                         for s, (o, x) in zip(sigmas, outs)])
+                         for s, (o, x) in zip(sigmas, outs, strict=True)])
     print(f"references ready ({time.perf_counter() - t_start:.0f}s)", flush=True)
 
     fused_concepts = fp.fused_concepts([(c.edlora, c.trigger_words) for c in concepts.concepts])
@@ -193,8 +199,7 @@ def main(argv=None) -> int:
         else:
             original = solver.solve_closed_form
             if label.startswith("cf rcond="):
-                rcond = float(label.split("=")[1])
-                gf.S.solve_closed_form = lambda *a, **k: original(*a, **{**k, "rcond": rcond})
+                gf.S.solve_closed_form = with_rcond(original, float(label.split("=")[1]))
             try:
                 with torch.inference_mode():
                     stats = run.fuse(model, clip, concepts, settings, use_cache=False)[3]
@@ -233,7 +238,7 @@ def main(argv=None) -> int:
         fm, fc = fp.fused_clones(model, clip, {k: v for k, v in deltas.items() if k in m_keys},
                                  {k: v for k, v in deltas.items() if k in c_keys}, {}, fused_concepts, strip=True)
         e2e = [[float((denoised(fm, fc, fused_concepts, e2e_prompt[i], s)[0] - o).norm() / (x - o).norm())
-                for s, (o, x) in zip(sigmas, own_out[i])] for i in range(plan.concepts)]
+                for s, (o, x) in zip(sigmas, own_out[i], strict=True)] for i in range(plan.concepts)]
         mm.unload_all_models()
         report[label] = {"fuse_s": seconds[label], "stages": {s: errors.stage_errors(label, s) for s in STAGES},
                          "ratios": {k: statistics.median(v) for k, v in ratios.items()},
@@ -242,10 +247,11 @@ def main(argv=None) -> int:
         print(f"{label:16s} held-out /effect " + ", ".join(f"{s} {r['stages'][s][1]:.3f}" for s in STAGES)
               + "; e2e " + ", ".join(f"{v:.4f}" for v in r["e2e"]), flush=True)
 
-    print(f"\n## Held-out judgement: {args.concepts} synthetic {'attention-only' if args.attention_only else 'whole-block'} "
-          f"rank-4 ED-LoRAs, {'tiny SD1.5 layout' if args.tiny else 'full-size random SD1.5'}, recording {args.steps} "
-          f"steps at {args.size}x{args.size}; held out (each concept's own model): other prompts / seed / {args.steps + 1} "
-          f"steps")
+    print(f"\n## Held-out judgement: {args.concepts} synthetic "
+          f"{'attention-only' if args.attention_only else 'whole-block'} rank-4 ED-LoRAs, "
+          f"{'tiny SD1.5 layout' if args.tiny else 'full-size random SD1.5'}, recording {args.steps} "
+          f"steps at {args.size}x{args.size}; held out (each concept's own model): other prompts / seed / "
+          f"{args.steps + 1} steps")
     print("\nPer stage, fused layer vs each concept's own tuned layer on held-out rows (all layers, all concepts):")
     head = f"{'method':16s} {'fuse s':>7s}" + "".join(f" {s + ' rel':>13s} {s + ' /effect':>16s}" for s in STAGES)
     print(head + "\n" + "-" * len(head))

@@ -83,7 +83,8 @@ def n_pass(n):
     weights = torch.nn.functional.avg_pool2d(masks[:, None], 8)  # [n, 1, h, w] at the latent size
     weights = weights / weights.sum(0, keepdim=True).clamp_min(1e-8)
 
-    def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+    def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
+        transformer_options = {} if transformer_options is None else transformer_options
         out = 0
         for r in range(n):
             out = out + weights[r].to(x) * executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)

@@ -127,7 +127,7 @@ def published_lbfgs(w0, deltas, xs, iterations: int, chunk: int = 8192):
     with torch.inference_mode(False), torch.enable_grad():
         with torch.no_grad():
             X = torch.cat(xs).float()
-            T = torch.cat([x @ (w0 + up @ down).T for (up, down), x in zip(deltas, xs)])
+            T = torch.cat([x @ (w0 + up @ down).T for (up, down), x in zip(deltas, xs, strict=True)])
         n_rows, out_f = X.shape[0], w0.shape[0]
         w = w0.clone().requires_grad_(True)
         best = {"loss": math.inf, "w": w0.clone()}
@@ -159,7 +159,7 @@ def run_shape(s: Shape, device: torch.device, budget: float, seed: int) -> Resul
     # --- closed form: folding the rows, then the solve
     t = clock(device)
     acc = FoldedInputs(s.inp, device=device)
-    for (_up, down), x in zip(deltas, xs):
+    for (_up, down), x in zip(deltas, xs, strict=True):
         acc.begin_concept({"m": down})
         for start in range(0, x.shape[0], CHUNK):
             acc.add(x[start:start + CHUNK])
@@ -368,8 +368,9 @@ def main(argv=None) -> int:
         whole_model(results, device)
     if args.json:
         print("JSON " + json.dumps([{"layer": r.shape.label, "rows": r.shape.rows, "closed_s": r.closed_s,
-                                     "node_lbfgs_s": r.node_lbfgs_s, "lbfgs_s": r.lbfgs_s, "extrapolated": r.extrapolated,
-                                     "cf_le_lb": r.obj_cf <= r.obj_lb + 1e-9 * r.obj_w0} for r in results.values()]))
+                                     "node_lbfgs_s": r.node_lbfgs_s, "lbfgs_s": r.lbfgs_s,
+                                     "extrapolated": r.extrapolated, "cf_le_lb": r.obj_cf <= r.obj_lb + 1e-9 * r.obj_w0}
+                                    for r in results.values()]))
     print(f"\nbenchmark wall time {time.perf_counter() - t_all:.0f}s")
     return 0
 

@@ -60,7 +60,7 @@ if [ "$DRY" = 1 ]; then
   PY="$VENV_PY"
   FUSION_ARGS=(--tiny --concepts 2,3 --steps 1 --size 64 --json)
   SOLVER_ARGS=(--device cpu --quick --only q_proj --lbfgs-budget 2 --json)
-  REGIONAL_ARGS=(--steps 1 --repeats 1 --no-memory)
+  REGIONAL_ARGS=(--steps 1 --repeats 1 --width 64 --height 64 --no-memory)
   say "dry run on the CPU with tiny settings (the plumbing, not the numbers)"
 else
   if ! PY=$(pick_python); then

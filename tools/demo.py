@@ -112,7 +112,8 @@ def main() -> int:
     t0 = time.time()
     with ComfyServer(base, {"mixofshow": REPO}) as server:
         try:
-            saved = mixofshow_run.run(graph(a.steps, a.width, a.height, a.fused), server.url, REPO / ".host" / "demo-out")
+            saved = mixofshow_run.run(graph(a.steps, a.width, a.height, a.fused), server.url,
+                                      REPO / ".host" / "demo-out")
         except mixofshow_run.RunError as e:
             print("demo failed:", e)
             return e.exit_code

@@ -114,7 +114,8 @@ def reference_boxes() -> list[dict]:
     boxes = [b for _, b in parse_box_file(demo.POSE.with_suffix(".txt"))]
     return [{"top": t, "left": left, "bottom": b, "right": r, "prompt": prompt, "negative": NEGATIVE,
              "control_strength": 1.0, "label": "", "color": color}
-            for (t, left, b, r), prompt, color in zip(boxes, PROMPTS.values(), ("#e6194b", "#3cb44b", "#4363d8"))]
+            for (t, left, b, r), prompt, color in zip(boxes, PROMPTS.values(), ("#e6194b", "#3cb44b", "#4363d8"),
+                                                      strict=True)]
 
 
 def fused_regions() -> dict:
@@ -177,8 +178,9 @@ _CPU = f"{WIDTH}×{HEIGHT}, {STEPS} steps"
 
 
 # Each example, by file name (the template browser shows it as the title; its cards are narrow): API
-# graph, full title and description (the note on top), columns of nodes (width, node ids top to bottom), groups (title, node ids), the nodes that show
-# a region preview after a run (they get room for it) and the one whose preview is the thumbnail.
+# graph, full title and description (the note on top), columns of nodes (width, node ids top to bottom), groups
+# (title, node ids), the nodes that show a region preview after a run (they get room for it) and the one whose
+# preview is the thumbnail.
 EXAMPLES = {
     "1 - One character (ED-LoRA)": {
         "title": "One character with an ED-LoRA concept prompt",

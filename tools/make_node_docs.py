@@ -99,7 +99,8 @@ def render_page(node_id: str, node_def: dict, family: tuple[str, str] | None) ->
         names = node_def.get("output_name") or outputs
         tooltips = node_def.get("output_tooltips") or [""] * len(outputs)
         lines += ["## Outputs", "", "| output | type | |", "|---|---|---|"]
-        lines += [f"| `{name}` | {kind} | {_cell(tip or '')} |" for name, kind, tip in zip(names, outputs, tooltips)]
+        lines += [f"| `{name}` | {kind} | {_cell(tip or '')} |"
+                  for name, kind, tip in zip(names, outputs, tooltips, strict=True)]
         lines.append("")
     if family:
         lines += [family[1], ""]

@@ -51,7 +51,8 @@ def run_fuzz() -> dict:
     head = re.search(r"^fuzzed (\d+) files \(seed (\d+)\):$", out, re.M)
     passed = re.search(r"(\d+) passed", out)
     if done.returncode != 0 or not head or not passed:
-        raise Refused(f"tests/unit/test_bad_files.py failed or printed no fuzz counts:\n{out[-3000:]}{done.stderr[-2000:]}")
+        raise Refused("tests/unit/test_bad_files.py failed or printed no fuzz counts:\n"
+                      f"{out[-3000:]}{done.stderr[-2000:]}")
     kinds = re.findall(r"^\s+(\w+)\s+loaded\s+(\d+)\s+refused\s+(\d+)$", out[head.end():], re.M)
     return {"command": f"{Path(sys.executable).name} " + " ".join(FUZZ_ARGS), "date": date,
             "files": int(head.group(1)), "seed": int(head.group(2)), "tests_passed": int(passed.group(1)),
@@ -131,7 +132,8 @@ def render(summary: dict, fuzz: dict) -> str:
     ]
     lines += [f"| {kind} | {t['runs']} | {t['mean']:.2f} | {t['max']:.2f} |"
               for kind, t in soak["seconds_per_kind"].items()]
-    lines += ["", "Server RSS (MiB) right after each of the 30 prompts (it moves with what the prompt left in ComfyUI's",
+    lines += ["",
+              "Server RSS (MiB) right after each of the 30 prompts (it moves with what the prompt left in ComfyUI's",
               "cache until the next one, e.g. a fusion's fused weights):", "",
               "```", " ".join(f"{r:.0f}" for r in soak["rss_mib"]), "```", "",
               "## Bad inputs in the soak", "",

@@ -39,7 +39,8 @@ def regional_graph() -> dict:
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "6": {"class_type": "MixOfShowBoxMask", "inputs": {"width": 64, "height": 64, "top": 0, "left": 0,
                                                            "bottom": 64, "right": 32}},
-        "7": {"class_type": "MixOfShowRegion", "inputs": {"positive": ["3", 0], "negative": ["4", 0], "mask": ["6", 0]}},
+        "7": {"class_type": "MixOfShowRegion",
+              "inputs": {"positive": ["3", 0], "negative": ["4", 0], "mask": ["6", 0]}},
         "8": {"class_type": "MixOfShowRegionalSampler", "_meta": {"title": "Regional sampler"}, "inputs": {
             "model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
             "regions": ["7", 0], "seed": 1, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
@@ -171,7 +172,8 @@ def small_ui_workflow() -> tuple[dict, dict]:
     loader = ui.node(1, "TinySD15Loader", ["narrow", TINY_SEED, "fixed"], outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"),
                                                                           ("VAE", "VAE")])
     edlora = ui.node(2, "MixOfShowLoadEDLoRA", ["srv_0.pth", 0.7, 0.7],
-                     inputs=[("model", "MODEL", False), ("clip", "CLIP", False), ("concepts", "EDLORA_CONCEPTS", False)],
+                     inputs=[("model", "MODEL", False), ("clip", "CLIP", False),
+                             ("concepts", "EDLORA_CONCEPTS", False)],
                      outputs=[("model", "MODEL"), ("clip", "CLIP"), ("concepts", "EDLORA_CONCEPTS")],
                      title="Load the beach concept")
     positive = ui.node(3, "MixOfShowTextEncode", ["a <s1> <s2> on a beach"],
@@ -212,8 +214,9 @@ def small_ui_workflow() -> tuple[dict, dict]:
     ui.link(decode, 0, preview, "images")
     expected = {
         "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": TINY_SEED}},
-        "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"edlora_name": "srv_0.pth", "text_encoder_strength": 0.7,
-                                                              "unet_strength": 0.7, "model": ["1", 0], "clip": ["1", 1]}},
+        "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"edlora_name": "srv_0.pth",
+                                                              "text_encoder_strength": 0.7, "unet_strength": 0.7,
+                                                              "model": ["1", 0], "clip": ["1", 1]}},
         "3": {"class_type": "MixOfShowTextEncode", "inputs": {"text": "a <s1> <s2> on a beach", "clip": ["2", 1],
                                                               "concepts": ["2", 2]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["2", 1]}},
@@ -271,7 +274,8 @@ def test_api_twins_are_the_examples_converted(server):
 
 def test_runner_needs_only_the_standard_library():
     tree = ast.parse((REPO / "mixofshow_run.py").read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported = {alias.name.split(".")[0]
+                for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported - set(sys.stdlib_module_names) == {"aiohttp"}  # optional: guarded by ImportError
     probe = "import sys, mixofshow_run; print(sorted(m for m in sys.modules if m.split('.')[0] in " \

@@ -5,8 +5,9 @@ from comfy_server import error_message
 def graph(edlora="srv_0.pth", prompt="a <s1> <s2> on a beach"):
     return {
         "1": {"class_type": "TinySD15Loader", "inputs": {"unet": "narrow", "seed": 0}},
-        "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "edlora_name": edlora,
-                                                              "text_encoder_strength": 0.7, "unet_strength": 0.7}},
+        "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                              "edlora_name": edlora, "text_encoder_strength": 0.7,
+                                                              "unet_strength": 0.7}},
         "3": {"class_type": "MixOfShowTextEncode", "inputs": {"clip": ["2", 1], "concepts": ["2", 2], "text": prompt}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "blurry"}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},

@@ -13,7 +13,8 @@ def test_multi_concept_regional_graph_with_controlnet(server):
     import comfy_env  # in-process ComfyUI, only to build the fixture pack's random ControlNet
 
     tiny = comfy_env.env().tiny
-    save_file(tiny.controlnet_state_dict("wide", 5), str(server.base / "models" / "controlnet" / "tiny_openpose.safetensors"))
+    save_file(tiny.controlnet_state_dict("wide", 5),
+              str(server.base / "models" / "controlnet" / "tiny_openpose.safetensors"))
     shutil.copy(POSES / "harry_hermione_thanos.png", server.base / "input" / "pose.png")
     g = {"1": {"class_type": "TinySD15Loader", "inputs": {"unet": "wide", "seed": 0}}}
     model, clip, concepts = ["1", 0], ["1", 1], None

@@ -175,7 +175,8 @@ def test_completion_and_box_helpers(ui):
             query: [t.completionQuery('a <pot', 6), t.completionQuery('a pot', 5), t.completionQuery('(x:1.2) <', 9)],
             matches: [t.matchCandidates(candidates, '<').map(c => c.text), t.matchCandidates(candidates, '<oh')
                       .map(c => c.text)],
-            applied: [t.applyCompletion('a <pot, smiling', 2, 6, '<potter1>'), t.applyCompletion('<po', 0, 3, 'ohwx woman')],
+            applied: [t.applyCompletion('a <pot, smiling', 2, 6, '<potter1>'),
+                      t.applyCompletion('<po', 0, 3, 'ohwx woman')],
             tokens: t.tokensIn('a <p1> <p2>, (<p3>:1.2)'),
             moved: r.moveBox({top: 10, left: 10, bottom: 20, right: 30}, 500, -50, 100, 50),
             resized: r.resizeBox({top: 10, left: 10, bottom: 20, right: 30}, 'nw', 40, 40, 100, 50),
@@ -183,8 +184,8 @@ def test_completion_and_box_helpers(ui):
             pose: r.boxesFromPose([[0, 0, 5, 5], [1, 1, 6, 6]], [{...r.parseBoxes('[{"prompt": "kept"}]')[0]}])
                    .map(b => [b.prompt, b.color]),
             parsed: [r.parseBoxes('not json'), r.parseBoxes('{"a": 1}')],
-            label: [r.labelOf({label: '', prompt: 'a <p1> here'}, 0), r.labelOf({label: '', prompt: '(big:1.2) red car'}, 1),
-                    r.labelOf({label: '', prompt: ''}, 2)],
+            label: [r.labelOf({label: '', prompt: 'a <p1> here'}, 0),
+                    r.labelOf({label: '', prompt: '(big:1.2) red car'}, 1), r.labelOf({label: '', prompt: ''}, 2)],
         };
     }""")
     assert out["query"] == [{"start": 2, "prefix": "<pot"}, None, {"start": 8, "prefix": "<"}]

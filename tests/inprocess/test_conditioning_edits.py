@@ -117,7 +117,7 @@ def test_clip_hook_schedule_gives_one_entry_per_keyframe(env, chain):
     stock = comfy_nodes.CLIPTextEncode().encode(hooked, "a cat in the rain")[0]
     ours = pn.text_encode(hooked, concepts, text)
     assert len(stock) == len(ours) == 2
-    for s, o in zip(stock, ours):
+    for s, o in zip(stock, ours, strict=True):
         assert (o[1]["clip_start_percent"], o[1]["clip_end_percent"]) == \
                (s[1]["clip_start_percent"], s[1]["clip_end_percent"])
         assert o[1].get("hooks") is s[1].get("hooks") is not None

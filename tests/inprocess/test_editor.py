@@ -26,7 +26,7 @@ def concept(tiny, write_edlora):
 
 
 def boxes_json(*boxes):
-    return json.dumps([dict(zip(("top", "left", "bottom", "right"), b[:4]), **b[4]) for b in boxes])
+    return json.dumps([dict(zip(("top", "left", "bottom", "right"), b[:4], strict=True), **b[4]) for b in boxes])
 
 
 def editor(clip, regions_json, width=64, height=48, image=None, concepts=None, regions=None):
@@ -54,7 +54,7 @@ def test_editor_regions_equal_the_box_nodes_regions(env, concept):
     expected = pn.region(pn.text_encode(clip, concepts, "a tree"), neg, pn.box_mask(64, 48, 0, 28, 48, 64),
                          regions=expected)
     assert len(regions) == 2 and masks.shape == (2, 48, 64)
-    for got, want, label in zip(regions, expected, ("reader", "a tree")):
+    for got, want, label in zip(regions, expected, ("reader", "a tree"), strict=True):
         assert torch.equal(got.mask, want.mask) and got.box == want.box and got.box is not None
         assert got.control_strength == want.control_strength and got.label == label
         same_conditioning(got.positive, want.positive)

@@ -97,7 +97,8 @@ def test_identical_loras_are_reproduced(env, tiny, write_edlora, capsys, ridge):
         for text in (f"photo of a {tok}", tok):
             err, err_base = own_vs_fused(env, tiny, name, text, fc, fcs, concepts)
             with capsys.disabled():
-                print(f"\n[fusion] identical LoRAs, ridge {ridge}, {text!r}: rel. error {err:.2e} (base {err_base:.3f})")
+                print(f"\n[fusion] identical LoRAs, ridge {ridge}, {text!r}: rel. error {err:.2e} "
+                      f"(base {err_base:.3f})")
             # the ridge shrinks the change where the rows are weak: still 20x closer than the base encoder
             assert err < (1e-3 if ridge == 0.0 else 0.05 * err_base)
 

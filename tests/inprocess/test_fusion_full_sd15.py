@@ -48,7 +48,8 @@ def fused(env, sd15, tmp_path_factory):
     finally:
         mp.undo()
     size = os.path.getsize(stats["cache_file"])
-    print(f"\n[fusion full] {seconds:.1f}s; per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in stats["seconds"].items())
+    print(f"\n[fusion full] {seconds:.1f}s; per stage: "
+          + ", ".join(f"{k} {v:.2f}s" for k, v in stats["seconds"].items())
           + f"; cache entry {size / 2**20:.1f} MiB")
     return stats["result"], fm, fc, fcs, stats
 
@@ -89,7 +90,8 @@ def test_factored_change_equals_the_dense_closed_form(env, fused):
         worst = max(worst, err)
         assert err < 1e-5, (layer.target.key, err)
     # the patches on the fused MODEL/CLIP are these factors
-    patched = {**env.pack("nodes.glue.fused_patches").fused_of(fm)[0], **env.pack("nodes.glue.fused_patches").fused_of(fc.patcher)[0]}
+    fused_of = env.pack("nodes.glue.fused_patches").fused_of
+    patched = {**fused_of(fm)[0], **fused_of(fc.patcher)[0]}
     for key, (up, down) in result.deltas.items():
         torch.testing.assert_close(patched[key][0].flatten(1), up)
         torch.testing.assert_close(patched[key][1].flatten(1), down)

@@ -62,7 +62,7 @@ def test_stage_2_reads_the_fused_text_encoder_at_the_concept_positions(env, tiny
     expected_positions = {0: ([4, 5, 6], [1, 2, 3]), 1: ([4, 5], [1, 2])}  # <ra1> <ra2> / <rb1>, then the end token
     for i in (0, 1):
         words = trio.concepts[i].prompt_words
-        for prompt, positions in zip(gf.concept_prompts(words), expected_positions[i]):
+        for prompt, positions in zip(gf.concept_prompts(words), expected_positions[i], strict=True):
             stack = enc.layerwise_of(enc.encode_with_concepts(fc, prompt, fcs)[0])[0]
             for group, layer in layers.items():
                 got = rows[(i, group)][gf.concept_prompts(words).index(prompt)]
@@ -170,7 +170,8 @@ def test_text_rows_weigh_every_concept_as_sixteen_copies(env, tiny, trio):
     a = trio.concepts[0]
     plain_set = env.pack("fusion.prompts.concepts").ConceptSet().add(
         Concept(env.pack("fusion.files.edlora").EDLoRA(name="plain.safetensors", digest="p"), 1.0, 1.0,
-                trigger_words="ohwx woman", unet_factors=a.unet_factors, text_factors=a.text_factors)).add(trio.concepts[1])
+                trigger_words="ohwx woman", unet_factors=a.unet_factors, text_factors=a.text_factors)
+    ).add(trio.concepts[1])
     rec = env.pack("nodes.glue.fusion_recording").ComfyRecorder(model, clip, plain_set, settings(env), plan)
     got.clear()
     rec.record("text", 0, {}, {group: None}, lambda g, x, cf: got.append(x), lambda *a: None)
@@ -217,7 +218,8 @@ def test_the_node_shows_one_progress_bar_and_its_stage_as_text(env, trio, monkey
     values = [v for v, _t in mine]
     assert values == sorted(values) and values[-1] == mine[0][1]
     texts = [t for node, t in server.texts if node == "4"]
-    for expected in ("text encoder 1/2", "text encoder 2/2", "cross-attention k/v 1/2", "UNet: concept 1 of 2, step 1/3",
-                     "UNet: concept 2 of 2, step 3/3", "solving 204/204 layers", "fused 2 concepts into 204 layers"):
+    for expected in ("text encoder 1/2", "text encoder 2/2", "cross-attention k/v 1/2",
+                     "UNet: concept 1 of 2, step 1/3", "UNet: concept 2 of 2, step 3/3", "solving 204/204 layers",
+                     "fused 2 concepts into 204 layers"):
         assert expected in texts, expected
     assert all(node == "4" for node, _ in server.texts)

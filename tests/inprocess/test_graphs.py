@@ -41,18 +41,23 @@ def test_two_edloras_with_stock_nodes_downstream(env, write_edlora):
     g["10"] = {"class_type": "MixOfShowTextEncode", "inputs": {"clip": ["3", 1], "concepts": ["3", 2],
                                                                 "text": "a <gb1> in the rain"}}
     g["11"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["4", 0], "conditioning_2": ["10", 0]}}
-    g["12"] = {"class_type": "ConditioningAverage", "inputs": {"conditioning_to": ["4", 0], "conditioning_from": ["10", 0],
-                                                               "conditioning_to_strength": 0.6}}
-    g["13"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["11", 0], "start": 0.0, "end": 0.5}}
-    g["14"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["13", 0], "conditioning_2": ["12", 0]}}
+    g["12"] = {"class_type": "ConditioningAverage",
+               "inputs": {"conditioning_to": ["4", 0], "conditioning_from": ["10", 0], "conditioning_to_strength": 0.6}}
+    g["13"] = {"class_type": "ConditioningSetTimestepRange",
+               "inputs": {"conditioning": ["11", 0], "start": 0.0, "end": 0.5}}
+    g["14"] = {"class_type": "ConditioningCombine",
+               "inputs": {"conditioning_1": ["13", 0], "conditioning_2": ["12", 0]}}
     g["7"] = ksampler(["3", 0], ["14", 0], ["5", 0], ["6", 0])
     # SamplerCustomAdvanced with a stock guider
-    g["20"] = {"class_type": "CFGGuider", "inputs": {"model": ["3", 0], "positive": ["4", 0], "negative": ["5", 0], "cfg": 5.0}}
+    g["20"] = {"class_type": "CFGGuider",
+               "inputs": {"model": ["3", 0], "positive": ["4", 0], "negative": ["5", 0], "cfg": 5.0}}
     g["21"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}}
     g["22"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}}
-    g["23"] = {"class_type": "BasicScheduler", "inputs": {"model": ["3", 0], "scheduler": "karras", "steps": 2, "denoise": 1.0}}
-    g["24"] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["21", 0], "guider": ["20", 0], "sampler": ["22", 0],
-                                                                 "sigmas": ["23", 0], "latent_image": ["6", 0]}}
+    g["23"] = {"class_type": "BasicScheduler",
+               "inputs": {"model": ["3", 0], "scheduler": "karras", "steps": 2, "denoise": 1.0}}
+    g["24"] = {"class_type": "SamplerCustomAdvanced",
+               "inputs": {"noise": ["21", 0], "guider": ["20", 0], "sampler": ["22", 0], "sigmas": ["23", 0],
+                          "latent_image": ["6", 0]}}
     g["25"] = {"class_type": "SaveLatent", "inputs": {"samples": ["24", 0], "filename_prefix": "latents/mos"}}
     ex, _ = run_prompt(g, "stock-downstream")
     assert ex.success, execution_error(ex) or ex.validation

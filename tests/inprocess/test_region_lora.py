@@ -306,8 +306,9 @@ def test_three_characters_each_lora_in_its_region_through_the_executor(env, lora
                                                                 "text": f"a photo of char{i} person"}}
         g[m] = {"class_type": "MixOfShowBoxMask", "inputs": {"width": W, "height": H, "top": top, "left": left,
                                                              "bottom": bottom, "right": right}}
-        g[r] = {"class_type": "MixOfShowRegion", "inputs": {"positive": [e, 0], "negative": ["30", 0], "mask": [m, 0],
-                                                            "model": [c, 0], **({"regions": regions} if regions else {})}}
+        g[r] = {"class_type": "MixOfShowRegion",
+                "inputs": {"positive": [e, 0], "negative": ["30", 0], "mask": [m, 0], "model": [c, 0],
+                           **({"regions": regions} if regions else {})}}
         regions = [r, 0]
     g["40"] = {"class_type": "EmptyLatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}}
     g["41"] = {"class_type": "MixOfShowRegionalSampler", "inputs": {

@@ -165,7 +165,7 @@ def test_box_regions_match_brute_force_with_the_reference_box_rule(env, tiny):
     pos, neg = encode(clip, "three people near a lake"), encode(clip, "blurry")
     prompts = [encode(clip, t) for t in ("a wizard in a robe", "a witch, smiling", "a giant in armour")]
     regions = None
-    for b, p in zip(boxes, prompts):
+    for b, p in zip(boxes, prompts, strict=True):
         regions = pn.region(p, neg, pn.box_mask(1024, 512, *b), regions)
     latent = torch.zeros(1, 4, 64, 128)
     noise = comfy.sample.prepare_noise(latent, 7)
@@ -174,9 +174,10 @@ def test_box_regions_match_brute_force_with_the_reference_box_rule(env, tiny):
         return comfy.sample.sample(m, noise, 1, 5.0, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=7)
 
     ours = run(rn(env).install_regions(model, regions))
-    ref = run(brute_force_model(model, [(b, p, neg) for b, p in zip(boxes, prompts)], image_hw=(512, 1024)))
+    ref = run(brute_force_model(model, [(b, p, neg) for b, p in zip(boxes, prompts, strict=True)],
+                                image_hw=(512, 1024)))
     torch.testing.assert_close(ours, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
-    area = run(brute_force_model(model, [(box(512, 1024, *b)[0], p, neg) for b, p in zip(boxes, prompts)],
+    area = run(brute_force_model(model, [(box(512, 1024, *b)[0], p, neg) for b, p in zip(boxes, prompts, strict=True)],
                                  image_hw=(512, 1024)))
     assert (area - ours).abs().max() > 1e-4 * float(ref.abs().max())  # the rule is not area averaging
 
@@ -267,13 +268,15 @@ def test_api_prompt_two_edloras_two_regions(env, write_edlora):
                                                             "bottom": 64, "right": 64}},
         "9": {"class_type": "MixOfShowBoxMask", "inputs": {"width": W, "height": H, "top": 0, "left": 64,
                                                             "bottom": 64, "right": 128}},
-        "10": {"class_type": "MixOfShowRegion", "inputs": {"positive": ["4", 0], "negative": ["6", 0], "mask": ["8", 0]}},
+        "10": {"class_type": "MixOfShowRegion",
+               "inputs": {"positive": ["4", 0], "negative": ["6", 0], "mask": ["8", 0]}},
         "11": {"class_type": "MixOfShowRegion", "inputs": {"positive": ["5", 0], "negative": ["6", 0], "mask": ["9", 0],
                                                             "regions": ["10", 0]}},
         "12": {"class_type": "EmptyLatentImage", "inputs": {"width": W, "height": H, "batch_size": 2}},
         "13": {"class_type": "MixOfShowRegionalSampler", "inputs": {
-            "model": ["3", 0], "positive": ["7", 0], "negative": ["6", 0], "latent_image": ["12", 0], "regions": ["11", 0],
-            "seed": 5, "steps": 2, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "model": ["3", 0], "positive": ["7", 0], "negative": ["6", 0], "latent_image": ["12", 0],
+            "regions": ["11", 0], "seed": 5, "steps": 2, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": 1.0}},
         "14": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["1", 2]}},
         "15": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": "mos_regional"}},
     }

@@ -14,7 +14,8 @@ HEAVY_STEPS = 100  # far more than the interrupt lets run: each step is tens of 
 
 
 def hooks_left(state: dict) -> int:
-    return sum(state[part][kind] for part in ("unet", "clip", "global") for kind in ("forward_hooks", "forward_pre_hooks"))
+    return sum(state[part][kind]
+               for part in ("unet", "clip", "global") for kind in ("forward_hooks", "forward_pre_hooks"))
 
 
 def record(tier, name: str, run, node: str, node_class: str, state: dict, equal: bool) -> None:

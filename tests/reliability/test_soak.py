@@ -5,10 +5,12 @@ Regional Guider) with 5 prompts that must fail among them, in one fixed order sh
 Every prompt completes; prompts of the same kind and seed give the same image pixel for pixel (a
 repeat really runs again: never right after its twin, so ComfyUI's cache, which keeps only the last
 prompt's outputs, has dropped it — checked on each repeat); the server's RSS after the last prompt is
-within 10 % of after the 5th, and nothing is left on the model at either point; the bad prompts fail with their own message and the server goes on
-serving; afterwards the stock prompt gives the image it gave before anything ran."""
+within 10 % of after the 5th, and nothing is left on the model at either point; the bad prompts fail with
+their own message and the server goes on serving; afterwards the stock prompt gives the image it gave before
+anything ran."""
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ def sequence() -> list[rg.Prompt | rg.BadPrompt]:
     items = good_prompts() + [make() for make in rg.BAD_PROMPTS]
     random.Random(ORDER_SEED).shuffle(items)
     good = [p for p in items if isinstance(p, rg.Prompt)]
-    assert all(a.graph != b.graph for a, b in zip(good, good[1:])), \
+    assert all(a.graph != b.graph for a, b in itertools.pairwise(good)), \
         f"ORDER_SEED {ORDER_SEED} puts a prompt right after its twin (ComfyUI would not run it again): pick another"
     return items
 

@@ -76,7 +76,8 @@ def box_region(g: Graph, positive: str, negative_: str, box: tuple[int, int, int
 
 
 def sample_and_save(g: Graph, kind: str, seed: int, loader: str, model, positive: str, negative_: str,
-                    size: tuple[int, int] = (64, 64), steps: int = 2, regions=None, fusion: str | None = None) -> Prompt:
+                    size: tuple[int, int] = (64, 64), steps: int = 2, regions=None,
+                    fusion: str | None = None) -> Prompt:
     """KSampler (or the Regional KSampler with ``regions``) → VAE Decode → SaveImage."""
     latent = g.add("EmptyLatentImage", width=size[0], height=size[1], batch_size=1)
     sampler = g.add("MixOfShowRegionalSampler" if regions else "KSampler", model=model, positive=[positive, 0],
@@ -154,7 +155,7 @@ def _per_region(g: Graph, kind: str, seed: int, b: str, loaders: tuple[str, str]
     sampling MODEL is the base model ``b``, the global prompt plain CLIP Text Encode on its CLIP."""
     neg = negative(g, [b, 1])
     regions = None
-    for loader, text, box in zip(loaders, prompts, (LEFT, RIGHT)):
+    for loader, text, box in zip(loaders, prompts, (LEFT, RIGHT), strict=True):
         region = box_region(g, encode(g, loader, text), neg, box, WIDE, regions=regions, model=[loader, 0])
         regions = [region, 0]
     positive = g.add("CLIPTextEncode", clip=[b, 1], text="two people in a park")

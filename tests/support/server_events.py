@@ -8,8 +8,8 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import aiohttp
 from comfy_server import ComfyServer
@@ -97,7 +97,8 @@ async def _interrupt_when(server: ComfyServer, graph: dict, ready: Callable[[dic
     raise RuntimeError(f"the websocket closed before prompt {run.prompt_id} finished")
 
 
-def interrupt_when(server: ComfyServer, graph: dict, ready: Callable[[dict], bool], timeout: float = 120) -> Interrupted:
+def interrupt_when(server: ComfyServer, graph: dict, ready: Callable[[dict], bool],
+                   timeout: float = 120) -> Interrupted:
     """Queue ``graph``; send ``/interrupt`` for it after the first of its events for which ``ready``
     is true; return when it has finished (interrupted, or not) and is in ``/history``, with its events."""
     run = asyncio.run(asyncio.wait_for(_interrupt_when(server, graph, ready), timeout))

@@ -41,7 +41,7 @@ class PlainRecorder:
 
     def record(self, stage, concept, fused, groups, sink, on_step):
         self.calls.append((stage, concept, sorted(fused), dict(groups)))
-        for gi, (group, layer) in enumerate(sorted(groups.items())):
+        for gi, (group, _layer) in enumerate(sorted(groups.items())):
             if group in self.skip_groups:
                 continue
             g = torch.Generator().manual_seed(1000 * concept + 10 * gf.STAGES.index(stage) + gi)
@@ -82,7 +82,8 @@ def test_plan_targets_stages_groups_and_layers():
     assert [t.stage for t in plan.targets] == ["text"] * 3 + ["cross_kv"] * 2 + ["unet"] * 2
     assert by_key[T + "self_attn.k_proj.weight"].group == T + "self_attn.q_proj"
     assert by_key[U + "transformer_blocks.0.attn2.to_v.weight"].group == U + "transformer_blocks.0.attn2.to_k"
-    assert by_key[U + "transformer_blocks.0.attn2.to_k.weight"].layer == 0 and by_key[U + "proj_in.weight"].layer is None
+    assert by_key[U + "transformer_blocks.0.attn2.to_k.weight"].layer == 0 \
+        and by_key[U + "proj_in.weight"].layer is None
     assert plan.keys("clip") == {k for k in SHAPES["clip"]}
     # strengths folded into up; strength 0 or no LoRA: no delta (the concept's rows still count)
     c0 = concept(0)
@@ -132,7 +133,7 @@ def test_run_fuses_in_stage_order_and_matches_the_closed_form():
     assert [(s, i) for s, i, _, _ in rec.calls] == [(s, i) for s in gf.STAGES for i in range(3)]
     text_keys = sorted(SHAPES["clip"])
     kv_keys = sorted(k for k in SHAPES["model"] if "attn2" in k)
-    for stage, i, fused, groups in rec.calls:  # each stage sees exactly the earlier stages' result
+    for stage, _concept, fused, groups in rec.calls:  # each stage sees exactly the earlier stages' result
         assert fused == {"text": [], "cross_kv": text_keys, "unet": sorted(text_keys + kv_keys)}[stage]
         if stage == "cross_kv":
             assert groups == {U + "transformer_blocks.0.attn2.to_k": 0}
@@ -159,8 +160,9 @@ def test_one_progress_bar_with_stage_texts():
     assert totals == {3 + 3 + 3 * 2 + 7}  # concepts per recording stage, sampling steps, weights
     assert dones == sorted(dones) and dones[-1] == 19
     texts = [x for _d, _t, x in seen]
-    for expected in ("text encoder 1/3", "text encoder 3/3", "cross-attention k/v 2/3", "UNet: concept 2 of 3, step 1/2",
-                     "UNet: concept 3 of 3, step 2/2", "solving 7/7 layers", "fused 3 concepts into 7 layers"):
+    for expected in ("text encoder 1/3", "text encoder 3/3", "cross-attention k/v 2/3",
+                     "UNet: concept 2 of 3, step 1/2", "UNet: concept 3 of 3, step 2/2", "solving 7/7 layers",
+                     "fused 3 concepts into 7 layers"):
         assert expected in texts
     assert texts.index("text encoder 1/3") < texts.index("cross-attention k/v 1/3") < \
         texts.index("UNet: concept 1 of 3, step 1/2")
@@ -214,7 +216,8 @@ def test_solving_a_group_directly_is_what_the_run_does():
     layer = next(s for s in result.solved if s.target.key.endswith("q_proj.weight"))
     acc = FoldedInputs(12)
     for i in range(2):
-        acc.begin_concept({k: plan.deltas[i][k][1] for k in (T + "self_attn.k_proj.weight", T + "self_attn.q_proj.weight")})
+        acc.begin_concept({k: plan.deltas[i][k][1]
+                           for k in (T + "self_attn.k_proj.weight", T + "self_attn.q_proj.weight")})
         acc.add(layer.inputs.rows(i))
     problem = LayerProblem(layer.target.key, {i: plan.deltas[i][layer.target.key][0] for i in range(2)})
     up, down = solve_closed_form(acc, [problem], ridge=1e-3)[layer.target.key]

@@ -47,7 +47,8 @@ def test_version_is_three_part_semver():
 
 def test_license_description_and_python():
     license_ = PROJECT["license"]
-    assert isinstance(license_, dict) and set(license_) in ({"text"}, {"file"}), "license = { text = ... } or { file = ... }"
+    assert isinstance(license_, dict) and set(license_) in ({"text"}, {"file"}), \
+        "license = { text = ... } or { file = ... }"
     if "file" in license_:
         assert (REPO / license_["file"]).is_file()
     assert PROJECT["description"].strip()

@@ -25,7 +25,7 @@ def test_grey_canvas_with_filled_outlined_boxes_in_their_colours():
     out = draw_regions(masks, ["<a1>", "b"])
     assert out.shape == (100, 200, 3) and out.dtype == np.uint8
     assert tuple(out[0, 100]) == CANVAS_GREY  # outside every box
-    for m, i in zip(masks, range(2)):
+    for i, m in enumerate(masks):
         color = np.array(region_color(i), np.float32)
         inside = np.rint(np.array(CANVAS_GREY) * 0.65 + color * 0.35)
         ys, xs = np.nonzero(m)

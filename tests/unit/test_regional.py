@@ -320,7 +320,7 @@ def test_find_pose_boxes_reference(image, box_file):
     authors = [b for _, b in parse_box_file(POSES / box_file)]
     assert len(found) == 3, found
     assert [b[1] for b in found] == sorted(b[1] for b in found)
-    for box, ref in zip(found, authors):
+    for box, ref in zip(found, authors, strict=True):
         assert _iou(box, ref) >= 0.5, (box, ref)
     # same answer from a ComfyUI-style float tensor [1, H, W, 3]
     as_tensor = torch.from_numpy(img).float().div(255)[None]

@@ -25,12 +25,12 @@ def _problem(out=8, d=16, rows=(20, 20, 20), rank=2, seed=0, scale=0.3, lora=Non
     downs = [torch.randn(rank, d, generator=g) / d ** 0.25 for _ in rows]
     xs = [torch.randn(n, d, generator=g) for n in rows]
     lora = lora or [True] * len(rows)
-    return [(u, v) if on else None for u, v, on in zip(ups, downs, lora)], xs
+    return [(u, v) if on else None for u, v, on in zip(ups, downs, lora, strict=True)], xs
 
 
 def _fold(deltas, xs, d, *, keep_rows=True, chunk=None, dtype=torch.float32, name="m"):
     acc = FoldedInputs(d, keep_rows=keep_rows, dtype=dtype)
-    for delta, x in zip(deltas, xs):
+    for delta, x in zip(deltas, xs, strict=True):
         acc.begin_concept({} if delta is None else {name: delta[1]})
         for part in (x.split(chunk) if chunk else [x]):
             acc.add(part)
@@ -45,7 +45,7 @@ def _reference_solution(deltas, xs, ridge=0.0, rtol=1e-10):
     """The straightforward float64 formula: (Σ ΔWi Gi)(G + λI)⁻¹ (pseudo-inverse for λ = 0)."""
     grams = [x.double().T @ x.double() for x in xs]
     g = sum(grams)
-    b = sum(dw @ gi for dw, gi in zip(_dense(deltas), grams) if dw is not None)
+    b = sum(dw @ gi for dw, gi in zip(_dense(deltas), grams, strict=True) if dw is not None)
     if ridge:
         return b @ torch.linalg.inv(g + ridge * float(g.trace()) / g.shape[0] * torch.eye(g.shape[0], dtype=g.dtype))
     return b @ torch.linalg.pinv(g, hermitian=True, rtol=rtol)
@@ -54,7 +54,7 @@ def _reference_solution(deltas, xs, ridge=0.0, rtol=1e-10):
 def _objective(change, deltas, xs):
     """Σ_i ‖Xi (Δ − ΔWi)ᵀ‖² from the rows, float64."""
     return sum(float(((x.double() @ (change - (0 if dw is None else dw)).T) ** 2).sum())
-               for dw, x in zip(_dense(deltas), xs))
+               for dw, x in zip(_dense(deltas), xs, strict=True))
 
 
 def _product(pair):
@@ -73,7 +73,7 @@ def _lbfgs_on_rows(deltas, xs, iterations, out, d):
     with torch.inference_mode(False), torch.enable_grad():
         X = torch.cat(xs).double()
         T = torch.cat([x.double() @ (torch.zeros(out, d, dtype=torch.float64) if dw is None else dw).T
-                       for dw, x in zip(_dense(deltas), xs)])
+                       for dw, x in zip(_dense(deltas), xs, strict=True)])
         w = torch.zeros(out, d, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([w], lr=1, max_iter=iterations, history_size=25, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-16, tolerance_change=1e-16)
@@ -219,7 +219,7 @@ def test_orthogonal_input_subspaces_are_each_reproduced():
     deltas = [(torch.randn(7, 2, generator=g), torch.randn(2, d, generator=g)) for _ in xs]
     acc, p = _fold(deltas, xs, d)
     change = _product(solve_closed_form(acc, [p])["m"])
-    for (u, v), x in zip(deltas, xs):  # each concept's outputs on its own inputs: exactly its own layer
+    for (u, v), x in zip(deltas, xs, strict=True):  # each concept's outputs on its own inputs: exactly its own layer
         torch.testing.assert_close(x.double() @ change.T, x.double() @ (u.double() @ v.double()).T, atol=1e-4, rtol=0)
 
 
@@ -241,7 +241,8 @@ def test_modules_of_one_group_are_solved_together_with_their_own_results():
     d = 20
     xs = [torch.randn(15, d, generator=g) for _ in range(3)]
     mods = {m: [(torch.randn(out, 2, generator=g), torch.randn(2, d, generator=g)) if on else None
-                for on in present] for m, out, present in (("q", 6, (1, 1, 1)), ("k", 4, (1, 0, 1)), ("v", 9, (0, 0, 1)))}
+                for on in present]
+            for m, out, present in (("q", 6, (1, 1, 1)), ("k", 4, (1, 0, 1)), ("v", 9, (0, 0, 1)))}
     acc = FoldedInputs(d)
     for i, x in enumerate(xs):
         acc.begin_concept({m: dl[i][1] for m, dl in mods.items() if dl[i] is not None})

@@ -12,7 +12,8 @@ class TinySD15Loader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"unet": (["narrow", "wide", "mini"],), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+        return {"required": {"unet": (["narrow", "wide", "mini"],),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
 
     def load(self, unet, seed):
         key = (unet, seed)
