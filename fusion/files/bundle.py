@@ -65,7 +65,8 @@ class FusedBundle:
 
 
 def save_bundle(bundle: FusedBundle, path: str, extra_metadata: dict[str, str] | None = None) -> None:
-    """Write a version-2 bundle (atomically: a temporary file, then renamed)."""
+    """Write a version-2 bundle (atomically: a temporary file, then renamed; a failed write leaves no
+    temporary file)."""
     tensors = {}
     for name, (up, down) in bundle.lora.items():
         tensors[f"{name}.lora_up.weight"] = up.detach().float().contiguous().cpu()
@@ -79,8 +80,12 @@ def save_bundle(bundle: FusedBundle, path: str, extra_metadata: dict[str, str] |
             "concepts": json.dumps(bundle.concepts), "settings": json.dumps(bundle.settings, sort_keys=True),
             **(extra_metadata or {})}
     tmp = path + ".part"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def is_bundle(path: str) -> bool:

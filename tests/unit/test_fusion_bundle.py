@@ -176,3 +176,18 @@ def test_unreadable_and_foreign_files(tmp_path):
     with pytest.raises(BundleError, match="foreign.safetensors: not a fused ED-LoRA bundle"):
         load_bundle(foreign)
     assert not os.path.exists(good + ".part")
+
+
+def test_a_failed_write_leaves_no_part_file(tmp_path):
+    """Like save_edlora: the temporary file goes when the write fails (here the rename: the target is a
+    folder), and the error is the writer's own."""
+    from fusion.files.edlora import EDLoRA, save_edlora
+
+    for name in ("bundle.safetensors", "edlora.safetensors"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(OSError):
+        save_bundle(bundle(), str(tmp_path / "bundle.safetensors"))
+    edlora = EDLoRA(name="e.pth", embeddings={"<e1>": torch.zeros(16, 1, 768)})
+    with pytest.raises(OSError):
+        save_edlora(edlora, str(tmp_path / "edlora.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.safetensors", "edlora.safetensors"]
