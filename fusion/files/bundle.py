@@ -89,7 +89,9 @@ def save_bundle(bundle: FusedBundle, path: str, extra_metadata: dict[str, str] |
 
 
 def is_bundle(path: str) -> bool:
-    """True for a safetensors file tagged as a fused bundle (any version, any extension case)."""
+    """True for a ``.safetensors`` file (the extension in any case) tagged as a fused bundle (any version)."""
+    if not path.lower().endswith(".safetensors"):
+        return False
     try:
         with safe_open(path, framework="pt") as f:
             return (f.metadata() or {}).get("format") == BUNDLE_FORMAT

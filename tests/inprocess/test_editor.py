@@ -203,6 +203,20 @@ def test_tokens_route_reads_the_file_before_any_run(env, write_edlora):
         routes.tokens_of("nope.pth")
 
 
+def test_tokens_route_reads_a_bundle_with_an_upper_case_extension(env):
+    """Load ED-LoRA takes ``.SAFETENSORS`` bundles; the tokens it shows before a run come from the same rule."""
+    import torch
+
+    from fusion.files.bundle import FusedBundle, save_bundle
+
+    routes = env.pack("nodes.glue.routes")
+    concepts = [{"name": "a.pth", "digest": "d", "tokens": ["<ub1>", "<ub2>"], "trigger_words": ""}]
+    bundle = FusedBundle(lora={"lora_unet_x": (torch.zeros(4, 2), torch.zeros(2, 4))}, concepts=concepts,
+                         embeddings={"<ub1>": torch.zeros(16, 1, 768), "<ub2>": torch.zeros(16, 1, 768)})
+    save_bundle(bundle, str(env.base / "models" / "edloras" / "upper_bundle.SAFETENSORS"))
+    assert routes.tokens_of("upper_bundle.SAFETENSORS") == ["<ub1>", "<ub2>"]
+
+
 def test_pose_regions_outputs_and_shows_its_preview(env, concept):
     _, clip, concepts = concept
     image, _, _ = node("MixOfShowLoadReferencePose", pose=POSE)
