@@ -311,8 +311,8 @@ class RegionalAttn2Replace:
             return global_attention(q, k, v, heads)
         n_tok = q.shape[1]
         shape = extra_options.get("activations_shape")
-        fh, fw = int(shape[-2]), int(shape[-1])
-        if fh * fw != n_tok:
+        fh, fw = (int(shape[-2]), int(shape[-1])) if shape else (0, 0)
+        if fh * fw != n_tok:  # not reported, or not this layer's size: from the token count
             fh, fw = feature_hw_for_tokens(n_tok, self.run.masks.shape[1], self.run.masks.shape[2])
         return regional_attention(q, k, v, heads, layout, len(self.run), self.run.flat_masks(fh, fw, q.device),
                                   attention, global_attention)

@@ -215,6 +215,29 @@ def test_one_full_image_region_with_global_prompts_is_stock(env, tiny):
     assert torch.equal(ours, stock)
 
 
+def test_attention_without_activations_shape_falls_back_to_the_token_count(env, tiny):
+    """A UNet that does not report ``activations_shape`` (another model code, another ComfyUI) samples the same:
+    the feature size comes from the token count, as when the reported size does not match."""
+    model, clip, _ = tiny
+    pos, neg = encode(clip, "a castle on a hill"), encode(clip, "blurry")
+    regions = pn.region(encode(clip, "a red door"), neg, box(H, W, 0, 0, H, W // 2))
+    regions = pn.region(encode(clip, "a tree"), neg, box(H, W, 16, 40, 64, 128), regions)
+    patched = rn(env).install_regions(model, regions)
+
+    def without_shape(replace):
+        def call(q, k, v, extra_options):
+            return replace(q, k, v, {key: value for key, value in extra_options.items()
+                                     if key not in ("activations_shape", "original_shape")})
+        return call
+
+    options = patched.model_options["transformer_options"]
+    replaces = {key: without_shape(r) for key, r in options["patches_replace"]["attn2"].items()}
+    stripped = patched.clone()
+    stripped.model_options = {**patched.model_options, "transformer_options": {
+        **options, "patches_replace": {**options["patches_replace"], "attn2": replaces}}}
+    assert torch.equal(sample(stripped, pos, neg), sample(patched, pos, neg))
+
+
 def test_all_zero_mask_raises(env, tiny):
     _, clip, _ = tiny
     pos, neg = encode(clip, "a cat"), encode(clip, "blurry")
