@@ -178,5 +178,9 @@ def pose_box_mask(image, index: int, margin: float) -> tuple:
     boxes = find_pose_boxes(img, margin=margin,
                             check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
     if index >= len(boxes):
-        raise ValueError(f"pose box {index} requested but only {len(boxes)} person(s) found in the image")
+        nth = index + 1
+        suffix = "th" if 10 <= nth % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(nth % 10, "th")
+        found = "1 person was" if len(boxes) == 1 else f"{len(boxes)} people were"
+        raise RegionError(f"Pose Box to Mask: index {index} is the {nth}{suffix} person from the left, but only "
+                          f"{found} found in the image")
     return box_mask(int(img.shape[0]), int(img.shape[1]), *boxes[index]), len(boxes)

@@ -200,7 +200,9 @@ def test_pose_box_mask(env):
     assert count == 2 and left.shape == (1, 64, 128)
     assert left[0, 5:50, 20:30].min() == 1 and left[0, :, 60:].max() == 0
     assert right[0, 10:60, 100:110].min() == 1 and right[0, :, :60].max() == 0
-    with pytest.raises(ValueError, match="only 2"):
+    # the input counts from 0; the message says which person that is, counted from 1 like everything a person reads
+    with pytest.raises(ValueError, match=r"^Pose Box to Mask: index 2 is the 3rd person from the left, but only 2 "
+                                         r"people were found"):
         pn.pose_box_mask(image, 2, 0.0)
 
 
