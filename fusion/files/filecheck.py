@@ -284,8 +284,15 @@ def _read_pth(path: str, name: str, size: int) -> dict[Any, Any]:
                           f"sets the tensor sizes, so it cannot be checked before loading; re-save it with a current "
                           f"torch.save, or convert it to .safetensors where you trust it")
     if not head.startswith(_ZIP_MAGIC):
+        imports = _plain_pickle_imports(path, size)
+        if imports is not None:
+            runs = (f": loading it could run code (it imports {', '.join(shown(g, 60) for g in imports[:3])}"
+                    f"{' and more' if len(imports) > 3 else ''}); nothing in it was run" if imports else
+                    ": a .pth is read only when torch.save (PyTorch 1.6 or later) wrote it")
+            raise EDLoRAError(f"{name}: a plain pickle (not a torch.save archive), refused unread{runs}; convert it "
+                              f"to .safetensors where you trust it")
         if head[:1] == b"\x80":
-            what = "a plain pickle, not a torch.save archive (refused unread)"
+            what = "it starts like a plain pickle but does not parse as one"
         elif head[8:9] == b"{":
             what = "it looks like a .safetensors file: rename it"
         else:
@@ -303,6 +310,44 @@ def _read_pth(path: str, name: str, size: int) -> dict[Any, Any]:
     if not isinstance(state, dict):
         raise EDLoRAError(f"{name}: expected a dict of tensors, found {what_is(state)}")
     return state
+
+
+_STRING_OPCODES = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                   "BINUNICODE8"}
+
+
+def _plain_pickle_imports(path: str, size: int) -> list[str] | None:
+    """The globals (``module.name``) a file that is a plain pickle imports, in order; None when it does not
+    parse as a pickle. Read by :func:`pickletools.genops` (nothing is built or run), at most
+    :data:`MAX_PICKLE_BYTES` of it (a longer file counts as a pickle when that much parses)."""
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_PICKLE_BYTES)
+    imports: list[str] = []
+    strings: list[str] = []  # the strings pushed so far (STACK_GLOBAL takes its module and name from them)
+    memo: dict[Any, str | None] = {}  # memo index -> the string stored there (None: something else)
+    last: str | None = None  # the string the last opcode pushed
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            kind, pushed = op.name, None
+            if kind == "GLOBAL":
+                imports.append(str(arg).replace(" ", "."))
+            elif kind == "STACK_GLOBAL":
+                imports.append(".".join(strings[-2:]) if len(strings) >= 2 else "an unnamed global")
+            elif kind in _STRING_OPCODES:
+                pushed = arg.decode("latin-1") if isinstance(arg, bytes) else str(arg)
+            elif kind in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if kind == "MEMOIZE" else arg] = pushed = last
+            elif kind in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = memo.get(arg)
+            elif kind == "FRAME":
+                pushed = last
+            if pushed is not None and kind not in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "FRAME"):
+                strings.append(pushed)
+            last = pushed
+    except (ValueError, KeyError, IndexError, UnicodeDecodeError):  # not a pickle, or cut short
+        if size <= len(data) or not (imports or strings):
+            return None
+    return imports
 
 
 def _zip_entry_count(path: str, size: int) -> tuple[int, int]:

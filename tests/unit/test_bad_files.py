@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import struct
+import subprocess
 import zipfile
 import zlib
 from pathlib import Path
@@ -93,6 +94,34 @@ def test_code_running_pickle_is_refused_as_such_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+class CallsCode:
+    """Pickles to a call of ``function`` (as a hostile file's author writes one)."""
+
+    def __init__(self, function, *args):
+        self.call = (function, args)
+
+    def __reduce__(self):
+        return self.call
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+@pytest.mark.parametrize("function, args, imports", [
+    (os.system, ("touch pwned",), {0: f"{os.system.__module__}.system", 4: f"{os.system.__module__}.system"}),
+    (exec, ("import os",), {0: "__builtin__.exec", 4: "builtins.exec"}),  # protocols < 3 use Python 2's names
+    (subprocess.call, (["touch", "pwned"],), {0: "commands.call", 4: "subprocess.call"}),
+])
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_plain_pickle_that_would_run_code_is_named_as_such(tmp_path, protocol, function, args, imports, suffix):
+    path = tmp_path / f"hostile{suffix}"
+    path.write_bytes(pickle.dumps({"params": {"x": CallsCode(function, *args)}}, protocol=protocol))
+    name = imports[0 if protocol < 3 else 4]
+    msg = refused(path, f"hostile{suffix}: a plain pickle (not a torch.save archive), refused unread: loading it "
+                        f"could run code (it imports '{name}'); nothing in it was run",
+                  "convert it to .safetensors where you trust it")
+    assert "truncated or corrupt" not in msg
+    assert not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.parametrize("pkl, pieces", [
     # what torch's weights-only unpickler answers "Unsupported operand N" to, named by opcode
     (b"\x80\x02X\x02\x00\x00\x00osX\x06\x00\x00\x00system\x93.", ["needs code to load", "STACK_GLOBAL"]),
@@ -157,7 +186,11 @@ def test_legacy_plain_pickle_and_empty_files(tmp_path):
     torch.save({"x": torch.zeros(4)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     refused(tmp_path / "legacy.pth", "a legacy .pth (torch.save before PyTorch 1.6)", "convert it to .safetensors")
     (tmp_path / "plain.pth").write_bytes(pickle.dumps({"x": 1}, protocol=2))
-    refused(tmp_path / "plain.pth", "a plain pickle, not a torch.save archive")
+    msg = refused(tmp_path / "plain.pth", "a plain pickle (not a torch.save archive), refused unread",
+                  "convert it to .safetensors where you trust it")
+    assert "truncated or corrupt" not in msg and "run code" not in msg  # it imports nothing
+    (tmp_path / "cut.pth").write_bytes(pickle.dumps({"x": 1}, protocol=2)[:-3])
+    refused(tmp_path / "cut.pth", "not a readable .pth file — truncated or corrupt", "starts like a plain pickle")
     (tmp_path / "empty.pth").write_bytes(b"")
     refused(tmp_path / "empty.pth", "the file is empty (0 bytes)")
     torch.save(make_edlora_state(("<r1>",), seed=1, **TINY), tmp_path / "r.pth")
