@@ -49,6 +49,7 @@ from ..log import log
 from ..versions import BUNDLE_FORMAT, EDLORA_FORMAT, EDLORA_FORMAT_VERSION
 from .filecheck import (
     check_file_tensor,
+    check_lora_change,
     exception_text,
     file_label,
     read_tensor_file,
@@ -258,6 +259,7 @@ def _split_lora_factors(r: _Reader, part: str, flat: dict[str, object],
                 or up.shape[2:] not in ((), (1, 1)):
             raise EDLoRAError(f"{r.name}: {where} factors have incompatible shapes up {list(up.shape)} @ down "
                               f"{list(down.shape)} (expected [out, r] @ [r, in], or [out, r, 1, 1] @ [r, in, 1, 1])")
+        check_lora_change(r.name, f"{part}.{module}", up, down)
         if encoder is not None and not module.endswith("fc2") and down.shape[1] != encoder.width:
             raise EDLoRAError(f"{r.name}: text-encoder LoRA {where} takes {down.shape[1]} inputs; an {family.label} "
                               f"ED-LoRA has a {encoder.width}-wide CLIP text encoder (is it for SD2/SDXL?)")

@@ -50,6 +50,11 @@ MAX_PICKLE_CONTAINERS = 200_000
 MAX_TUPLE_DEPTH = 64
 MAX_TUPLE_WEIGHT = 1_000_000
 MAX_TENSORS = 65536
+# No value of a tensor in a concept file, and no entry of a LoRA's weight change, may exceed this in magnitude.
+# Trained files stay below ~10 (CLIP's token embeddings are ~0.01-0.1, LoRA factors below 1); from ~1e4 on, a
+# table or a weight change multiplied out in a layer overflows float16 (65504) and, larger, float32: the sample
+# turns NaN/Inf, a black image.
+MAX_ABS_VALUE = 1e4
 MAX_ITEM_CHARS = 120     # one key / value / type shown in a message
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -207,7 +212,28 @@ def check_file_tensor(file_name: str, key: str, tensor: object, *, ndim: int | t
             bad = "float64 values too large for float32"
         raise EDLoRAError(f"{where} ({found}) has {bad}; a usable ED-LoRA holds only finite numbers — the "
                           f"file is damaged or its training diverged")
+    peak = float(out.abs().max())
+    if peak > MAX_ABS_VALUE:
+        value = next(float(v) for v in (out.max(), out.min()) if abs(float(v)) == peak)
+        raise EDLoRAError(f"{where} holds a value of {value:.3g}, beyond ±{MAX_ABS_VALUE:g}, the bound on what "
+                          f"trained files hold (they stay below ~10; such values overflow once multiplied out) — "
+                          f"the file is damaged or hostile")
     return out
+
+
+def check_lora_change(file_name: str, where: str, up: torch.Tensor, down: torch.Tensor, scale: float = 1.0) -> None:
+    """Refuse a LoRA pair whose weight change ``scale · up @ down`` may exceed :data:`MAX_ABS_VALUE` anywhere.
+
+    Each entry is bounded without multiplying out (Cauchy-Schwarz: the largest row norm of ``up`` times the
+    largest column norm of ``down``, ``[out, r(, 1, 1)]`` / ``[r, in(, kh, kw)]``), so checking costs two passes
+    over the factors. Raises :class:`EDLoRAError` naming ``file_name`` and ``where`` (the module)."""
+    rows = up.detach().double().reshape(up.shape[0], -1).norm(dim=1).max()
+    cols = down.detach().double().reshape(down.shape[0], -1).norm(dim=0).max()
+    bound = float(rows * cols) * abs(float(scale))
+    if bound > MAX_ABS_VALUE:
+        raise EDLoRAError(f"{file_label(file_name)}: {shown(where)}: its factors can change a weight by up to "
+                          f"{bound:.3g}, beyond ±{MAX_ABS_VALUE:g}, the bound on what trained LoRAs do (they change "
+                          f"weights by far less than 1) — the file is damaged or hostile")
 
 
 # ---------------------------------------------------------------------------------- reading files

@@ -15,7 +15,7 @@ from comfy import weight_adapter
 
 from ...fusion.errors import EDLoRAError, LoRAFormatError
 from ...fusion.files.edlora import EDLoRA, read_state_dict
-from ...fusion.files.filecheck import check_file_tensor
+from ...fusion.files.filecheck import check_file_tensor, check_lora_change
 
 
 def unet_lora_name(module: str) -> str:
@@ -104,6 +104,10 @@ def load_plain_lora(path: str, model, clip) -> tuple[dict, dict, list[str]]:
     key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(model.model, {}))
     state = comfy.lora_convert.convert_lora(state)
     patches = comfy.lora.load_lora(state, key_map, log_missing=False)
+    for key, value in patches.items():  # the bound on weight changes, where a change is one up/down pair
+        if isinstance(value, weight_adapter.LoRAAdapter) and value.weights[3] is None:
+            up, down, alpha = value.weights[:3]
+            check_lora_change(name, key, up, down, 1.0 if alpha is None else float(alpha) / down.shape[0])
     used = set()
     for value in patches.values():
         used |= set(getattr(value, "loaded_keys", ()) or ())

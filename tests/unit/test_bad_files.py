@@ -303,6 +303,59 @@ def test_safetensors_header_longer_than_the_file(tmp_path):
     refused(tmp_path / "short.safetensors", "2 bytes is too short for a safetensors file")
 
 
+# ------------------------------------------------------------------------------ absurd but finite
+
+def _first(part: dict, suffix: str) -> str:
+    return next(k for k in part if k.endswith(suffix))
+
+
+@pytest.mark.parametrize("ext", [".pth", ".safetensors"])
+@pytest.mark.parametrize("case, value", [("table", 1e38), ("table", 3e38), ("unet_up", 1e30), ("text_up", 1e20),
+                                         ("unet_down", -2e4)])
+def test_finite_values_no_trained_file_has_are_refused(tmp_path, ext, case, value):
+    """The hostile run's files: finite, so the finiteness check passed them, and NaN/Inf latents once applied.
+    The bound (filecheck.MAX_ABS_VALUE, 10,000) is what the README states."""
+    assert filecheck.MAX_ABS_VALUE == 1e4
+    state = make_edlora_state(("<v1>",), seed=8, **TINY)
+    params = state["params"]
+    if case == "table":
+        key = "new_concept_embedding.<v1>"
+        params["new_concept_embedding"]["<v1>"][5, 7] = value
+    else:
+        part = params["text_encoder" if case == "text_up" else "unet"]
+        module = _first(part, ".lora_up.weight" if case.endswith("up") else ".lora_down.weight")
+        part[module].view(-1)[3] = value
+        key = f"{'text_encoder' if case == 'text_up' else 'unet'}.{module}"
+    path = tmp_path / f"absurd{ext}"
+    if ext == ".pth":
+        torch.save(state, path)
+    else:
+        safetensors_of(state, path)
+    refused(path, f"absurd{ext}: {key!r} holds a value of {value:.3g}", "beyond ±10000, the bound")
+
+
+def safetensors_of(state: dict, path) -> None:
+    """The flat layout written directly (save_edlora would refuse the state first)."""
+    flat = {f"{part}.{k}": v.contiguous() for part, d in state["params"].items() for k, v in d.items()}
+    save_file(flat, str(path), metadata={"format": "mixofshow-edlora", "version": "1"})
+
+
+def test_factors_whose_product_is_absurd_are_refused(tmp_path):
+    """Each value within the bound, but up·down changes the weight by up to 5e3·5e3·r: refused naming the module."""
+    state = make_edlora_state(("<p1>",), seed=9, **TINY)
+    unet = state["params"]["unet"]
+    module = _first(unet, ".lora_up.weight")[: -len(".lora_up.weight")]
+    unet[module + ".lora_up.weight"].fill_(5e3)
+    unet[module + ".lora_down.weight"].fill_(5e3)
+    torch.save(state, tmp_path / "product.pth")
+    refused(tmp_path / "product.pth", f"product.pth: 'unet.{module}': its factors can change a weight by up to",
+            "beyond ±10000, the bound")
+    unet[module + ".lora_up.weight"].fill_(1.0)  # large for a LoRA, but within the bound: loads
+    unet[module + ".lora_down.weight"].fill_(1.0)
+    torch.save(state, tmp_path / "large.pth")
+    assert load_edlora(str(tmp_path / "large.pth")).unet
+
+
 # ------------------------------------------------------------------------------------------- fuzz
 
 DTYPES = (torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.float16,
