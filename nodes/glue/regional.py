@@ -96,7 +96,10 @@ def _lora_kind(path: str, module: torch.nn.Module) -> str:
             raise LoRAFormatError(f"{path}: a grouped convolution cannot take a region LoRA")
         return "conv"
     if not isinstance(module, torch.nn.Linear):
-        raise LoRAFormatError(f"{path} ({type(module).__name__}) cannot take a region LoRA")
+        weight = getattr(module, "weight", None)
+        what = f" (a {weight.ndim}-D weight)" if isinstance(weight, torch.Tensor) else ""
+        raise LoRAFormatError(f"{path} is a {type(module).__name__}{what}; a region LoRA applies to linear and "
+                              f"convolution layers")
     if path.endswith(("attn2.to_k", "attn2.to_v")):
         return "context"
     if path.endswith(".emb_layers.1"):

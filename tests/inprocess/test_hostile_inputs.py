@@ -5,6 +5,7 @@ them (tests/support/lora_files.py, synthetic.py) and run through the pack's node
 import re
 
 import pytest
+import torch
 from comfy_env import node
 from lora_files import lora_factors, write_kohya_lora
 
@@ -47,3 +48,56 @@ def test_lora_as_concept_whose_weight_change_is_absurd_is_refused(env, tiny):
     with pytest.raises(ValueError, match=rf"^{re.escape(name)}: 'diffusion_model\.[^']*\.weight': its factors can "
                                          r"change a weight by up to .*, beyond ±10000"):
         lora_concept(model, clip, name)
+
+
+# ------------------------------------------------------------------------------ a LoRA on a 1-D weight
+
+ONE_D = {"down_blocks.0.attentions.0.transformer_blocks.0.norm1": 32,  # LayerNorm of a transformer block
+         "down_blocks.0.attentions.0.norm": 32}  # the SpatialTransformer's GroupNorm
+
+
+@pytest.mark.parametrize("module", list(ONE_D))
+def test_ed_lora_on_a_1d_weight_is_refused_naming_file_and_module(env, tiny, write_edlora, module):
+    from synthetic import make_edlora_state
+
+    model, clip, _ = tiny
+    state = make_edlora_state(("<n1>",), seed=70, model_channels=32, text_layers=2, text_intermediate=512)
+    width = ONE_D[module]
+    state["params"]["unet"][f"{module}.lora_up.weight"] = torch.randn(width, 2) * 0.1
+    state["params"]["unet"][f"{module}.lora_down.weight"] = torch.randn(2, width) * 0.1
+    name = f"one_d_{module.rsplit('.', 1)[-1]}.pth"
+    torch.save(state, env.base / "models" / "edloras" / name)
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}: unet module '{re.escape(module)}' has a 1-D weight"):
+        node("MixOfShowLoadEDLoRA", model=model, clip=clip, edlora_name=name, text_encoder_strength=1.0,
+             unet_strength=1.0)
+
+
+@pytest.mark.parametrize("module", list(ONE_D))
+def test_lora_as_concept_on_a_1d_weight_is_refused_naming_file_and_key(env, tiny, module):
+    model, clip, _ = tiny
+    factors = lora_factors(302, attention_only=True, text=False)
+    width = ONE_D[module]
+    factors[module] = ("unet", torch.randn(width, 2) * 0.1, torch.randn(2, width) * 0.1)
+    name = write_lora(env, f"one_d_{module.rsplit('.', 1)[-1]}.safetensors", factors)
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}: 'diffusion_model\.[^']*\.weight' is a 1-D weight"):
+        lora_concept(model, clip, name)
+
+
+def test_region_lora_on_a_1d_weight_is_refused_naming_the_region(env, tiny):
+    """The stock Load LoRA takes such a file (ComfyUI logs an error when it patches and skips the weight); as a
+    region's MODEL it is refused naming the region and the layer."""
+    import pack_nodes as pn
+
+    import nodes as comfy_nodes
+
+    model, clip, _ = tiny
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.norm1"
+    name = write_lora(env, "one_d_region.safetensors",
+                      {module: ("unet", torch.randn(32, 2) * 0.1, torch.randn(2, 32) * 0.1)})
+    stock, _ = comfy_nodes.LoraLoader().load_lora(model, clip, name, 1.0, 0.0)
+    encode = comfy_nodes.CLIPTextEncode().encode
+    regions = pn.region(encode(clip, "a tree")[0], encode(clip, "blurry")[0], torch.ones(1, 64, 64), model=stock)
+    with pytest.raises(ValueError, match=r"^region 1: input_blocks\.1\.1\.transformer_blocks\.0\.norm1 is a "
+                                         r"LayerNorm \(a 1-D weight\); a region LoRA applies to linear and "
+                                         r"convolution layers"):
+        env.pack("nodes.glue.regional").install_regions(model, regions)
