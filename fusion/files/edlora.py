@@ -23,9 +23,11 @@ What is refused and what is only warned about:
   meant: a token that is not ``<name>``, a table that is not ``[16, 768]`` / ``[16, n, 768]``, a
   key in ``text_encoder`` / ``unet`` that is not a LoRA factor in one of the two spellings (e.g. an
   ``alpha``), a module outside SD1.x's text encoder / UNet transformer blocks, a lone or duplicated
-  factor, a part that is not a dict, a non-string key inside a part; any bad tensor.
+  factor, a part that is not a dict, a non-string key inside a part, at the top level or inside
+  ``params`` (nothing says what an int or a boolean key would mean); an XTI file with a key beside its
+  layer keys; any bad tensor.
 * **Ignored with one warning** — entries beside the parts, as training checkpoints carry them
-  (``optimizer``, ``step``, ``epoch``, non-string keys, flat keys of other prefixes). They are
+  (``optimizer``, ``step``, ``epoch``, flat keys of other prefixes). They are
   listed in :attr:`EDLoRA.ignored_keys` so nodes can show them. A part that is ``None`` counts as
   absent.
 """
@@ -176,6 +178,15 @@ class _Reader:
         return edlora
 
 
+def _check_string_keys(r: _Reader, state: dict[Any, Any]) -> None:
+    """Refuse a key that is not a string where the parts (or a flat file's tensors) are: no trainer writes one,
+    and nothing tells what it would mean (``True == 1``, a tensor as a key): refused rather than guessed at."""
+    for key in state:
+        if not isinstance(key, str):
+            raise EDLoRAError(f"{r.name}: has the key {shown(key, 60)} ({type(key).__name__[:40]}) at the top level; "
+                              f"ED-LoRA keys are strings, so it is refused rather than guessed at")
+
+
 def _gather_parts(state: object, r: _Reader) -> dict[str, dict[str, object]]:
     """``{part: {rest: value}}`` for the parts present in a nested, ``params``-wrapped or flat state.
 
@@ -183,13 +194,15 @@ def _gather_parts(state: object, r: _Reader) -> dict[str, dict[str, object]]:
     """
     if not isinstance(state, dict):
         raise EDLoRAError(f"{r.name}: expected a dict of tensors, found {what_is(state)}")
+    _check_string_keys(r, state)
     if "params" in state:
         inner = state["params"]
         if not isinstance(inner, dict):
             raise EDLoRAError(f"{r.name}: 'params' is {what_is(inner)}; expected a dict holding "
                               f"'new_concept_embedding', 'text_encoder' and 'unet'")
+        _check_string_keys(r, inner)
         for key in state:
-            if not (isinstance(key, str) and key == "params"):  # a key may be a tensor: no == on it
+            if key != "params":
                 r.ignore(key)
         state = inner
     parts: dict[str, dict[str, object]] = {}
@@ -200,9 +213,7 @@ def _gather_parts(state: object, r: _Reader) -> dict[str, dict[str, object]]:
         parts[part][rest] = value
 
     for key, value in state.items():
-        if not isinstance(key, str):
-            r.ignore(key)
-        elif key in _PARTS:
+        if key in _PARTS:
             if value is None:
                 continue
             parts.setdefault(key, {})
@@ -331,7 +342,7 @@ def _is_xti_state(state: object, family: ModelFamily) -> bool:
 def parse_xti(state: dict[Any, Any], name: str, token: str, family: ModelFamily = SD15) -> EDLoRA:
     """A kohya XTI (P+) embedding: one key per layer (IN01..OUT11), each ``[n, C]``, becomes one token table.
 
-    Other entries are ignored with a warning, like those beside an ED-LoRA's parts.
+    Any other entry is refused (kohya writes exactly the layer keys).
     """
     with _named(name):
         r = _Reader(name)
@@ -345,9 +356,11 @@ def parse_xti(state: dict[Any, Any], name: str, token: str, family: ModelFamily 
             shapes = sorted({str(list(row.shape)) for row in rows})
             raise EDLoRAError(f"{r.name}: XTI layers must all have one shape [n, {width}]; found "
                               f"{', '.join(shapes)}")
-        for k in state:
-            if not (isinstance(k, str) and k in keys):
-                r.ignore(k)
+        extra = [k for k in state if not (isinstance(k, str) and k in keys)]
+        if extra:
+            raise EDLoRAError(f"{r.name}: an XTI embedding has exactly the {len(keys)} layer keys {keys[0]} … "
+                              f"{keys[-1]}; this file also has {', '.join(shown(k, 40) for k in extra[:3])}"
+                              f"{' and more' if len(extra) > 3 else ''} — which tensor is the embedding is not clear")
         table = torch.stack(rows)
         if table.shape[1] > MAX_VECTORS_PER_TOKEN:
             raise EDLoRAError(f"{r.name}: {table.shape[1]} vectors per layer; a prompt chunk holds at most "

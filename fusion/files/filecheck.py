@@ -422,7 +422,14 @@ def _check_archive(path: str, name: str, size: int) -> list[bytes]:
                 raise EDLoRAError(f"{name}: the .pth archive has {len(infos)} members (limit {MAX_ARCHIVE_MEMBERS}); "
                                   f"torch.save writes one per tensor")
             total = stored = 0
+            seen: set[str] = set()
             for info in infos:
+                if info.filename in seen:
+                    count = sum(i.filename == info.filename for i in infos)
+                    raise EDLoRAError(f"{name}: the .pth archive holds {count} members named "
+                                      f"{shown(info.filename, 60)} (which one torch.load reads is not clear); "
+                                      f"torch.save writes one of each; nothing in it was run")
+                seen.add(info.filename)
                 member = f"{name}: archive member {shown(info.filename, 60)}"
                 if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                     raise EDLoRAError(f"{member} uses zip compression method {info.compress_type}; torch.save "
@@ -443,6 +450,10 @@ def _check_archive(path: str, name: str, size: int) -> list[bytes]:
                 raise EDLoRAError(f"{name}: the .pth archive lists {stored} bytes of members in a {size}-byte "
                                   f"file — truncated or corrupt")
             pickles = [i for i in infos if i.filename.endswith("data.pkl")]
+            if len(pickles) > 1:
+                raise EDLoRAError(f"{name}: the .pth archive holds {len(pickles)} pickles (data.pkl) "
+                                  f"({', '.join(shown(i.filename, 40) for i in pickles[:3])}); torch.save writes one; "
+                                  f"nothing in it was run")
             if sum(i.file_size for i in pickles) > MAX_PICKLE_BYTES:
                 raise EDLoRAError(f"{name}: the .pth's pickle is {sum(i.file_size for i in pickles)} bytes (limit "
                                   f"{MAX_PICKLE_BYTES}); an ED-LoRA's is about 100 bytes per tensor")
