@@ -380,7 +380,12 @@ def load_edlora(path: str, family: ModelFamily = SD15) -> EDLoRA:
             raise EDLoRAError(f"{file_label(name)}: a fused ED-LoRA bundle (format={BUNDLE_FORMAT}), not a single "
                               f"ED-LoRA: a bundle is loaded whole (fused weights and concepts), never as an ED-LoRA")
         if _is_xti_state(state, family):
-            stem = re.sub(r"[^A-Za-z0-9_\-.]", "_", os.path.splitext(name)[0])[: MAX_TOKEN_CHARS - 2]
+            stem = re.sub(r"[^A-Za-z0-9_\-.]", "_", os.path.splitext(name)[0])
+            if len(stem) > MAX_TOKEN_CHARS - 2:  # cut, it would not be the name a user types
+                raise EDLoRAError(f"{file_label(name)}: an XTI embedding's token is its file name, <{stem[:240]}>, "
+                                  f"which is {len(stem)} characters long; rename the file to at most "
+                                  f"{MAX_TOKEN_CHARS - 2} characters (tokens are at most {MAX_TOKEN_CHARS} with the "
+                                  f"brackets)")
             edlora = parse_xti(state, name, f"<{stem}>", family)
         else:
             edlora = parse_edlora(state, name, family)

@@ -10,6 +10,7 @@ from synthetic import make_edlora_state
 from fusion.errors import MAX_MESSAGE_CHARS, ConceptError, EDLoRAError
 from fusion.families import SD15
 from fusion.files.edlora import (
+    MAX_TOKEN_CHARS,
     convert_to_safetensors,
     load_edlora,
     parse_edlora,
@@ -368,6 +369,25 @@ def test_unique_output_path(tmp_path):
     for bad in ("", "  ", ".", "..", ".safetensors", "a\x00b", "x" * 300):
         with pytest.raises(EDLoRAError, match="is not a usable file name"):
             unique_output_path(folder, bad)
+
+
+def test_xti_token_names_are_usable_or_refused_with_the_limit(tmp_path):
+    """The token is the file's name: up to the token limit it works in a prompt; longer names are refused at load
+    with the limit (they were cut, so the name a user types was not the token)."""
+    rows = {k: torch.randn(1, 768) for k in XTI_LAYER_KEYS}
+    longest = "s" * (MAX_TOKEN_CHARS - 2)
+    save_file(rows, str(tmp_path / f"{longest}.safetensors"))
+    e = load_edlora(str(tmp_path / f"{longest}.safetensors"))
+    assert e.tokens == [f"<{longest}>"]
+    concepts = ConceptSet().add(Concept(e, 1.0, 1.0))
+    assert substitute_concepts(f"a photo in <{longest}> style", concepts.tables, "sks").vectors == \
+        ((f"<{longest}>", 0),)
+    too_long = "t" * (MAX_TOKEN_CHARS - 1)
+    save_file(rows, str(tmp_path / f"{too_long}.safetensors"))
+    with pytest.raises(EDLoRAError, match=rf"^{too_long[:40]}.*: an XTI embedding's token is its file name, "
+                                          rf"<{too_long[:20]}.*>, which is {MAX_TOKEN_CHARS - 1} characters long; "
+                                          rf"rename the file to at most {MAX_TOKEN_CHARS - 2} characters"):
+        load_edlora(str(tmp_path / f"{too_long}.safetensors"))
 
 
 def test_xti_validation(tmp_path, caplog):
