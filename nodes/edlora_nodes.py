@@ -84,7 +84,7 @@ class TextEncodeConcepts(PackNode):
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader "
                                "node your checkpoint does not contain a valid clip or text encoder model.")
-        return io.NodeOutput(encode_with_concepts(clip, text, concepts))
+        return io.NodeOutput(encode_with_concepts(clip, text, concepts, "Text Encode with Concepts, input 'text'"))
 
 
 class ConvertEDLoRA(PackNode):

@@ -15,7 +15,7 @@ from typing import Any
 import comfy.model_management
 import torch
 
-from ...fusion.errors import ConceptError, RegionError
+from ...fusion.errors import RegionError
 from ...fusion.prompts.concepts import ConceptSet, find_concept_tokens
 from ...fusion.regions.editor_boxes import clamp_box, parse_boxes
 from ...fusion.regions.masks import box_to_mask
@@ -127,12 +127,10 @@ def editor_regions(clip, regions_json: str, width: int, height: int, image=None,
     masks = []
     for i, box in enumerate(boxes):
         mask = box_mask(height, width, *clamp_box(box, height, width, i))
-        try:
-            positive = encode_with_concepts(clip, box.prompt, concepts)
-            if box.negative not in negatives:
-                negatives[box.negative] = encode_with_concepts(clip, box.negative, concepts)
-        except ConceptError as e:
-            raise ConceptError(f"Regions Editor box {i + 1}: {e}") from e
+        positive = encode_with_concepts(clip, box.prompt, concepts, f"Regions Editor box {i + 1}, prompt")
+        if box.negative not in negatives:
+            negatives[box.negative] = encode_with_concepts(clip, box.negative, concepts,
+                                                           f"Regions Editor box {i + 1}, negative prompt")
         regions = add_region(regions, positive, negatives[box.negative], mask, box.control_strength, None,
                              box.label)
         masks.append(mask)
@@ -164,11 +162,12 @@ def pose_regions(image, clip, prompts: str, negative: str, margin: float, concep
         raise ValueError(f"Pose Regions: found {len(boxes)} skeleton(s) at {boxes} (top, left, bottom, right) but "
                          f"{len(lines)} prompt line(s); write one line per person, left to right")
     concepts = concepts or ConceptSet()
-    neg = encode_with_concepts(clip, negative, concepts)
+    neg = encode_with_concepts(clip, negative, concepts, "Regions from Pose, input 'negative'")
     height, width = int(img.shape[0]), int(img.shape[1])
     masks = [box_mask(height, width, *b) for b in boxes]
-    for mask, line in zip(masks, lines, strict=True):
-        regions = add_region(regions, encode_with_concepts(clip, line, concepts), neg, mask, control_strength)
+    for n, (mask, line) in enumerate(zip(masks, lines, strict=True), start=1):
+        where = f"Regions from Pose, input 'prompts' (the line of person {n})"
+        regions = add_region(regions, encode_with_concepts(clip, line, concepts, where), neg, mask, control_strength)
     return regions, torch.cat(masks)
 
 

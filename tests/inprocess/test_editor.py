@@ -154,7 +154,7 @@ def test_boxes_empty_in_the_image_and_unknown_tokens_name_the_box(env, concept):
     text = boxes_json((0, 0, 10, 10, {"prompt": "a"}), (60, 0, 80, 10, {"prompt": "b"}))
     with pytest.raises(ValueError, match=r"box 2: .*\[60, 0, 80, 10\] is empty inside the 64×48 image"):
         editor(clip, text, concepts=concepts)
-    with pytest.raises(ValueError, match=r"box 1: prompt uses <nobody>"):
+    with pytest.raises(ValueError, match=r"^Regions Editor box 1, prompt: prompt uses <nobody>"):
         editor(clip, boxes_json((0, 0, 10, 10, {"prompt": "a <nobody>"})), concepts=concepts)
 
 
