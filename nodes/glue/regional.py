@@ -118,7 +118,7 @@ class RegionalSampling:
 
     def __init__(self, regions: Sequence[Region], base: Any = None, family: ModelFamily | None = None):
         self.family = family
-        self.masks = torch.stack([r.mask.to(torch.float32) for r in regions])
+        self.masks = [r.mask.to(torch.float32) for r in regions]  # each its own size (docs/design.md §8.3)
         self.boxes = [r.box for r in regions]
         self.positive = [context_stack(list(r.positive), f"{region_name(i, r.label)}: positive")
                          for i, r in enumerate(regions)]
@@ -328,7 +328,7 @@ class RegionalAttn2Replace:
         shape = extra_options.get("activations_shape")
         fh, fw = (int(shape[-2]), int(shape[-1])) if shape else (0, 0)
         if fh * fw != n_tok:  # not reported, or not this layer's size: from the token count
-            fh, fw = feature_hw_for_tokens(n_tok, self.run.masks.shape[1], self.run.masks.shape[2])
+            fh, fw = feature_hw_for_tokens(n_tok, *self.run.masks[0].shape)
         return regional_attention(q, k, v, heads, layout, len(self.run), self.run.flat_masks(fh, fw, q.device),
                                   attention, global_attention)
 

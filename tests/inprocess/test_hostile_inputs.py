@@ -101,3 +101,71 @@ def test_region_lora_on_a_1d_weight_is_refused_naming_the_region(env, tiny):
                                          r"LayerNorm \(a 1-D weight\); a region LoRA applies to linear and "
                                          r"convolution layers"):
         env.pack("nodes.glue.regional").install_regions(model, regions)
+
+
+# ------------------------------------------------------------------------------ masks of different sizes
+
+H, W = 64, 128  # pixels of the sampled image; latent 8 x 16
+
+
+def sample(model, positive, negative, seed=5):
+    import comfy.sample
+
+    latent = torch.zeros(1, 4, H // 8, W // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, 2, 5.0, "euler", "normal", positive, negative, latent,
+                               disable_pbar=True, seed=seed)
+
+
+def half_mask(size: int, side: str) -> torch.Tensor:
+    """A painted ``size x size`` MASK covering the left or right half (grid-aligned at every layer)."""
+    mask = torch.zeros(1, size, size)
+    if side == "left":
+        mask[:, :, : size // 2] = 1.0
+    else:
+        mask[:, :, size // 2:] = 1.0
+    return mask
+
+
+def test_regions_whose_masks_have_different_sizes_sample_in_one_sampler(env, tiny):
+    """The README promises a MASK of any size: each region's mask is resized to every layer as a single mask would
+    be. A 512 x 512 and a 1024 x 1024 half (a pose-sized mask) give the layers exactly what two 512 x 512 halves
+    give, so the latents are the same bits."""
+    import pack_nodes as pn
+
+    import nodes as comfy_nodes
+
+    model, clip, _ = tiny
+    encode = comfy_nodes.CLIPTextEncode().encode
+    pos, neg = encode(clip, "two friends")[0], encode(clip, "blurry")[0]
+    a, b = encode(clip, "a red coat")[0], encode(clip, "a green hat")[0]
+    regional = env.pack("nodes.glue.regional")
+    mixed = pn.region(b, neg, half_mask(1024, "right"), pn.region(a, neg, half_mask(512, "left")))
+    same = pn.region(b, neg, half_mask(512, "right"), pn.region(a, neg, half_mask(512, "left")))
+    got = sample(regional.install_regions(model, mixed), pos, neg)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, sample(regional.install_regions(model, same), pos, neg))
+
+
+def test_each_region_mask_is_resized_as_it_would_be_alone(env, tiny):
+    """A 7 x 13 painted mask, a 64 x 64 one and a box mask of the image's size, at every layer size of the image:
+    each region's row is what that region alone gets."""
+    import pack_nodes as pn
+
+    import nodes as comfy_nodes
+
+    _, clip, _ = tiny
+    encode = comfy_nodes.CLIPTextEncode().encode
+    pos, neg = encode(clip, "a cat")[0], encode(clip, "blurry")[0]
+    odd = torch.rand(1, 7, 13)
+    square = torch.zeros(1, 64, 64)
+    square[:, 10:50, 5:40] = 1.0
+    boxed = pn.box_mask(W, H, 8, 16, 56, 100)
+    regions = pn.region(pos, neg, boxed, pn.region(pos, neg, square, pn.region(pos, neg, odd)))
+    run = env.pack("nodes.glue.regional").RegionalSampling(regions)
+    for fh, fw in ((8, 16), (4, 8), (2, 4), (1, 2)):
+        together = run.flat_masks(fh, fw, "cpu")
+        assert together.shape == (3, fh * fw)
+        for r, region in enumerate(regions):
+            alone = env.pack("nodes.glue.regional").RegionalSampling((region,)).flat_masks(fh, fw, "cpu")
+            assert torch.equal(together[r], alone[0]), (r, fh, fw)
