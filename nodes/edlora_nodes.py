@@ -116,7 +116,8 @@ class ConvertEDLoRA(PackNode):
         stem = output_name.strip() or os.path.splitext(os.path.basename(src))[0]
         folder = folder_paths.get_folder_paths(EDLORA_FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
-        dst = unique_output_path(folder, stem, overwrite, source=src)
+        dst = unique_output_path(folder, stem, overwrite, source=src,
+                                 where="Convert ED-LoRA to safetensors, input 'output_name'")
         edlora = convert_to_safetensors(src, dst)
         name = os.path.basename(dst)
         text = [f"{name}: {' '.join(edlora.tokens)}"]

@@ -60,8 +60,8 @@ from .filecheck import (
     what_is,
 )
 
-__all__ = ["EDLoRA", "TOKEN_PATTERN", "convert_to_safetensors", "file_digest", "load_edlora", "parse_edlora",
-           "parse_xti", "read_state_dict", "save_edlora", "to_flat_state_dict", "unique_output_path"]
+__all__ = ["EDLoRA", "TOKEN_PATTERN", "convert_to_safetensors", "file_digest", "load_edlora", "output_stem",
+           "parse_edlora", "parse_xti", "read_state_dict", "save_edlora", "to_flat_state_dict", "unique_output_path"]
 
 
 TOKEN_PATTERN = re.compile(r"<[^<>\s()\[\]{}:,]+>")
@@ -436,20 +436,38 @@ def convert_to_safetensors(src: str, dst: str) -> EDLoRA:
     return edlora
 
 
-def unique_output_path(folder: str, stem: str, overwrite: bool = False, *, source: str | None = None) -> str:
+MAX_STEM_BYTES = 200  # a file name is at most 255 bytes: room for "_00001" and ".safetensors"
+
+
+def output_stem(name: str, where: str) -> str:
+    """``name`` as the stem of a file the pack writes: directories dropped, a ``.safetensors`` suffix (any case)
+    removed. Refused before anything is written, with :class:`EDLoRAError` naming ``where`` (the node and input):
+    a name with a NUL or control character, one longer than :data:`MAX_STEM_BYTES` bytes (UTF-8), one that names
+    no file (empty, ``.``, ``..``)."""
+    base = os.path.basename(name.strip().replace("\\", "/"))
+    if base.lower().endswith(".safetensors"):
+        base = base[: -len(".safetensors")]
+    size = len(base.encode("utf-8", "surrogatepass"))
+    why = ("a NUL or control character is in it" if any(ord(c) < 32 or ord(c) == 127 for c in base)
+           else "it holds a lone surrogate, which no file name can" if any(0xD800 <= ord(c) < 0xE000 for c in base)
+           else f"it is {size} bytes long; at most {MAX_STEM_BYTES}" if size > MAX_STEM_BYTES
+           else "it names no file" if not base.strip(". ") else "")
+    if why:
+        raise EDLoRAError(f"{where}: {shown(name, 60)} is not a usable file name ({why})")
+    return base
+
+
+def unique_output_path(folder: str, stem: str, overwrite: bool = False, *, source: str | None = None,
+                       where: str = "output name") -> str:
     """Where the Convert node writes ``<stem>.safetensors`` in ``folder``, never over another file.
 
-    ``stem`` is reduced to a file name (directories are dropped, a ``.safetensors`` suffix in any
-    case is removed). When that file exists and ``overwrite`` is False, a numeric suffix is added
+    ``stem`` is reduced to a file name by :func:`output_stem` (``where`` names the input in its errors).
+    When that file exists and ``overwrite`` is False, a numeric suffix is added
     as ComfyUI's save nodes do: ``name_00001.safetensors``, one more than the highest number there.
     ``source`` (the file being converted) is never the result: with ``overwrite`` it is refused
     (:class:`EDLoRAError`), without it it gets a suffix like any existing file.
     """
-    base = os.path.basename(stem.strip().replace("\\", "/"))
-    if base.lower().endswith(".safetensors"):
-        base = base[: -len(".safetensors")]
-    if not base.strip(". ") or any(ord(c) < 32 for c in base) or len(base.encode()) > 200:
-        raise EDLoRAError(f"output name {shown(stem)} is not a usable file name")
+    base = output_stem(stem, where)
     path = os.path.join(folder, base + ".safetensors")
     if os.path.exists(path) and source is not None and os.path.exists(source) and os.path.samefile(path, source):
         if overwrite:

@@ -169,3 +169,25 @@ def test_each_region_mask_is_resized_as_it_would_be_alone(env, tiny):
         for r, region in enumerate(regions):
             alone = env.pack("nodes.glue.regional").RegionalSampling((region,)).flat_masks(fh, fw, "cpu")
             assert torch.equal(together[r], alone[0]), (r, fh, fw)
+
+
+# ------------------------------------------------------------------------------ save paths
+
+@pytest.mark.parametrize("prefix, why", [("fused\x00bundle", "a NUL or control character is in it"),
+                                         ("f" * 300, "it is 300 bytes long; at most 200"),
+                                         ("..", "it names no file"),
+                                         ("bad\ud800", "it holds a lone surrogate")])
+def test_save_paths_no_file_system_takes_are_refused_naming_the_input(env, tiny, write_edlora, prefix, why):
+    """Refused before anything is written (was safetensors' 'I/O error: Invalid argument (os error 22)' or 'File
+    name too long (os error 36)', naming neither node nor input)."""
+    model, clip, _ = tiny
+    folder = env.base / "models" / "edloras"
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ValueError, match=rf"^Save Fused ED-LoRA Bundle, input 'filename_prefix': .* is not a usable "
+                                         rf"file name \({why}"):
+        node("MixOfShowSaveFusedBundle", model=model, clip=clip, concepts=None, filename_prefix=prefix)
+    source = write_edlora("to_convert.pth", tokens=("<cv1>",), seed=71)
+    with pytest.raises(ValueError, match=rf"^Convert ED-LoRA to safetensors, input 'output_name': .* is not a "
+                                         rf"usable file name \({why}"):
+        node("MixOfShowConvertEDLoRA", edlora_name=source, output_name=prefix)
+    assert sorted(p.name for p in folder.iterdir()) == sorted({*before, source})
