@@ -25,7 +25,7 @@ import dev_paths  # isort: split
 
 import demo
 from boxes import parse_box_file
-from browser import comfy_page
+from browser import comfy_page, load_workflow
 from comfy_server import ComfyServer, error_message
 
 REPO = dev_paths.REPO
@@ -308,7 +308,8 @@ def build_ui_workflow(page, name: str, example: dict) -> dict:
 def run_in_ui(page, server: ComfyServer, workflow: dict, timeout: float = 3600) -> dict:
     """Open the workflow in the UI, queue it like the Run button; its finished /history entry."""
     before = set(server.get("/history"))
-    page.evaluate("async (wf) => { await app.loadGraphData(wf); await app.queuePrompt(0, 1); }", workflow)
+    load_workflow(page, workflow)
+    page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     deadline = time.time() + timeout
     while time.time() < deadline:
         new = {k: v for k, v in server.get("/history").items() if k not in before}
