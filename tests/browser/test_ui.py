@@ -248,8 +248,8 @@ def test_the_names_module_agrees_with_the_server(ui):
     assert ui.server.get(f"/api{js['ROUTE_TOKENS']}?name=ui_tiny.pth")["tokens"] == list(TINY_TOKENS)
     pose = ui.server.get_bytes("/api" + js["ROUTE_POSES"].replace("{name}", "harry_hermione_thanos.png"))
     assert pose.startswith(b"\x89PNG")  # get_bytes raises on an error status
-    answer = ui.server.post(f"/api{js['ROUTE_POSE_BOXES']}", {"image": {"pose": "harry_hermione_thanos.png"},
-                                                             "margin": 3})
+    answer = ui.server.post_json(f"/api{js['ROUTE_POSE_BOXES']}", {"image": {"pose": "harry_hermione_thanos.png"},
+                                                                  "margin": 3})
     assert answer[0] == 400 and "margin" in answer[1]["error"]  # the pack's own check
 
 
