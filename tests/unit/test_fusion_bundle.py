@@ -102,7 +102,7 @@ def write_v1_bundle(path, model, clip, concepts, embeddings, base="base-id", set
     ("no_tokens", "has no 'tokens' list"),
     ("no_words", "neither tokens nor trigger words"),
     ("table_15", r"\[15, 768\]; an SD1.x ED-LoRA token table is \[16, 768\]"),
-    ("table_1024", "\\[16, 1024\\].*is it for SD2/SDXL"),
+    ("table_1024", "\\[16, 1024\\].*SD2.x"),
     ("nan_factor", "NaN and .* infinite values"),
     ("inf_table", "NaN and .* infinite values"),
     ("int_tensor", "is int32 .*floating point"),

