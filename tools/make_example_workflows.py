@@ -8,7 +8,9 @@ random weights is noise.
 
 The examples are sized for a CPU test run (they run as shipped in tests/browser/test_examples.py):
 sampling at 512×256 (one character: 384×512) with 8 steps, fusion recorded at 256×256 with 4 steps.
-Their notes say what to change for real models.
+Their notes say what to change for real models. The SDXL example runs here on the full-size random SDXL
+(``bash tools/host/make_models.sh --sdxl``; run this tool under the big-model lock); the browser tier runs it on
+the test fixture's tiny SDXL instead (its ``tiny`` entry says what it swaps).
 
 usage: .host/venv/bin/python tools/make_example_workflows.py [--no-thumbnails] [--only 3]
 """
@@ -157,6 +159,55 @@ def lora_per_region() -> dict:
     return _sample(g, ["1", 0], positive, negative, regions, prefix="mixofshow_lora_per_region")
 
 
+def sdxl_lora_per_region() -> dict:
+    """Example 4 on SDXL with plain LoRAs: each character's LoRA as Concept on the base SDXL checkpoint, named by
+    its trigger words; each Region gets its chain's MODEL and a prompt encoded with its chain's CLIP; the pose
+    steers an SDXL OpenPose T2I-Adapter."""
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": demo.SDXL_CKPT}},
+         "30": {"class_type": "MixOfShowLoadReferencePose", "inputs": {"pose": POSE}}}
+    g["63"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}}
+    regions = None
+    for i, (name, words) in enumerate(demo.SDXL_LORAS.items()):
+        loader, box, text, region = (str(10 + i), str(50 + i), str(60 + i), str(70 + i))
+        g[loader] = {"class_type": "MixOfShowLoRAConcept", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": f"demo_sdxl_{name}.safetensors", "trigger_words": words,
+            "strength_model": 1.0, "strength_clip": 1.0}}
+        g[box] = {"class_type": "MixOfShowPoseBoxMask", "inputs": {"image": ["30", 0], "index": i, "margin": 0.05}}
+        g[text] = {"class_type": "CLIPTextEncode", "inputs": {"clip": [loader, 1], "text": SDXL_PROMPTS[i]}}
+        inputs = {"positive": [text, 0], "negative": ["63", 0], "mask": [box, 0], "control_strength": 1.0,
+                  "model": [loader, 0]}
+        if regions:
+            inputs["regions"] = regions
+        g[region] = {"class_type": "MixOfShowRegion", "inputs": inputs}
+        regions = [region, 0]
+    g["20"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": GLOBAL_PROMPT}}
+    g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}}
+    g["32"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": demo.SDXL_ADAPTER}}
+    g["33"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["20", 0], "negative": ["21", 0], "control_net": ["32", 0], "image": ["30", 0], "strength": 1.0,
+        "start_percent": 0.0, "end_percent": 1.0}}
+    return _sample(g, ["1", 0], ["33", 0], ["33", 1], regions, prefix="mixofshow_sdxl_lora_per_region")
+
+
+SDXL_PROMPTS = ("a photo of ohwx wizard, in a school uniform", "a photo of sks witch, smiling",
+                "a photo of zxq titan, in armor")
+SDXL_NOTE = (
+    "**Models.** These are random-weight models (`bash tools/host/make_models.sh --sdxl` writes the checkpoint and "
+    "the adapter), so the picture is noise. Swap in: an SDXL checkpoint (SDXL 1.0 base or a fine-tune such as "
+    "Pony, Illustrious or NoobAI — the one your LoRAs were trained for); one SDXL character LoRA per region in "
+    "`models/loras` (kohya or diffusers keys) with its trigger words in LoRA as Concept and in the region's "
+    "prompt — or a Concept Conductor SDXL ED-LoRA in `models/edloras` through **Load ED-LoRA** instead, its "
+    "tokens in a Text Encode with Concepts prompt; an SDXL OpenPose ControlNet or T2I-Adapter in "
+    "`models/controlnet` (e.g. t2i-adapter-openpose-sdxl-1.0). SD1.5 files on SDXL are refused, naming both.\n\n"
+    "**Sized for a CPU run** ({cpu}). With real models on a GPU use {real}.")
+# what the browser tier runs instead of the full-size SDXL (tests/browser/test_examples.py): the fixture pack's
+# tiny SDXL for the checkpoint loader, and files for it under the same inputs
+TINY_SDXL = {"loader": ("1", "TinySDXLLoader", {"unet": "narrow", "seed": 0}),
+             "widgets": {**{str(10 + i): {"lora_name": f"tiny_sdxl_{name}.safetensors"}
+                            for i, name in enumerate(demo.SDXL_LORAS)},
+                         "32": {"control_net_name": "tiny_sdxl_openpose.safetensors"}}}
+
+
 MODELS_NOTE = (
     "**Models.** These are the demo's random-weight models (`bash tools/demo.sh` writes them), so the picture is "
     "noise. Swap in: an SD1.5 checkpoint (the one your ED-LoRAs were trained on); your ED-LoRAs in "
@@ -167,7 +218,10 @@ MODELS_NOTE = (
 _ADAPTER_NOTE = "; the OpenPose T2I-Adapter `t2iadapter_openpose_sd14v1` in `models/controlnet`"
 
 
-def _note(title: str, description: str, tokens: str, cpu: str, real: str, adapter: bool = True) -> str:
+def _note(title: str, description: str, tokens: str, cpu: str, real: str, adapter: bool = True,
+          sdxl: bool = False) -> str:
+    if sdxl:
+        return f"# {title}\n\n{description}\n\n" + SDXL_NOTE.format(cpu=cpu, real=real)
     return (f"# {title}\n\n{description}\n\n"
             + MODELS_NOTE.format(tokens=tokens, adapter=_ADAPTER_NOTE if adapter else "", cpu=cpu, real=real))
 
@@ -242,6 +296,25 @@ EXAMPLES = {
                    ("3. sample", ["20", "21", "32", "33", "22", "23", "24", "25"])],
         "previews": ["23"],
         "thumbnail": "23",
+    },
+    "5 - Three SDXL characters from a pose (a LoRA per region)": {
+        "title": "Three SDXL characters from a pose, each LoRA in its own region",
+        "graph": sdxl_lora_per_region,
+        "note": ("Example 4 on **SDXL**, with plain character LoRAs: each **LoRA as Concept** loads one character's "
+                 "SDXL LoRA on the base checkpoint (named by its trigger words, which the region's prompt uses); "
+                 "each **Region** gets that character's MODEL and a prompt encoded with its CLIP, so each LoRA acts "
+                 "inside its region only, all in one UNet pass (Pose Box to Mask: person 0, 1, 2 of the pose, left to "
+                 "right). The pose also steers an SDXL OpenPose T2I-Adapter. SDXL's global vector (pooled text and "
+                 "size) is the global prompt's.", "", _CPU,
+                 "the pose's 2:1 at SDXL's size, 1536×768 (Empty Latent Image), and 25–30 steps", True, True),
+        "columns": [(360, ["1", "10", "11", "12"]), (300, ["30", "50", "51", "52"]), (340, ["60", "61", "62", "63"]),
+                    (300, ["70", "71", "72"]), (360, ["20", "21", "32", "33"]), (320, ["22", "23", "24", "25"])],
+        "groups": [("1. characters (SDXL LoRAs)", ["1", "10", "11", "12"]),
+                   ("2. regions", ["30", "50", "51", "52", "60", "61", "62", "63", "70", "71", "72"]),
+                   ("3. sample", ["20", "21", "32", "33", "22", "23", "24", "25"])],
+        "previews": ["23"],
+        "thumbnail": "23",
+        "tiny": TINY_SDXL,
     },
 }
 

@@ -139,8 +139,15 @@ def encode_with_concepts(clip, text: str, concepts: ConceptSet, extra: dict | No
         if encoder is None:
             raise ConceptError(f"Text Encode with Concepts: the CLIP's token stream '{key}' belongs to no text "
                                f"encoder of {family.label}")
-        streams[key] = (_Stream(stream_sections, positions[key], vectors, concepts.tables_of(encoder.name),
-                                family.layer_count, every_copy), encoder)
+        tables = concepts.tables_of(encoder.name)
+        lacking = next((tok for tok, _ in vectors if tok not in tables or tables[tok].shape[0] != family.layer_count),
+                       None)
+        if lacking is not None:
+            owner = next(c.edlora for c in concepts.concepts if lacking in c.edlora.tokens)
+            raise ConceptError(f"{lacking} ({owner.name}) is an {owner.family.label} concept; this CLIP is "
+                               f"{family.label}: encode it with the CLIP of the chain that loaded it")
+        streams[key] = (_Stream(stream_sections, positions[key], vectors, tables, family.layer_count, every_copy),
+                        encoder)
     count = max(len(stream.sequences) for stream, _ in streams.values())
     passes = [clip.encode_from_tokens_scheduled({key: [stream.sequence(i) for i in range(first, min(
         first + _SEQUENCES_PER_PASS, count))] for key, (stream, _) in streams.items()}, add_dict=extra)

@@ -135,3 +135,11 @@ def test_gradient_fusion_refuses_sdxl(env, tiny_xl, write_xl_edlora):
     _assert_names(_message(node, "MixOfShowGradientFusion", model=model, clip=clip, concepts=concepts, steps=1,
                            width=64, height=64, seed=0, solver="closed_form", cache=False),
                   "Gradient Fusion: the MODEL is SDXL-type", "fusing SDXL concepts is not supported yet")
+
+
+def test_a_concept_encoded_with_a_clip_of_another_family_is_refused(env, tiny, tiny_xl, write_edlora):
+    name = write_edlora("mm_enc15.pth", tokens=("<me15>",), seed=7)
+    model15, clip15, _ = tiny
+    _, _, concepts = pn.load_edlora(model15, clip15, name)
+    _assert_names(_message(pn.text_encode, tiny_xl[1], concepts, "a photo of <me15>"),
+                  "<me15> (mm_enc15.pth) is an SD1.x concept; this CLIP is SDXL")

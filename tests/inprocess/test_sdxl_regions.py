@@ -2,7 +2,9 @@
 here: the regional noise prediction (masks at each layer's real feature size, odd sizes included), one region
 covering the image with a concept's model = that merged model, region LoRAs layer by layer, a region empty at a
 layer's size, ``y`` global, and per-region control strength on an SDXL ControlNet's three residual sizes."""
+import json
 import math
+from pathlib import Path
 
 import comfy.patcher_extension
 import comfy.sample
@@ -21,6 +23,7 @@ from fusion.families import SDXL
 LAYERS = [("input", i, j) for i in (4, 5) for j in range(2)] + [("input", i, j) for i in (7, 8) for j in range(10)] \
     + [("middle", 0, j) for j in range(10)] + [("output", i, j) for i in (0, 1, 2) for j in range(10)] \
     + [("output", i, j) for i in (3, 4, 5) for j in range(2)]
+POSES = Path(__file__).resolve().parents[2] / "assets" / "poses"
 H, W = 72, 96  # pixels: latent 9 x 12; cross-attention feature maps 5 x 6 and 3 x 3 (ComfyUI rounds odd sizes up)
 # LoCon layers of the tiny SDXL's ResNet blocks: 3x3 convs, a strided downsampler, a time-embedding projection
 XL_LOCON = {"down_blocks.0.resnets.0.conv1": (64, 64, 3, 3), "down_blocks.0.downsamplers.0.conv": (64, 64, 3, 3),
@@ -58,11 +61,12 @@ def plain_attention(q, k, v, heads):
                       @ v[:, i * d:(i + 1) * d] for i in range(heads)], dim=-1)
 
 
-def box_rule(box, fh, fw):
+def box_rule(box, fh, fw, height=H, width=W):
     """Mix-of-Show's per-layer box: rows ceil(top*h/H):floor(bottom*h/H), columns likewise."""
     top, left, bottom, right = box
     m = torch.zeros(fh, fw)
-    m[math.ceil(top * fh / H):math.floor(bottom * fh / H), math.ceil(left * fw / W):math.floor(right * fw / W)] = 1
+    m[math.ceil(top * fh / height):math.floor(bottom * fh / height),
+      math.ceil(left * fw / width):math.floor(right * fw / width)] = 1
     return m
 
 
@@ -366,3 +370,34 @@ def test_per_region_control_strength_at_the_three_residual_sizes(env, tiny_xl, x
     torch.testing.assert_close(ours, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
     assert (sample(rn(env).install_regions(model, pn.region(rpos, neg, left, None, 1.0)), cpos, cneg) - ours) \
         .abs().max() > 1e-4  # the strength really acts
+
+
+def test_the_editor_pose_regions_and_previews_at_sdxl_sizes(env, tiny_xl):
+    """The Regions Editor at 1344x768 and Regions from Pose on the reference pose scaled to 1024x1024 (SDXL sizes);
+    a regional sampling at 1344x768 reads each region's masks at the layers' real sizes (84x48 and 42x24)."""
+    import numpy as np
+    from PIL import Image
+
+    model, clip, _ = tiny_xl
+    boxes = [{"top": 40, "left": 16 + 440 * i, "bottom": 740, "right": 440 * (i + 1), "prompt": f"person {i}",
+              "negative": "blurry", "control_strength": 1.0, "label": "", "color": "#3cb44b"} for i in range(3)]
+    regions, masks, preview = node("MixOfShowRegionsEditor", clip=clip, width=1344, height=768,
+                                   regions_json=json.dumps(boxes))
+    assert len(regions) == 3 and masks.shape == (3, 768, 1344) and preview.shape == (1, 768, 1344, 3)
+    pose = Image.open(POSES / "harry_hermione_thanos.png")
+    square = torch.from_numpy(np.asarray(pose.convert("RGB").resize((1024, 1024), Image.NEAREST))).float()[None] / 255
+    pose_regions, pose_masks = node("MixOfShowPoseRegions", image=square, clip=clip, prompts="a\nb\nc",
+                                    negative="blurry", margin=0.05)[:2]
+    assert len(pose_regions) == 3 and pose_masks.shape == (3, 1024, 1024)
+    patched = rn(env).install_regions(model, regions)
+    run = next(p for p in patched.model_options["transformer_options"]["patches"]["attn2_patch"]
+               if hasattr(p, "run")).run
+    latent = torch.zeros(1, 4, 96, 168)
+    comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 0), 1, 5.0, "euler", "normal",
+                        encode(clip, "three people"), encode(clip, "blurry"), latent, disable_pbar=True, seed=0)
+    sizes = {key[:2] for key in run._masks if len(key) == 3}
+    assert sizes == {(48, 84), (24, 42)}
+    for fh, fw in sizes:  # every box keeps its place at both sizes (the reference box rule)
+        expected = torch.stack([box_rule((b["top"], b["left"], b["bottom"], b["right"]), fh, fw, 768, 1344)
+                                for b in boxes]).reshape(3, -1)
+        assert torch.equal(run.flat_masks(fh, fw, "cpu"), expected)

@@ -4,6 +4,8 @@ diffusers/PEFT keys (``unet.<module with .processor.to_*>.lora_A/B.weight``, ``t
 kohya LoHa (``hada_w1_a`` …). The same seed gives the same low-rank deltas in every format."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from safetensors.torch import save_file
 from synthetic import text_module_shapes, unet_module_shapes
@@ -19,11 +21,12 @@ TINY_LOCON = {"down_blocks.0.resnets.0.conv1": (32, 32, 3, 3), "up_blocks.3.resn
 
 def lora_factors(seed: int, *, model_channels: int = 32, text_layers: int = 2, text_intermediate: int = 512,
                  rank: int = 4, scale: float = 0.5, unet: bool = True, text: bool = True, convs: dict | None = None,
-                 attention_only: bool = False, family: ModelFamily = SD15
+                 attention_only: bool = False, family: ModelFamily = SD15,
+                 text_sizes: Mapping[str, tuple[int, int]] | None = None
                  ) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
     """diffusers module name (``text_2:<name>`` for the second encoder's) -> (part, up, down); convs get 4-D
     factors ([out, r, 1, 1], [r, in, kh, kw]). Parts: ``unet``, ``text`` (the family's first text encoder),
-    ``text_2`` (SDXL's second)."""
+    ``text_2`` (SDXL's second); ``text_sizes``: encoder name -> (layers, MLP width), as in make_edlora_state."""
     g = torch.Generator().manual_seed(seed)
     shapes = {}
     if unet:
@@ -33,8 +36,9 @@ def lora_factors(seed: int, *, model_channels: int = 32, text_layers: int = 2, t
     if text:
         for i, encoder in enumerate(family.text_encoders):
             part = "text" if i == 0 else f"text_{i + 1}"
+            layers, intermediate = (text_sizes or {}).get(encoder.name, (text_layers, text_intermediate))
             shapes.update({(part, m): (part, s) for m, s in text_module_shapes(
-                text_layers, text_intermediate, not attention_only, encoder.width).items()})
+                layers, intermediate, not attention_only, encoder.width).items()})
     out = {}
     for name, (part, shape) in shapes.items():
         module = name[1] if isinstance(name, tuple) else name

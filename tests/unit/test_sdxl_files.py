@@ -161,3 +161,26 @@ def test_sd15_files_are_still_sd15():
         state = make_edlora_state(("<a>",), model_channels=32, text_layers=2, text_intermediate=512)
         _params(state)["new_concept_embedding_2"] = {}
         parse_edlora(state, "x.pth")
+
+
+def test_the_streamed_checkpoint_writer_writes_what_safetensors_reads(tmp_path):
+    """tools/host/make_sdxl_random.py writes the 6.5 GiB checkpoint tensor by tensor; its writer, on small tensors."""
+    import make_sdxl_random
+
+    g = torch.Generator().manual_seed(0)
+    values = {"b.weight": torch.randn(3, 5, generator=g).half(), "a.ids": torch.arange(7)[None],
+              "c.scale": torch.tensor(2.5), "d.empty": torch.zeros(0, 4)}
+    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in values.items()}
+    made = []
+
+    def make(key, shape, dtype):
+        made.append(key)
+        return values[key]
+
+    make_sdxl_random.write_streamed(str(tmp_path / "x.safetensors"), meta, make, {"note": "test"})
+    assert made == sorted(values)  # one at a time, in key order
+    loaded = load_file(str(tmp_path / "x.safetensors"))
+    assert loaded.keys() == values.keys() and all(torch.equal(loaded[k], v) for k, v in values.items())
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"note": "test"}
+    assert not (tmp_path / "x.safetensors.part").exists()

