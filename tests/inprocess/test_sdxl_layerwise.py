@@ -148,17 +148,26 @@ def test_every_attn2_call_receives_its_own_layer_context_and_y_is_as_specified(e
                                       for r, m in zip(y, rows_pos, strict=True) if not m)
 
 
-def test_weights_long_prompts_repeated_rows_and_the_shared_encodes(env, tiny_xl, write_xl_edlora):
-    """A two-section weighted prompt with the concept in the second section, bigG rows equal in all layers: equal to
-    brute force, and only the distinct sequences were encoded (71 CLIP-L sequences, not 140)."""
+def test_weights_long_prompts_embeddings_repeated_rows_and_the_shared_encodes(env, tiny_xl, write_xl_edlora):
+    """A two-section weighted prompt with an SDXL textual inversion (embedding:, both encoders' vectors) and the
+    concept in the second section, bigG rows equal in all layers: equal to brute force, and only the distinct
+    sequences were encoded (71 CLIP-L sequences, not 140)."""
+    from safetensors.torch import save_file
+
     def same_bigg_rows(state):
         table = state["params"]["new_concept_embedding_2"]
         for tok in table:
             table[tok] = table[tok][:1].expand(70, -1).clone()
     name = write_xl_edlora("xlw_b.pth", tokens=("<xb1>",), seed=22, state=same_bigg_rows)
-    model, clip, _ = tiny_xl
+    folder = env.base / "models" / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(23)
+    save_file({"clip_l": torch.randn(2, 768, generator=g) * 0.02, "clip_g": torch.randn(2, 1280, generator=g) * 0.02},
+              str(folder / "xlemb.safetensors"))
+    model, _, _ = tiny_xl
+    clip = env.tiny_xl.build_clip("narrow", 1, embedding_directory=str(folder))
     model, clip, concepts = pn.load_edlora(model, clip, name, 1.0, 1.0)
-    text = "a " + "tall " * 80 + "(<xb1>:1.2) on a hill"
+    text = "a embedding:xlemb " + "tall " * 80 + "(<xb1>:1.2) on a hill"
     calls = []
     encoder = clip.patcher.model.clip_l.transformer
     handle = encoder.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(kwargs["embeds"].shape[0]),
@@ -172,9 +181,10 @@ def test_weights_long_prompts_repeated_rows_and_the_shared_encodes(env, tiny_xl,
     assert sum(calls) == 71 + 2 and len(calls) == 2
     tokens = clip.tokenize(text.replace("<xb1>", " sks "))  # the pack's first placeholder word
     sks = clip.tokenizer.clip_l.tokenizer("sks")["input_ids"][1]
-    placeholder = [[(s, j) for s, sec in enumerate(tokens[k]) for j, (t, _) in enumerate(sec) if t == sks]
-                   for k in ("l", "g")]
+    placeholder = [[(s, j) for s, sec in enumerate(tokens[k]) for j, (t, _) in enumerate(sec)
+                    if isinstance(t, int) and t == sks] for k in ("l", "g")]
     assert [len(p) for p in placeholder] == [1, 1] and placeholder[0][0][0] == 1
+    assert [sum(not isinstance(t, int) for t, _ in tokens[k][0]) for k in "lg"] == [2, 2]  # embedding: vectors
     for layer in (0, 33, 69):
         injected = {}
         for key, enc, where in (("l", "clip_l", placeholder[0][0]), ("g", "clip_g", placeholder[1][0])):

@@ -198,6 +198,23 @@ def test_one_full_region_with_a_concepts_model_equals_that_merged_model(env, tin
     assert (plain - ref).abs().max() > 1e-2 * scale  # the LoRA really acts
 
 
+def test_one_full_region_with_an_sdxl_edlora_equals_that_edloras_model(env, tiny_xl, write_xl_edlora):
+    """The same with an SDXL ED-LoRA (Load ED-LoRA's MODEL in the region, its concept prompt: 70 layer contexts)."""
+    model, clip, _ = tiny_xl
+    name = write_xl_edlora("xlr_full.pth", tokens=("<xf1>",), seed=43)
+    model_a, clip_a, concepts = pn.load_edlora(model, clip, name, 0.8, 0.8)
+    pos, neg = pn.text_encode(clip_a, concepts, "a photo of <xf1>, smiling"), encode(clip_a, "blurry")
+    regions = pn.region(pos, neg, pn.box_mask(W, H, 0, 0, H, W), model=model_a)
+    sampling = env.pack("nodes.glue.layerwise")
+    base = model.clone()
+    sampling.install_layerwise(base)  # the sampling MODEL is the base checkpoint's, with the layer-wise patch
+    ours = sample(rn(env).install_regions(base, regions), pos, neg, cfg=1.0)
+    ref = sample(model_a, pos, neg, cfg=1.0)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(ours, ref, atol=1e-5 * scale, rtol=0)
+    assert (sample(base, pos, neg, cfg=1.0) - ref).abs().max() > 1e-2 * scale  # the ED-LoRA's UNet LoRA acts
+
+
 def blend(boxes, fh, fw):
     masks = [box_rule(b, fh, fw) for b in boxes]
     total = sum(masks)

@@ -98,9 +98,10 @@ def build_model(kind="narrow", seed=0, dtype=torch.float32):
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
 
 
-def build_clip(kind="narrow", seed=1):
+def build_clip(kind="narrow", seed=1, embedding_directory=None):
     tokenizer, clip_model = _CLIPS[kind]
-    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer, clip_model))
+    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer, clip_model),
+                         embedding_directory=embedding_directory)
     _randomize_(clip.cond_stage_model, seed)
     return clip
 
