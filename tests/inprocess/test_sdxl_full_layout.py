@@ -42,7 +42,7 @@ def test_the_checkpoint_layout_is_sdxl_for_comfyui_and_the_pack(env, full):
     assert family.unet_shape(model) == (2048, 70) and family.family_of_model(model).name == "sdxl"
     assert family.clip_encoders(clip) == {"clip_l": 768, "clip_g": 1280} and family.family_of_clip(clip).name == "sdxl"
     # every CLIP weight of the file lands in ComfyUI's SDXL CLIP (what a real SDXL checkpoint also lacks aside)
-    clip_sd = config.process_clip_state_dict(layout)
+    clip_sd = config.process_clip_state_dict(dict(layout))  # it renames keys in place: the fixture is shared
     own = clip.cond_stage_model.state_dict()
     assert set(own) - set(clip_sd) <= {"clip_l.transformer.text_projection.weight", "clip_l.logit_scale"}
     assert all(tuple(clip_sd[k].shape) == tuple(own[k].shape) for k in own if k in clip_sd)

@@ -198,7 +198,7 @@ def test_a_failed_write_leaves_no_part_file(tmp_path):
         (tmp_path / name).mkdir()
     with pytest.raises(OSError):
         save_bundle(bundle(), str(tmp_path / "bundle.safetensors"))
-    edlora = EDLoRA(name="e.pth", embeddings={"<e1>": torch.zeros(16, 1, 768)})
+    edlora = EDLoRA(name="e.pth", tables={"clip_l": {"<e1>": torch.zeros(16, 1, 768)}})
     with pytest.raises(OSError):
         save_edlora(edlora, str(tmp_path / "edlora.safetensors"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.safetensors", "edlora.safetensors"]
