@@ -194,11 +194,12 @@ def sdxl_lora_per_region() -> dict:
 SDXL_PROMPTS = ("a photo of ohwx wizard, in a school uniform", "a photo of sks witch, smiling",
                 "a photo of zxq titan, in armor")
 # what the browser tier runs instead of the full-size SDXL (tests/browser/test_examples.py): the fixture pack's
-# tiny SDXL for the checkpoint loader, and files for it under the same inputs
+# tiny SDXL for the checkpoint loader, files for it under the same inputs, and 2 sampling steps (a plumbing run:
+# 70 transformer blocks with three region LoRAs cost about 10 s a step on 2 CPU cores even at the tiny width)
 TINY_SDXL = {"loader": ("1", "TinySDXLLoader", {"unet": "narrow", "seed": 0}),
              "widgets": {**{str(10 + i): {"lora_name": f"tiny_sdxl_{name}.safetensors"}
                             for i, name in enumerate(demo.SDXL_LORAS)},
-                         "32": {"control_net_name": "tiny_sdxl_openpose.safetensors"}}}
+                         "32": {"control_net_name": "tiny_sdxl_openpose.safetensors"}, "23": {"steps": 2}}}
 
 
 # What each model loader of the examples needs, as the notes tell a user who installed the pack (from the Registry
