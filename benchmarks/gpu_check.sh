@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check of gradient fusion, in under 8 minutes on one large NVIDIA GPU, printed as one table:
+# The GPU check of gradient fusion and SDXL sampling on one large NVIDIA GPU, printed as one table:
 #   1. whole fusion at the reference settings (20 steps at 512x512, whole-block rank-4 ED-LoRAs) for 3 and
 #      14 concepts: total and per-stage times, peak VRAM (targets on an H200: < 10 s and < 60 s);
 #   2. the per-layer solver benchmark on CUDA (closed form vs the node's lbfgs mode vs the published L-BFGS);
-#   3. the regional-sampling ratio (benchmarks/bench_regional.py; it runs on the CPU).
+#   3. the regional-sampling ratio (benchmarks/bench_regional.py; it runs on the CPU);
+#   4. SDXL regional sampling on the GPU at 1024x1024 (bench_regional.py --sdxl: stock vs 3 regions vs 3 regions
+#      each with its own LoRA vs N-pass; target <= 1.10x for the LoRAs);
+#   5. the SDXL layer-wise encode on the GPU (bench_conditioning.py --sdxl: 70 copies vs the stock encoder, and
+#      what the shared encodes save).
+# Parts 1-3 take under 8 minutes; 4-5 need the full-size random SDXL (made here when missing: a 6.5 GiB file,
+# a few minutes on the machine's CPU) and add an estimated 3-5 minutes (not yet run on a GPU).
 #
 #   bash benchmarks/gpu_check.sh            # from a checkout with .host (the test host) carried
 #   bash benchmarks/gpu_check.sh --dry-run  # the same plumbing on the CPU with tiny settings (no GPU needed)
@@ -61,6 +67,8 @@ if [ "$DRY" = 1 ]; then
   FUSION_ARGS=(--tiny --concepts 2,3 --steps 1 --size 64 --json)
   SOLVER_ARGS=(--device cpu --quick --only q_proj --lbfgs-budget 2 --json)
   REGIONAL_ARGS=(--steps 1 --repeats 1 --width 64 --height 64 --no-memory)
+  SDXL_REGIONAL_ARGS=(--sdxl --tiny --steps 1 --repeats 1 --width 64 --height 64 --no-memory --cases "stock,3 LoRAs")
+  SDXL_ENCODE_ARGS=(--sdxl --tiny --repeats 1)
   say "dry run on the CPU with tiny settings (the plumbing, not the numbers)"
 else
   if ! PY=$(pick_python); then
@@ -74,23 +82,36 @@ EOF
   FUSION_ARGS=(--gpu --concepts 3,14 --steps 20 --size 512 --json)
   SOLVER_ARGS=(--device cuda --quick --lbfgs-budget 10 --json)
   REGIONAL_ARGS=(--steps 2 --repeats 2 --no-memory)
+  SDXL_REGIONAL_ARGS=(--sdxl --gpu --steps 4 --repeats 3 --width 1024 --height 1024 --no-memory)
+  SDXL_ENCODE_ARGS=(--sdxl --gpu --repeats 3)
 fi
 say "python: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1))"
 if [ ! -f "$REPO/.host/models/sd15_random_fp16.safetensors" ]; then
   say "making the random full-size SD1.5 (tools/host/make_models.sh)"
   bash "$REPO/tools/host/make_models.sh" >"$OUT/models.log" 2>&1 || { say "make_models.sh failed: $OUT/models.log"; exit 4; }
 fi
+if [ "$DRY" = 0 ] && [ ! -f "$REPO/.host/models/sdxl_random_fp16.safetensors" ]; then
+  say "making the random full-size SDXL (tools/host/make_models.sh --sdxl)"
+  bash "$REPO/tools/host/make_models.sh" --sdxl >"$OUT/models_sdxl.log" 2>&1 \
+    || { say "make_models.sh --sdxl failed: $OUT/models_sdxl.log"; exit 4; }
+fi
 [ "$DRY" = 0 ] && "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB')" >"$OUT/gpu.txt" 2>&1
 
-say "1/3 whole fusion, ${FUSION_ARGS[*]}"
+say "1/5 whole fusion, ${FUSION_ARGS[*]}"
 timeout 240 "$PY" benchmarks/bench_fusion.py "${FUSION_ARGS[@]}" >"$OUT/fusion.log" 2>&1
 echo "exit $?" >>"$OUT/fusion.log"
-say "2/3 per-layer solver, ${SOLVER_ARGS[*]}"
+say "2/5 per-layer solver, ${SOLVER_ARGS[*]}"
 timeout 80 "$PY" benchmarks/bench_solver.py "${SOLVER_ARGS[@]}" >"$OUT/solver.log" 2>&1
 echo "exit $?" >>"$OUT/solver.log"
-say "3/3 regional sampling ratio (CPU), ${REGIONAL_ARGS[*]}"
+say "3/5 regional sampling ratio (CPU), ${REGIONAL_ARGS[*]}"
 timeout 80 "$VENV_PY" benchmarks/bench_regional.py "${REGIONAL_ARGS[@]}" >"$OUT/regional.log" 2>&1
 echo "exit $?" >>"$OUT/regional.log"
+say "4/5 SDXL regional sampling, ${SDXL_REGIONAL_ARGS[*]}"
+timeout 420 "$PY" benchmarks/bench_regional.py "${SDXL_REGIONAL_ARGS[@]}" >"$OUT/sdxl_regional.log" 2>&1
+echo "exit $?" >>"$OUT/sdxl_regional.log"
+say "5/5 SDXL layer-wise encode, ${SDXL_ENCODE_ARGS[*]}"
+timeout 300 "$PY" benchmarks/bench_conditioning.py "${SDXL_ENCODE_ARGS[@]}" >"$OUT/sdxl_encode.log" 2>&1
+echo "exit $?" >>"$OUT/sdxl_encode.log"
 
 "$VENV_PY" - "$OUT" "$DRY" "$(( $(date +%s) - T0 ))" <<'EOF'
 import json, re, sys
@@ -111,7 +132,8 @@ def failed(log):
 
 
 gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "CPU (dry run)"
-rows = [f"GPU check of gradient fusion -- {gpu}; wall {wall} s{' -- DRY RUN, tiny settings' if dry else ''}", ""]
+rows = [f"GPU check of gradient fusion and SDXL -- {gpu}; wall {wall} s{' -- DRY RUN, tiny settings' if dry else ''}",
+        ""]
 fusion = None
 try:
     fusion = json.loads([ln for ln in (out / "fusion.log").read_text().splitlines() if ln.startswith("[{")][-1])
@@ -147,5 +169,17 @@ else:
 rows += ["", "3. regional sampling (bench_regional.py, CPU): per-step cost vs the stock KSampler"]
 regional = [ln for ln in (out / "regional.log").read_text(errors="replace").splitlines() if "ratio" in ln]
 rows += ["   " + ln for ln in regional] or ["   " + (failed("regional.log") or "no result")]
+rows += ["", f"4. SDXL regional sampling (bench_regional.py --sdxl{' --tiny' if dry else ', GPU, 1024x1024'}): "
+         "per-step cost vs the stock KSampler"]
+sdxl = [ln for ln in (out / "sdxl_regional.log").read_text(errors="replace").splitlines() if "ratio" in ln]
+rows += ["   " + ln for ln in sdxl] or ["   " + (failed("sdxl_regional.log") or "no result")]
+rows += ["", f"5. SDXL layer-wise encode (bench_conditioning.py --sdxl{' --tiny' if dry else ', GPU'}): seconds, ratio to "
+         "the stock encoder, sequences encoded"]
+text = (out / "sdxl_encode.log").read_text(errors="replace").splitlines()
+encode = [ln for ln in text[next((i for i, ln in enumerate(text) if ln.startswith("## SDXL")), len(text)):]
+          if ln.strip()]
+rows += ["   " + ln for ln in encode] or ["   " + (failed("sdxl_encode.log") or "no result")]
+if failed("sdxl_regional.log") and sdxl:
+    rows.append("   " + failed("sdxl_regional.log"))
 print("\n".join(rows))
 EOF
