@@ -246,8 +246,8 @@ V0_2_ENTRY = Path(__file__).resolve().parents[1] / "fixtures" / "cache_v0_2"
 def test_an_entry_written_by_release_0_2_0_still_hits_and_is_renamed(env, tiny, cache_dir):
     """tests/fixtures/cache_v0_2 holds the cache entry release 0.2.0 (888a5c3) wrote for this fusion (made by
     fusing the two ED-LoRAs below with its code): the recording and solve are unchanged since (versions 1), so it
-    is found under 0.2.0's key, renamed to today's key, and nothing is recorded. It was written on ComfyUI 0.3.75; the
-    host's version is part of every key (its samplers and encoders do the recording), so on another host it must miss."""
+    is found under 0.2.0's key, renamed to today's key, and nothing is recorded. It was written on ComfyUI 0.3.75;
+    the host's version is part of every key (its samplers and encoders record), so on another host it must miss."""
     from synthetic import make_edlora_state
 
     from fusion.files.edlora import parse_edlora, to_flat_state_dict
