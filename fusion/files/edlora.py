@@ -85,7 +85,7 @@ class EDLoRA:
     """One ED-LoRA in memory. LoRA factors are ``(up, down)`` pairs keyed by diffusers module name.
 
     ``ignored_keys``: the first :data:`MAX_IGNORED_KEPT` file entries that were not loaded (shown as
-    in messages); ``ignored_total`` counts them all.
+    in messages); ``ignored_total`` counts them all. ``digest`` is empty for a concept made in memory (trained).
     """
 
     name: str
@@ -96,6 +96,7 @@ class EDLoRA:
     family: ModelFamily = SD15
     ignored_keys: tuple[str, ...] = ()
     ignored_total: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)  # written into a saved file (a trained concept's settings)
 
     @property
     def tokens(self) -> list[str]:
@@ -388,6 +389,7 @@ def to_flat_state_dict(edlora: EDLoRA) -> dict[str, torch.Tensor]:
 def save_edlora(edlora: EDLoRA, path: str, extra_metadata: dict[str, str] | None = None) -> None:
     """Write the flat safetensors layout (via a ``.part`` file, so a failed write leaves no half file)."""
     meta = {"format": EDLORA_FORMAT, "version": EDLORA_FORMAT_VERSION, "tokens": " ".join(edlora.tokens)}
+    meta.update(edlora.metadata)
     meta.update(extra_metadata or {})
     tmp = path + ".part"
     try:

@@ -32,7 +32,13 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
         assert concepts is not None  # load_bundle refuses a bundle without concepts
         model_out.model_options = {**model_out.model_options, CONCEPTS_USED_KEY: concepts.labels}
         return model_out, clip_out, concepts
-    edlora = load_edlora(path)
+    return apply_concept(model, clip, concepts, load_edlora(path), text_encoder_strength, unet_strength)
+
+
+def apply_concept(model, clip, concepts: ConceptSet | None, edlora: EDLoRA, text_encoder_strength: float,
+                  unet_strength: float):
+    """Clone MODEL and CLIP, patch them with an ED-LoRA held in memory (read from a file, or trained), and add its
+    concept to the set; checked before anything is patched, the inputs never modified."""
     check_base(edlora.name, edlora.family, model, clip)
     unet = unet_patches(edlora, model)
     text = clip_patches(edlora, clip)
