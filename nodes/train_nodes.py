@@ -57,7 +57,8 @@ class EDLoRATrainingSet(PackNode):
                                tooltip="The character's images (a batch or a list; any sizes). Or use folder."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="One subject mask per image, each of its image's size (white = the "
-                                      "character). Needed by the real-person presets (subject-masked loss)."),
+                                      "character; e.g. Load Image (as Mask) on a black-and-white mask's red "
+                                      "channel). Needed by the real-person preset (subject-masked loss)."),
                 io.String.Input("captions", multiline=True, default="", optional=True,
                                 tooltip="One caption per image (one per line, or a list), with <TOK> where the "
                                         "concept goes, e.g. 'a <TOK> in a red coat, smiling'. One line = every "

@@ -155,6 +155,20 @@ def resolve_settings(preset: str, family: ModelFamily, overrides: Mapping[str, A
         reference_quirks=bool(values["reference_quirks"]))
 
 
+# ---- size conditioning (families whose UNet takes it, e.g. SDXL's time ids)
+
+QUIRK_SIZE_HEIGHT = 32   # the reference SDXL trainer's "height", read from the wrong axis of the latent
+
+
+def size_conditioning(resolution: int, reference_quirks: bool) -> dict[str, int]:
+    """The size arguments of the model's ``encode_adm`` for a square training canvas: original and target size
+    ``(resolution, resolution)``, no crop. With ``reference_quirks`` the reference's SDXL defect: the heights are
+    32, i.e. the time ids ``(32, W, 0, 0, 32, W)``."""
+    height = QUIRK_SIZE_HEIGHT if reference_quirks else resolution
+    return {"width": resolution, "height": height, "crop_w": 0, "crop_h": 0, "target_width": resolution,
+            "target_height": height}
+
+
 # ---- the concept's tokens and their initialisers
 
 def parse_concept_tokens(text: str) -> tuple[str, ...]:

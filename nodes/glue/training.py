@@ -59,6 +59,7 @@ from ...fusion.train.settings import (
     parse_initialisers,
     quirk_rows,
     resolve_settings,
+    size_conditioning,
     text_lora_modules,
     unet_lora_modules,
 )
@@ -567,9 +568,8 @@ class _Run:
         with autocast:
             context, pooled, columns = self.encode(captions)
             context = context.to(self.device)
-            y = self.model.model.encode_adm(pooled_output=pooled, width=s.resolution, height=s.resolution,
-                                            crop_w=0, crop_h=0, target_width=s.resolution,
-                                            target_height=s.resolution, device=self.device)
+            y = self.model.model.encode_adm(pooled_output=pooled, device=self.device,
+                                            **size_conditioning(s.resolution, s.reference_quirks))
             options = dict(self.model.model_options.get("transformer_options", {}))
             options[LAYERWISE_KEY] = context.to(self.compute_dtype)
             if self.capture is not None:

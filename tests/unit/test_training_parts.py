@@ -24,6 +24,7 @@ from fusion.train.settings import (
     parse_concept_tokens,
     parse_initialisers,
     resolve_settings,
+    size_conditioning,
     text_lora_modules,
     unet_lora_modules,
 )
@@ -323,3 +324,11 @@ def test_lora_modules_and_factors():
     assert up.shape == (320, 4, 1, 1) and down.shape == (4, 320, 1, 1)
     with pytest.raises(TrainingError, match="1x1-conv"):
         lora_factors((320, 320, 3, 3), 4, torch.Generator())
+
+
+def test_size_conditioning_and_its_reference_defect():
+    assert size_conditioning(1024, False) == {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0,
+                                              "target_width": 1024, "target_height": 1024}
+    quirk = size_conditioning(1024, True)   # the time ids (32, W, 0, 0, 32, W)
+    assert (quirk["height"], quirk["width"], quirk["crop_h"], quirk["crop_w"], quirk["target_height"],
+            quirk["target_width"]) == (32, 1024, 0, 0, 32, 1024)
