@@ -3,7 +3,9 @@
 #   1. whole fusion at the reference settings (20 steps at 512x512, whole-block rank-4 ED-LoRAs) for 3 and
 #      14 concepts: total and per-stage times, peak VRAM (targets on an H200: < 10 s and < 60 s);
 #   2. the per-layer solver benchmark on CUDA (closed form vs the node's lbfgs mode vs the published L-BFGS);
-#   3. the regional-sampling ratio (benchmarks/bench_regional.py; it runs on the CPU).
+#   3. the regional-sampling ratio (benchmarks/bench_regional.py; it runs on the CPU);
+#   4. ED-LoRA training vs core's Train LoRA (benchmarks/bench_train.py): s/step, steps/s and peak VRAM, SD1.5 at
+#      512x512 batch 2 (bf16).
 #
 #   bash benchmarks/gpu_check.sh            # from a checkout with .host (the test host) carried
 #   bash benchmarks/gpu_check.sh --dry-run  # the same plumbing on the CPU with tiny settings (no GPU needed)
@@ -61,6 +63,7 @@ if [ "$DRY" = 1 ]; then
   FUSION_ARGS=(--tiny --concepts 2,3 --steps 1 --size 64 --json)
   SOLVER_ARGS=(--device cpu --quick --only q_proj --lbfgs-budget 2 --json)
   REGIONAL_ARGS=(--steps 1 --repeats 1 --width 64 --height 64 --no-memory)
+  TRAIN_ARGS=(--tiny --resolution 64 --batch 1 --steps 1 --repeats 1 --no-memory --json)
   say "dry run on the CPU with tiny settings (the plumbing, not the numbers)"
 else
   if ! PY=$(pick_python); then
@@ -74,6 +77,7 @@ EOF
   FUSION_ARGS=(--gpu --concepts 3,14 --steps 20 --size 512 --json)
   SOLVER_ARGS=(--device cuda --quick --lbfgs-budget 10 --json)
   REGIONAL_ARGS=(--steps 2 --repeats 2 --no-memory)
+  TRAIN_ARGS=(--gpu --resolution 512 --batch 2 --steps 5 --repeats 2 --no-memory --json)
 fi
 say "python: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1))"
 if [ ! -f "$REPO/.host/models/sd15_random_fp16.safetensors" ]; then
@@ -82,15 +86,18 @@ if [ ! -f "$REPO/.host/models/sd15_random_fp16.safetensors" ]; then
 fi
 [ "$DRY" = 0 ] && "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB')" >"$OUT/gpu.txt" 2>&1
 
-say "1/3 whole fusion, ${FUSION_ARGS[*]}"
+say "1/4 whole fusion, ${FUSION_ARGS[*]}"
 timeout 240 "$PY" benchmarks/bench_fusion.py "${FUSION_ARGS[@]}" >"$OUT/fusion.log" 2>&1
 echo "exit $?" >>"$OUT/fusion.log"
-say "2/3 per-layer solver, ${SOLVER_ARGS[*]}"
+say "2/4 per-layer solver, ${SOLVER_ARGS[*]}"
 timeout 80 "$PY" benchmarks/bench_solver.py "${SOLVER_ARGS[@]}" >"$OUT/solver.log" 2>&1
 echo "exit $?" >>"$OUT/solver.log"
-say "3/3 regional sampling ratio (CPU), ${REGIONAL_ARGS[*]}"
+say "3/4 regional sampling ratio (CPU), ${REGIONAL_ARGS[*]}"
 timeout 80 "$VENV_PY" benchmarks/bench_regional.py "${REGIONAL_ARGS[@]}" >"$OUT/regional.log" 2>&1
 echo "exit $?" >>"$OUT/regional.log"
+say "4/4 ED-LoRA training vs core's Train LoRA, ${TRAIN_ARGS[*]}"
+timeout 240 "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" >"$OUT/train.log" 2>&1
+echo "exit $?" >>"$OUT/train.log"
 
 "$VENV_PY" - "$OUT" "$DRY" "$(( $(date +%s) - T0 ))" <<'EOF'
 import json, re, sys
@@ -147,5 +154,16 @@ else:
 rows += ["", "3. regional sampling (bench_regional.py, CPU): per-step cost vs the stock KSampler"]
 regional = [ln for ln in (out / "regional.log").read_text(errors="replace").splitlines() if "ratio" in ln]
 rows += ["   " + ln for ln in regional] or ["   " + (failed("regional.log") or "no result")]
+rows += ["", "4. ED-LoRA training vs core's Train LoRA (bench_train.py): SD1.5, 512x512, batch 2, UNet rank 4, bf16"]
+train = last_json("train.log", "JSON ")
+head = f"   {'case':24s} {'s/step':>8s} {'steps/s':>8s} {'ratio':>6s} {'peak VRAM':>10s}"
+rows += [head, "   " + "-" * (len(head) - 3)]
+if train:
+    for r in train:
+        vram = f"{r['peak_vram_mib'] / 1024:9.2f}G" if "peak_vram_mib" in r else f"{'-':>10s}"
+        rows.append(f"   {r['case']:24s} {r['s_per_step']:8.3f} {1 / max(r['s_per_step'], 1e-9):8.2f} "
+                    f"{r['ratio']:6.2f} {vram:>10s}")
+else:
+    rows.append("   " + (failed("train.log") or "no result"))
 print("\n".join(rows))
 EOF
