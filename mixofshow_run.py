@@ -31,11 +31,17 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from types import ModuleType
 
-aiohttp: ModuleType | None
-try:
-    import aiohttp
-except ImportError:  # progress then comes from polling /history
-    aiohttp = None
+
+def _optional_aiohttp() -> ModuleType | None:
+    """aiohttp when importable (ComfyUI's environment has it); else progress comes from polling /history."""
+    try:
+        import aiohttp as module
+    except ImportError:
+        return None
+    return module
+
+
+aiohttp = _optional_aiohttp()
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 DEFAULT_OUT = Path("mixofshow_out")

@@ -84,7 +84,7 @@ class TextEncodeConcepts(PackNode):
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader "
                                "node your checkpoint does not contain a valid clip or text encoder model.")
-        return io.NodeOutput(encode_with_concepts(clip, text, concepts))
+        return io.NodeOutput(encode_with_concepts(clip, text, concepts, "Text Encode with Concepts, input 'text'"))
 
 
 class ConvertEDLoRA(PackNode):
@@ -116,7 +116,8 @@ class ConvertEDLoRA(PackNode):
         stem = output_name.strip() or os.path.splitext(os.path.basename(src))[0]
         folder = folder_paths.get_folder_paths(EDLORA_FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
-        dst = unique_output_path(folder, stem, overwrite, source=src)
+        dst = unique_output_path(folder, stem, overwrite, source=src,
+                                 where="Convert ED-LoRA to safetensors, input 'output_name'")
         edlora = convert_to_safetensors(src, dst)
         name = os.path.basename(dst)
         text = [f"{name}: {' '.join(edlora.tokens)}"]

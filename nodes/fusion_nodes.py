@@ -118,6 +118,7 @@ class SaveFusedBundle(PackNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, filename_prefix) -> io.NodeOutput:
+        path = bundle_output_path(filename_prefix, "Save Fused ED-LoRA Bundle, input 'filename_prefix'")
         model_deltas, info = fused_of(model)
         clip_deltas, clip_info = fused_of(clip.patcher)
         info = info or clip_info
@@ -126,7 +127,6 @@ class SaveFusedBundle(PackNode):
                               "Gradient Fusion (Mix-of-Show) or of a Load ED-LoRA that loaded a version-2 bundle "
                               "(0.1.0 bundles hold full weights and cannot be saved again: fuse once more)")
         bundle = bundle_of(model_deltas, clip_deltas, model, clip, info, concepts.tables)
-        path = bundle_output_path(filename_prefix)
         save_bundle(bundle, path)
         name = os.path.basename(path)
         return io.NodeOutput(name, ui={"text": [f"{name}: {concepts.describe()}"]})

@@ -8,7 +8,9 @@ random weights is noise.
 
 The examples are sized for a CPU test run (they run as shipped in tests/browser/test_examples.py):
 sampling at 512×256 (one character: 384×512) with 8 steps, fusion recorded at 256×256 with 4 steps.
-Their notes say what to change for real models.
+Their notes say, per model loader, what kind of file to pick and where people get it: the file names saved
+in the examples are the demo's random-weight models, the test fixtures, which a Registry install does not
+have (tests/browser/test_registry_install.py opens the examples there).
 
 usage: .host/venv/bin/python tools/make_example_workflows.py [--no-thumbnails] [--only 3]
 """
@@ -25,7 +27,7 @@ import dev_paths  # isort: split
 
 import demo
 from boxes import parse_box_file
-from browser import comfy_page
+from browser import comfy_page, load_workflow
 from comfy_server import ComfyServer, error_message
 
 REPO = dev_paths.REPO
@@ -157,39 +159,66 @@ def lora_per_region() -> dict:
     return _sample(g, ["1", 0], positive, negative, regions, prefix="mixofshow_lora_per_region")
 
 
+# What each model loader of the examples needs, as the notes tell a user who installed the pack (from the Registry
+# or git) and opens an example: the file names saved in the examples are the pack's random-weight test models,
+# which are not installed with it. Keyed by node class; the bold name is the node's display name, which
+# tests/browser/test_registry_install.py matches against the loaders a fresh install reports missing models for.
+LOADER_NOTES = {
+    "CheckpointLoaderSimple": (
+        "**Load Checkpoint** → an **SD1.5 checkpoint** from `models/checkpoints`: the one your ED-LoRAs were "
+        "trained on (Stable Diffusion v1.5 itself, `v1-5-pruned-emaonly.safetensors` from Hugging Face, or an "
+        "SD1.5 fine-tune from Civitai)."),
+    "MixOfShowLoadEDLoRA": (
+        "**Load ED-LoRA** ({count}) → an **ED-LoRA** from `models/edloras` (`.pth` or `.safetensors`): the ones "
+        "the Mix-of-Show authors published with their code (TencentARC/Mix-of-Show on GitHub) or your own, trained "
+        "with its scripts. For a plain SD1.5 character **LoRA** (`models/loras`, e.g. from Civitai) use **LoRA as "
+        "Concept** in its place, named by its trigger words.{tokens}"),
+    "ControlNetLoader": (
+        "**Load ControlNet Model** → an **OpenPose ControlNet or T2I-Adapter for SD1.5** from `models/controlnet`: "
+        "`control_v11p_sd15_openpose` (ControlNet 1.1) or `t2iadapter_openpose_sd14v1` (TencentARC), both on "
+        "Hugging Face."),
+}
 MODELS_NOTE = (
-    "**Models.** These are the demo's random-weight models (`bash tools/demo.sh` writes them), so the picture is "
-    "noise. Swap in: an SD1.5 checkpoint (the one your ED-LoRAs were trained on); your ED-LoRAs in "
-    "`models/edloras`{tokens}{adapter}.\n\n"
+    "**Pick your own models** in the loaders. The file names saved here are the pack's random-weight test models, "
+    "which are not installed with the pack: until you pick yours, Run reports each of them as a value that is not "
+    "in the list of your files.\n\n"
+    "{loaders}\n\n"
     "**Sized for a CPU run** ({cpu}). With real models on a GPU use {real}.")
 
 
-_ADAPTER_NOTE = "; the OpenPose T2I-Adapter `t2iadapter_openpose_sd14v1` in `models/controlnet`"
+def _models_note(graph: dict, tokens: str) -> str:
+    """One line per kind of model loader in ``graph``, in LOADER_NOTES's order."""
+    counts = {kind: sum(node["class_type"] == kind for node in graph.values()) for kind in LOADER_NOTES}
+    lines = []
+    for kind, text in LOADER_NOTES.items():
+        if counts[kind]:
+            count = "one per character" if counts[kind] > 1 else "one character"
+            lines.append("- " + text.format(count=count, tokens=tokens))
+    return "\n".join(lines)
 
 
-def _note(title: str, description: str, tokens: str, cpu: str, real: str, adapter: bool = True) -> str:
+def _note(title: str, graph: dict, description: str, tokens: str, cpu: str, real: str) -> str:
     return (f"# {title}\n\n{description}\n\n"
-            + MODELS_NOTE.format(tokens=tokens, adapter=_ADAPTER_NOTE if adapter else "", cpu=cpu, real=real))
+            + MODELS_NOTE.format(loaders=_models_note(graph, tokens), cpu=cpu, real=real))
 
 
-_TOKENS_NOTE = " (edit the prompts to their tokens: type `<` in a prompt to pick one)"
+_TOKENS_NOTE = " Then write the prompts with their tokens (type `<` in a prompt to pick one)."
 _POSE_SIZE = "the pose's size 1024×512 (Empty Latent Image) and 20–30 steps"
 _CPU = f"{WIDTH}×{HEIGHT}, {STEPS} steps"
 
 
 # Each example, by file name (the template browser shows it as the title; its cards are narrow): API
 # graph, full title and description (the note on top), columns of nodes (width, node ids top to bottom), groups
-# (title, node ids), the nodes that show a region preview after a run (they get room for it) and the one whose
-# preview is the thumbnail.
+# (title, node ids), the nodes that show a region preview after a run (they get room for it: PREVIEW_ROOM, or the
+# example's preview_room) and the one whose preview is the thumbnail.
 EXAMPLES = {
     "1 - One character (ED-LoRA)": {
         "title": "One character with an ED-LoRA concept prompt",
         "graph": one_character,
         "note": ("Load one ED-LoRA and write its concept tokens in the prompt (`a <potter1> <potter2>, …`): Text "
                  "Encode with Concepts gives each of SD1.5's 16 cross-attention layers its own context. Load ED-LoRA "
-                 "shows the file's tokens; typing `<` in the prompt offers them.", " (one file)",
-                 f"384×512, {STEPS} steps",
-                 "512×768 and 20–30 steps", False),
+                 "shows the file's tokens; typing `<` in the prompt offers them.", _TOKENS_NOTE,
+                 f"384×512, {STEPS} steps", "512×768 and 20–30 steps"),
         "columns": [(340, ["1", "10"]), (420, ["20", "21"]), (320, ["22", "23"]), (340, ["24", "25"])],
         "groups": [("1. character", ["1", "10"]), ("2. prompt", ["20", "21"]),
                    ("3. sample", ["22", "23", "24", "25"])],
@@ -220,11 +249,17 @@ EXAMPLES = {
                  "fused model.", _TOKENS_NOTE,
                  f"{_CPU}; fusion records {FUSION_STEPS} steps at {FUSION_SIZE}×{FUSION_SIZE}",
                  _POSE_SIZE + ", and let Gradient Fusion record 20 or more steps at 512×512"),
-        "columns": [(340, ["1", "10", "11", "12", "40"]), (340, ["30"]), (500, ["31"]),
-                    (380, ["20", "21", "32", "33"]), (320, ["22", "23", "24", "25"])],
+        # Gradient Fusion and the pose in columns of their own, all columns narrow: with five nodes stacked, or
+        # wider columns, the example opened (fitted to a full-HD window) below the zoom at which the classic
+        # canvas draws text, and its note was an empty box
+        "columns": [(320, ["1", "10", "11", "12"]), (300, ["40"]), (280, ["30"]), (460, ["31"]),
+                    (320, ["20", "21", "32", "33"]), (300, ["22", "23", "24", "25"])],
         "groups": [("1. characters, fused", ["1", "10", "11", "12", "40"]), ("2. regions", ["30", "31"]),
                    ("3. sample", ["20", "21", "32", "33", "22", "23", "24", "25"])],
         "previews": ["31", "23"],
+        # the Regions Editor already shows the pose: less room keeps the example opening (fitted to a full-HD
+        # window) at a zoom where the classic canvas draws text, so its note is readable
+        "preview_room": 150,
         "thumbnail": "31",
     },
     "4 - A LoRA per region (no fusion)": {
@@ -300,15 +335,18 @@ _BUILD_UI_GRAPH = """async ([graph, name, columns, groups, note, previewIds, col
 
 def build_ui_workflow(page, name: str, example: dict) -> dict:
     """The example in the UI's format: loaded from its API graph, laid out, grouped, annotated."""
-    note = _note(example["title"], *example["note"])
-    return json.loads(page.evaluate(_BUILD_UI_GRAPH, [example["graph"](), name, example["columns"], example["groups"],
-                                                      note, example["previews"], GROUP_COLORS, PREVIEW_ROOM, SCREEN]))
+    graph = example["graph"]()
+    note = _note(example["title"], graph, *example["note"])
+    return json.loads(page.evaluate(_BUILD_UI_GRAPH, [graph, name, example["columns"], example["groups"],
+                                                      note, example["previews"], GROUP_COLORS,
+                                                      example.get("preview_room", PREVIEW_ROOM), SCREEN]))
 
 
 def run_in_ui(page, server: ComfyServer, workflow: dict, timeout: float = 3600) -> dict:
     """Open the workflow in the UI, queue it like the Run button; its finished /history entry."""
     before = set(server.get("/history"))
-    page.evaluate("async (wf) => { await app.loadGraphData(wf); await app.queuePrompt(0, 1); }", workflow)
+    load_workflow(page, workflow)
+    page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     deadline = time.time() + timeout
     while time.time() < deadline:
         new = {k: v for k, v in server.get("/history").items() if k not in before}

@@ -44,6 +44,11 @@ else
       echo "warning: could not install comfyui-frontend-package 1.58.1; its browser tests will be skipped" >&2
     fi
   fi
+  # outside validators of the example workflows (tests/api/test_example_validators.py), into the venv if missing
+  if [ ! -x "$REPO/.host/venv/bin/comfy" ] || [ ! -x "$REPO/.host/venv/bin/comfy-lint" ]; then
+    "$VPY" -m pip install -q comfy-cli==1.23.0 comfy-lint==0.1.0 >/dev/null 2>&1 \
+      || echo "warning: could not install comfy-cli / comfy-lint; their checks of the examples will be skipped" >&2
+  fi
 fi
 cd "$REPO"
 export OMP_NUM_THREADS=1

@@ -18,7 +18,8 @@ Format version 1 (0.1.0, read only): full fused weights under ``model.<MODEL key
 ``clip.<CLIP key>``, same tables and metadata.
 
 Every file is validated like an ED-LoRA file before anything is applied (metadata JSON, concepts with
-their tokens, table shapes, factor shapes, finite float tensors); errors name the file.
+their tokens, table shapes, factor shapes, finite float tensors within the bound on values and weight
+changes of ``filecheck.MAX_ABS_VALUE``); errors name the file.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 from ..errors import BundleError, EDLoRAError
 from ..versions import BUNDLE_FORMAT, BUNDLE_VERSION, READABLE_BUNDLE_VERSIONS
 from .edlora import EDLoRA, _check_table, _Reader
-from .filecheck import check_file_tensor
+from .filecheck import check_file_tensor, check_lora_change
 
 EMBEDDING_PREFIX = "new_concept_embedding."
 _T = TypeVar("_T")
@@ -65,7 +66,8 @@ class FusedBundle:
 
 
 def save_bundle(bundle: FusedBundle, path: str, extra_metadata: dict[str, str] | None = None) -> None:
-    """Write a version-2 bundle (atomically: a temporary file, then renamed)."""
+    """Write a version-2 bundle (atomically: a temporary file, then renamed; a failed write leaves no
+    temporary file)."""
     tensors = {}
     for name, (up, down) in bundle.lora.items():
         tensors[f"{name}.lora_up.weight"] = up.detach().float().contiguous().cpu()
@@ -79,12 +81,18 @@ def save_bundle(bundle: FusedBundle, path: str, extra_metadata: dict[str, str] |
             "concepts": json.dumps(bundle.concepts), "settings": json.dumps(bundle.settings, sort_keys=True),
             **(extra_metadata or {})}
     tmp = path + ".part"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def is_bundle(path: str) -> bool:
-    """True for a safetensors file tagged as a fused bundle (any version, any extension case)."""
+    """True for a ``.safetensors`` file (the extension in any case) tagged as a fused bundle (any version)."""
+    if not path.lower().endswith(".safetensors"):
+        return False
     try:
         with safe_open(path, framework="pt") as f:
             return (f.metadata() or {}).get("format") == BUNDLE_FORMAT
@@ -176,6 +184,10 @@ def load_bundle(path: str) -> FusedBundle:
         if up.ndim not in (2, 4) or down.ndim != up.ndim or up.shape[1] != down.shape[0] or alpha.numel() != 1:
             raise BundleError(f"{name}: LoRA module '{module}' has factors {tuple(up.shape)} @ {tuple(down.shape)} "
                               f"(alpha {tuple(alpha.shape)}); expected [out, r] @ [r, in] and a scalar alpha")
+        try:
+            check_lora_change(name, module, up, down, float(alpha) / down.shape[0])
+        except EDLoRAError as e:
+            raise BundleError(str(e)) from None
         b.lora[module] = (up * (float(alpha) / down.shape[0]), down)
     listed = [t for c in b.concepts for t in c["tokens"]]
     missing = [t for t in listed if t not in b.embeddings]

@@ -23,9 +23,11 @@ What is refused and what is only warned about:
   meant: a token that is not ``<name>``, a table that is not ``[16, 768]`` / ``[16, n, 768]``, a
   key in ``text_encoder`` / ``unet`` that is not a LoRA factor in one of the two spellings (e.g. an
   ``alpha``), a module outside SD1.x's text encoder / UNet transformer blocks, a lone or duplicated
-  factor, a part that is not a dict, a non-string key inside a part; any bad tensor.
+  factor, a part that is not a dict, a non-string key inside a part, at the top level or inside
+  ``params`` (nothing says what an int or a boolean key would mean); an XTI file with a key beside its
+  layer keys; any bad tensor.
 * **Ignored with one warning** — entries beside the parts, as training checkpoints carry them
-  (``optimizer``, ``step``, ``epoch``, non-string keys, flat keys of other prefixes). They are
+  (``optimizer``, ``step``, ``epoch``, flat keys of other prefixes). They are
   listed in :attr:`EDLoRA.ignored_keys` so nodes can show them. A part that is ``None`` counts as
   absent.
 """
@@ -49,6 +51,7 @@ from ..log import log
 from ..versions import BUNDLE_FORMAT, EDLORA_FORMAT, EDLORA_FORMAT_VERSION
 from .filecheck import (
     check_file_tensor,
+    check_lora_change,
     exception_text,
     file_label,
     read_tensor_file,
@@ -57,8 +60,8 @@ from .filecheck import (
     what_is,
 )
 
-__all__ = ["EDLoRA", "TOKEN_PATTERN", "convert_to_safetensors", "file_digest", "load_edlora", "parse_edlora",
-           "parse_xti", "read_state_dict", "save_edlora", "to_flat_state_dict", "unique_output_path"]
+__all__ = ["EDLoRA", "TOKEN_PATTERN", "convert_to_safetensors", "file_digest", "load_edlora", "output_stem",
+           "parse_edlora", "parse_xti", "read_state_dict", "save_edlora", "to_flat_state_dict", "unique_output_path"]
 
 
 TOKEN_PATTERN = re.compile(r"<[^<>\s()\[\]{}:,]+>")
@@ -176,6 +179,15 @@ class _Reader:
         return edlora
 
 
+def _check_string_keys(r: _Reader, state: dict[Any, Any]) -> None:
+    """Refuse a key that is not a string where the parts (or a flat file's tensors) are: no trainer writes one,
+    and nothing tells what it would mean (``True == 1``, a tensor as a key): refused rather than guessed at."""
+    for key in state:
+        if not isinstance(key, str):
+            raise EDLoRAError(f"{r.name}: has the key {shown(key, 60)} ({type(key).__name__[:40]}) at the top level; "
+                              f"ED-LoRA keys are strings, so it is refused rather than guessed at")
+
+
 def _gather_parts(state: object, r: _Reader) -> dict[str, dict[str, object]]:
     """``{part: {rest: value}}`` for the parts present in a nested, ``params``-wrapped or flat state.
 
@@ -183,13 +195,15 @@ def _gather_parts(state: object, r: _Reader) -> dict[str, dict[str, object]]:
     """
     if not isinstance(state, dict):
         raise EDLoRAError(f"{r.name}: expected a dict of tensors, found {what_is(state)}")
+    _check_string_keys(r, state)
     if "params" in state:
         inner = state["params"]
         if not isinstance(inner, dict):
             raise EDLoRAError(f"{r.name}: 'params' is {what_is(inner)}; expected a dict holding "
                               f"'new_concept_embedding', 'text_encoder' and 'unet'")
+        _check_string_keys(r, inner)
         for key in state:
-            if not (isinstance(key, str) and key == "params"):  # a key may be a tensor: no == on it
+            if key != "params":
                 r.ignore(key)
         state = inner
     parts: dict[str, dict[str, object]] = {}
@@ -200,9 +214,7 @@ def _gather_parts(state: object, r: _Reader) -> dict[str, dict[str, object]]:
         parts[part][rest] = value
 
     for key, value in state.items():
-        if not isinstance(key, str):
-            r.ignore(key)
-        elif key in _PARTS:
+        if key in _PARTS:
             if value is None:
                 continue
             parts.setdefault(key, {})
@@ -259,6 +271,7 @@ def _split_lora_factors(r: _Reader, part: str, flat: dict[str, object],
                 or up.shape[2:] not in ((), (1, 1)):
             raise EDLoRAError(f"{r.name}: {where} factors have incompatible shapes up {list(up.shape)} @ down "
                               f"{list(down.shape)} (expected [out, r] @ [r, in], or [out, r, 1, 1] @ [r, in, 1, 1])")
+        check_lora_change(r.name, f"{part}.{module}", up, down)
         if encoder is not None and not module.endswith("fc2") and down.shape[1] != encoder.width:
             raise EDLoRAError(f"{r.name}: text-encoder LoRA {where} takes {down.shape[1]} inputs; an {family.label} "
                               f"ED-LoRA has a {encoder.width}-wide CLIP text encoder (is it for SD2/SDXL?)")
@@ -330,7 +343,7 @@ def _is_xti_state(state: object, family: ModelFamily) -> bool:
 def parse_xti(state: dict[Any, Any], name: str, token: str, family: ModelFamily = SD15) -> EDLoRA:
     """A kohya XTI (P+) embedding: one key per layer (IN01..OUT11), each ``[n, C]``, becomes one token table.
 
-    Other entries are ignored with a warning, like those beside an ED-LoRA's parts.
+    Any other entry is refused (kohya writes exactly the layer keys).
     """
     with _named(name):
         r = _Reader(name)
@@ -344,9 +357,11 @@ def parse_xti(state: dict[Any, Any], name: str, token: str, family: ModelFamily 
             shapes = sorted({str(list(row.shape)) for row in rows})
             raise EDLoRAError(f"{r.name}: XTI layers must all have one shape [n, {width}]; found "
                               f"{', '.join(shapes)}")
-        for k in state:
-            if not (isinstance(k, str) and k in keys):
-                r.ignore(k)
+        extra = [k for k in state if not (isinstance(k, str) and k in keys)]
+        if extra:
+            raise EDLoRAError(f"{r.name}: an XTI embedding has exactly the {len(keys)} layer keys {keys[0]} … "
+                              f"{keys[-1]}; this file also has {', '.join(shown(k, 40) for k in extra[:3])}"
+                              f"{' and more' if len(extra) > 3 else ''} — which tensor is the embedding is not clear")
         table = torch.stack(rows)
         if table.shape[1] > MAX_VECTORS_PER_TOKEN:
             raise EDLoRAError(f"{r.name}: {table.shape[1]} vectors per layer; a prompt chunk holds at most "
@@ -366,7 +381,12 @@ def load_edlora(path: str, family: ModelFamily = SD15) -> EDLoRA:
             raise EDLoRAError(f"{file_label(name)}: a fused ED-LoRA bundle (format={BUNDLE_FORMAT}), not a single "
                               f"ED-LoRA: a bundle is loaded whole (fused weights and concepts), never as an ED-LoRA")
         if _is_xti_state(state, family):
-            stem = re.sub(r"[^A-Za-z0-9_\-.]", "_", os.path.splitext(name)[0])[: MAX_TOKEN_CHARS - 2]
+            stem = re.sub(r"[^A-Za-z0-9_\-.]", "_", os.path.splitext(name)[0])
+            if len(stem) > MAX_TOKEN_CHARS - 2:  # cut, it would not be the name a user types
+                raise EDLoRAError(f"{file_label(name)}: an XTI embedding's token is its file name, <{stem[:240]}>, "
+                                  f"which is {len(stem)} characters long; rename the file to at most "
+                                  f"{MAX_TOKEN_CHARS - 2} characters (tokens are at most {MAX_TOKEN_CHARS} with the "
+                                  f"brackets)")
             edlora = parse_xti(state, name, f"<{stem}>", family)
         else:
             edlora = parse_edlora(state, name, family)
@@ -418,20 +438,38 @@ def convert_to_safetensors(src: str, dst: str) -> EDLoRA:
     return edlora
 
 
-def unique_output_path(folder: str, stem: str, overwrite: bool = False, *, source: str | None = None) -> str:
+MAX_STEM_BYTES = 200  # a file name is at most 255 bytes: room for "_00001" and ".safetensors"
+
+
+def output_stem(name: str, where: str) -> str:
+    """``name`` as the stem of a file the pack writes: directories dropped, a ``.safetensors`` suffix (any case)
+    removed. Refused before anything is written, with :class:`EDLoRAError` naming ``where`` (the node and input):
+    a name with a NUL or control character, one longer than :data:`MAX_STEM_BYTES` bytes (UTF-8), one that names
+    no file (empty, ``.``, ``..``)."""
+    base = os.path.basename(name.strip().replace("\\", "/"))
+    if base.lower().endswith(".safetensors"):
+        base = base[: -len(".safetensors")]
+    size = len(base.encode("utf-8", "surrogatepass"))
+    why = ("a NUL or control character is in it" if any(ord(c) < 32 or ord(c) == 127 for c in base)
+           else "it holds a lone surrogate, which no file name can" if any(0xD800 <= ord(c) < 0xE000 for c in base)
+           else f"it is {size} bytes long; at most {MAX_STEM_BYTES}" if size > MAX_STEM_BYTES
+           else "it names no file" if not base.strip(". ") else "")
+    if why:
+        raise EDLoRAError(f"{where}: {shown(name, 60)} is not a usable file name ({why})")
+    return base
+
+
+def unique_output_path(folder: str, stem: str, overwrite: bool = False, *, source: str | None = None,
+                       where: str = "output name") -> str:
     """Where the Convert node writes ``<stem>.safetensors`` in ``folder``, never over another file.
 
-    ``stem`` is reduced to a file name (directories are dropped, a ``.safetensors`` suffix in any
-    case is removed). When that file exists and ``overwrite`` is False, a numeric suffix is added
+    ``stem`` is reduced to a file name by :func:`output_stem` (``where`` names the input in its errors).
+    When that file exists and ``overwrite`` is False, a numeric suffix is added
     as ComfyUI's save nodes do: ``name_00001.safetensors``, one more than the highest number there.
     ``source`` (the file being converted) is never the result: with ``overwrite`` it is refused
     (:class:`EDLoRAError`), without it it gets a suffix like any existing file.
     """
-    base = os.path.basename(stem.strip().replace("\\", "/"))
-    if base.lower().endswith(".safetensors"):
-        base = base[: -len(".safetensors")]
-    if not base.strip(". ") or any(ord(c) < 32 for c in base) or len(base.encode()) > 200:
-        raise EDLoRAError(f"output name {shown(stem)} is not a usable file name")
+    base = output_stem(stem, where)
     path = os.path.join(folder, base + ".safetensors")
     if os.path.exists(path) and source is not None and os.path.exists(source) and os.path.samefile(path, source):
         if overwrite:

@@ -50,6 +50,11 @@ MAX_PICKLE_CONTAINERS = 200_000
 MAX_TUPLE_DEPTH = 64
 MAX_TUPLE_WEIGHT = 1_000_000
 MAX_TENSORS = 65536
+# No value of a tensor in a concept file, and no entry of a LoRA's weight change, may exceed this in magnitude.
+# Trained files stay below ~10 (CLIP's token embeddings are ~0.01-0.1, LoRA factors below 1); from ~1e4 on, a
+# table or a weight change multiplied out in a layer overflows float16 (65504) and, larger, float32: the sample
+# turns NaN/Inf, a black image.
+MAX_ABS_VALUE = 1e4
 MAX_ITEM_CHARS = 120     # one key / value / type shown in a message
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -207,7 +212,28 @@ def check_file_tensor(file_name: str, key: str, tensor: object, *, ndim: int | t
             bad = "float64 values too large for float32"
         raise EDLoRAError(f"{where} ({found}) has {bad}; a usable ED-LoRA holds only finite numbers — the "
                           f"file is damaged or its training diverged")
+    peak = float(out.abs().max())
+    if peak > MAX_ABS_VALUE:
+        value = next(float(v) for v in (out.max(), out.min()) if abs(float(v)) == peak)
+        raise EDLoRAError(f"{where} holds a value of {value:.3g}, beyond ±{MAX_ABS_VALUE:g}, the bound on what "
+                          f"trained files hold (they stay below ~10; such values overflow once multiplied out) — "
+                          f"the file is damaged or hostile")
     return out
+
+
+def check_lora_change(file_name: str, where: str, up: torch.Tensor, down: torch.Tensor, scale: float = 1.0) -> None:
+    """Refuse a LoRA pair whose weight change ``scale · up @ down`` may exceed :data:`MAX_ABS_VALUE` anywhere.
+
+    Each entry is bounded without multiplying out (Cauchy-Schwarz: the largest row norm of ``up`` times the
+    largest column norm of ``down``, ``[out, r(, 1, 1)]`` / ``[r, in(, kh, kw)]``), so checking costs two passes
+    over the factors. Raises :class:`EDLoRAError` naming ``file_name`` and ``where`` (the module)."""
+    rows = up.detach().double().reshape(up.shape[0], -1).norm(dim=1).max()
+    cols = down.detach().double().reshape(down.shape[0], -1).norm(dim=0).max()
+    bound = float(rows * cols) * abs(float(scale))
+    if bound > MAX_ABS_VALUE:
+        raise EDLoRAError(f"{file_label(file_name)}: {shown(where)}: its factors can change a weight by up to "
+                          f"{bound:.3g}, beyond ±{MAX_ABS_VALUE:g}, the bound on what trained LoRAs do (they change "
+                          f"weights by far less than 1) — the file is damaged or hostile")
 
 
 # ---------------------------------------------------------------------------------- reading files
@@ -284,8 +310,15 @@ def _read_pth(path: str, name: str, size: int) -> dict[Any, Any]:
                           f"sets the tensor sizes, so it cannot be checked before loading; re-save it with a current "
                           f"torch.save, or convert it to .safetensors where you trust it")
     if not head.startswith(_ZIP_MAGIC):
+        imports = _plain_pickle_imports(path, size)
+        if imports is not None:
+            runs = (f": loading it could run code (it imports {', '.join(shown(g, 60) for g in imports[:3])}"
+                    f"{' and more' if len(imports) > 3 else ''}); nothing in it was run" if imports else
+                    ": a .pth is read only when torch.save (PyTorch 1.6 or later) wrote it")
+            raise EDLoRAError(f"{name}: a plain pickle (not a torch.save archive), refused unread{runs}; convert it "
+                              f"to .safetensors where you trust it")
         if head[:1] == b"\x80":
-            what = "a plain pickle, not a torch.save archive (refused unread)"
+            what = "it starts like a plain pickle but does not parse as one"
         elif head[8:9] == b"{":
             what = "it looks like a .safetensors file: rename it"
         else:
@@ -303,6 +336,44 @@ def _read_pth(path: str, name: str, size: int) -> dict[Any, Any]:
     if not isinstance(state, dict):
         raise EDLoRAError(f"{name}: expected a dict of tensors, found {what_is(state)}")
     return state
+
+
+_STRING_OPCODES = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                   "BINUNICODE8"}
+
+
+def _plain_pickle_imports(path: str, size: int) -> list[str] | None:
+    """The globals (``module.name``) a file that is a plain pickle imports, in order; None when it does not
+    parse as a pickle. Read by :func:`pickletools.genops` (nothing is built or run), at most
+    :data:`MAX_PICKLE_BYTES` of it (a longer file counts as a pickle when that much parses)."""
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_PICKLE_BYTES)
+    imports: list[str] = []
+    strings: list[str] = []  # the strings pushed so far (STACK_GLOBAL takes its module and name from them)
+    memo: dict[Any, str | None] = {}  # memo index -> the string stored there (None: something else)
+    last: str | None = None  # the string the last opcode pushed
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            kind, pushed = op.name, None
+            if kind == "GLOBAL":
+                imports.append(str(arg).replace(" ", "."))
+            elif kind == "STACK_GLOBAL":
+                imports.append(".".join(strings[-2:]) if len(strings) >= 2 else "an unnamed global")
+            elif kind in _STRING_OPCODES:
+                pushed = arg.decode("latin-1") if isinstance(arg, bytes) else str(arg)
+            elif kind in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if kind == "MEMOIZE" else arg] = pushed = last
+            elif kind in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = memo.get(arg)
+            elif kind == "FRAME":
+                pushed = last
+            if pushed is not None and kind not in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "FRAME"):
+                strings.append(pushed)
+            last = pushed
+    except (ValueError, KeyError, IndexError, UnicodeDecodeError):  # not a pickle, or cut short
+        if size <= len(data) or not (imports or strings):
+            return None
+    return imports
 
 
 def _zip_entry_count(path: str, size: int) -> tuple[int, int]:
@@ -351,7 +422,14 @@ def _check_archive(path: str, name: str, size: int) -> list[bytes]:
                 raise EDLoRAError(f"{name}: the .pth archive has {len(infos)} members (limit {MAX_ARCHIVE_MEMBERS}); "
                                   f"torch.save writes one per tensor")
             total = stored = 0
+            seen: set[str] = set()
             for info in infos:
+                if info.filename in seen:
+                    count = sum(i.filename == info.filename for i in infos)
+                    raise EDLoRAError(f"{name}: the .pth archive holds {count} members named "
+                                      f"{shown(info.filename, 60)} (which one torch.load reads is not clear); "
+                                      f"torch.save writes one of each; nothing in it was run")
+                seen.add(info.filename)
                 member = f"{name}: archive member {shown(info.filename, 60)}"
                 if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                     raise EDLoRAError(f"{member} uses zip compression method {info.compress_type}; torch.save "
@@ -372,6 +450,10 @@ def _check_archive(path: str, name: str, size: int) -> list[bytes]:
                 raise EDLoRAError(f"{name}: the .pth archive lists {stored} bytes of members in a {size}-byte "
                                   f"file — truncated or corrupt")
             pickles = [i for i in infos if i.filename.endswith("data.pkl")]
+            if len(pickles) > 1:
+                raise EDLoRAError(f"{name}: the .pth archive holds {len(pickles)} pickles (data.pkl) "
+                                  f"({', '.join(shown(i.filename, 40) for i in pickles[:3])}); torch.save writes one; "
+                                  f"nothing in it was run")
             if sum(i.file_size for i in pickles) > MAX_PICKLE_BYTES:
                 raise EDLoRAError(f"{name}: the .pth's pickle is {sum(i.file_size for i in pickles)} bytes (limit "
                                   f"{MAX_PICKLE_BYTES}); an ED-LoRA's is about 100 bytes per tensor")

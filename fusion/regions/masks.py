@@ -128,21 +128,23 @@ def layer_masks(masks: Tensor, feature_h: int, feature_w: int) -> Tensor:
     return resized.reshape(resized.shape[0], int(feature_h) * int(feature_w))
 
 
-def region_layer_masks(masks: Tensor, boxes: Sequence[Sequence[int] | None], feature_h: int,
+def region_layer_masks(masks: Sequence[Tensor] | Tensor, boxes: Sequence[Sequence[int] | None], feature_h: int,
                        feature_w: int) -> Tensor:
     """Every region's mask on a ``feature_h x feature_w`` layer, flattened to ``[R, fh*fw]``.
 
-    ``masks`` ``[R, H, W]`` in pixels of the output image; ``boxes[r]`` is region r's box when its mask
-    is exactly that box: it then follows the reference rule (:func:`box_layer_mask`, hard 0/1), other
-    masks are area-averaged (:func:`layer_masks`)."""
-    if masks.dim() != 3 or len(boxes) != masks.shape[0]:
-        raise ValueError(f"expected masks [R, H, W] and R boxes, got {tuple(masks.shape)} and {len(boxes)} boxes")
-    height, width = int(masks.shape[1]), int(masks.shape[2])
-    rows = [box_layer_mask(box, height, width, feature_h, feature_w).reshape(-1).to(masks.device)
-            if box is not None else layer_masks(mask, feature_h, feature_w)[0]
+    ``masks``: one ``[H_r, W_r]`` mask per region (or a stacked ``[R, H, W]``), each covering the whole
+    output image at its own size (a 512 x 512 and a 1024 x 1024 mask may sample together: each is resized
+    as it would be alone); ``boxes[r]`` is region r's box, in pixels of its mask, when the mask is exactly
+    that box: it then follows the reference rule (:func:`box_layer_mask`, hard 0/1), other masks are
+    area-averaged (:func:`layer_masks`)."""
+    if len(boxes) != len(masks) or any(m.dim() != 2 for m in masks):
+        raise ValueError(f"expected one [H, W] mask and one box per region, got {[tuple(m.shape) for m in masks]} "
+                         f"and {len(boxes)} boxes")
+    rows = [box_layer_mask(box, int(mask.shape[0]), int(mask.shape[1]), feature_h, feature_w).reshape(-1)
+            .to(mask.device) if box is not None else layer_masks(mask, feature_h, feature_w)[0]
             for mask, box in zip(masks, boxes, strict=True)]
     if not rows:
-        return torch.zeros(0, int(feature_h) * int(feature_w), dtype=torch.float32, device=masks.device)
+        return torch.zeros(0, int(feature_h) * int(feature_w), dtype=torch.float32)
     return torch.stack(rows)
 
 

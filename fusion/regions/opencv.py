@@ -10,6 +10,6 @@ def opencv(purpose: str) -> ModuleType:
     try:
         import cv2
     except ImportError as e:
-        raise ImportError(f"Mix-of-Show: {purpose} needs OpenCV; install the pack's requirements "
-                          f"(pip install opencv-python-headless)") from e
+        raise ImportError(f"Mix-of-Show: {purpose} needs OpenCV; install the pack's requirements.txt "
+                          f"(the package opencv-python-headless) into ComfyUI's Python") from e
     return cv2

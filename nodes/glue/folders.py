@@ -6,6 +6,7 @@ import os
 
 import folder_paths
 
+from ...fusion.files.edlora import output_stem
 from ..names import EDLORA_EXTENSIONS, EDLORA_FOLDER
 
 
@@ -32,11 +33,12 @@ def edlora_path(name: str) -> str:
     return folder_paths.get_full_path_or_raise(EDLORA_FOLDER, name)
 
 
-def bundle_output_path(prefix: str) -> str:
+def bundle_output_path(prefix: str, where: str) -> str:
+    """``<prefix>_<00001>.safetensors`` (the first free number) in models/edloras; a prefix no file system
+    takes is refused naming ``where`` (the node and input) before anything is written."""
+    stem = output_stem(prefix.strip() or "fused_edlora", where)
     folder = folder_paths.get_folder_paths(EDLORA_FOLDER)[0]
     os.makedirs(folder, exist_ok=True)
-    stem = os.path.basename(prefix.strip() or "fused_edlora")
-    stem = stem[:-len(".safetensors")] if stem.lower().endswith(".safetensors") else stem
     counter = 1
     while True:
         path = os.path.join(folder, f"{stem}_{counter:05d}.safetensors")

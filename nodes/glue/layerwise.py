@@ -18,14 +18,15 @@ import torch
 
 from ...fusion.errors import ConceptError
 from ...fusion.families import ModelFamily
-from ...fusion.prompts.concepts import ConceptSet, substitute_concepts
+from ...fusion.prompts.concepts import ConceptSet, find_concept_tokens, substitute_concepts
 from ...fusion.prompts.layerwise_tensor import LayerwiseContext, layers_of
 from ..names import CONCEPTS_USED_KEY, LAYERWISE_KEY, LAYERWISE_WRAPPER, PROMPT_KEY
 from .family import clip_family, model_family
 
 _PLACEHOLDERS = ("sks", "olis", "zxq", "qxv")
 # A concept prompt is encoded 16 times: at most this many 77-token sections go through the text
-# encoder at once (memory stays bounded), and a concept prompt may have at most MAX_SECTIONS sections.
+# encoder at once (memory stays bounded), and a concept prompt may have at most MAX_SECTIONS sections
+# (a prompt without concept tokens is the stock encoder's, at any length).
 _SECTIONS_PER_PASS = 64
 MAX_SECTIONS = 32
 MAX_PROMPT_CHARS = 20000  # refused before tokenizing (a 100,000-character prompt costs nothing)
@@ -77,20 +78,34 @@ def _layered_tokens(tokens: dict, positions: dict, vectors, tables, layers) -> d
     return layered
 
 
-def encode_with_concepts(clip, text: str, concepts: ConceptSet) -> list:
+def encode_with_concepts(clip, text: str, concepts: ConceptSet, where: str = "") -> list:
     """CONDITIONING for ``text``: identical to the stock CLIP Text Encode when no concept token is
-    present (one text-encoder pass); otherwise one entry per CLIP hook keyframe (as the stock encoder)
-    whose tensor is a :class:`LayerwiseContext` with one context per cross-attention layer of the CLIP's
-    family, encoded in batches of at most ``_SECTIONS_PER_PASS`` sequences."""
-    if len(text) > MAX_PROMPT_CHARS:
-        raise ConceptError(f"this prompt is {len(text):,} characters long; the pack's encoders take at most "
-                           f"{MAX_PROMPT_CHARS:,} (about {MAX_SECTIONS} × 77 tokens)")
+    present (one text-encoder pass, any length); otherwise one entry per CLIP hook keyframe (as the stock
+    encoder) whose tensor is a :class:`LayerwiseContext` with one context per cross-attention layer of the
+    CLIP's family, encoded in batches of at most ``_SECTIONS_PER_PASS`` sequences. ``where`` (the node and
+    input, e.g. ``"Text Encode with Concepts, input 'text'"``) starts every error's message."""
+    try:
+        return _encode(clip, text, concepts)
+    except ConceptError as e:
+        if not where:
+            raise
+        raise ConceptError(f"{where}: {e}") from e
+
+
+def _too_long(length: str) -> ConceptError:
+    return ConceptError(f"this prompt holds concept tokens and is {length} long; a prompt with concept tokens may be "
+                        f"at most {MAX_PROMPT_CHARS:,} characters and {MAX_SECTIONS} × 77 tokens (it is encoded once "
+                        f"per cross-attention layer, and every region's context is padded to the longest) — shorten "
+                        f"it, or encode the part without concept tokens with another node and combine the two")
+
+
+def _encode(clip, text: str, concepts: ConceptSet) -> list:
+    if len(text) > MAX_PROMPT_CHARS and find_concept_tokens(text):  # refused before tokenizing
+        raise _too_long(f"{len(text):,} characters")
     tokens, positions, vectors = tokenize_with_concepts(clip, text, concepts)
     sections = len(next(iter(tokens.values())))
-    if sections > MAX_SECTIONS:
-        raise ConceptError(f"this prompt is {sections} × 77 tokens long; the pack's encoders take at most "
-                           f"{MAX_SECTIONS} × 77 tokens (a concept prompt is encoded once per cross-attention layer, "
-                           f"and every region's context is padded to the longest)")
+    if vectors and sections > MAX_SECTIONS:
+        raise _too_long(f"{sections} × 77 tokens")
     if not vectors:
         return [[c, {**d, PROMPT_KEY: text}] for c, d in clip.encode_from_tokens_scheduled(tokens)]
     layer_count = clip_family(clip, "Text Encode with Concepts").layer_count

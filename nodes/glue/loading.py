@@ -25,7 +25,7 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
     bundle (from Save Fused ED-LoRA Bundle) loads too: its fused LoRA patches the clones and its concepts
     join the set (the strengths do not apply: the bundle is already merged).
     """
-    if path.lower().endswith(".safetensors") and is_bundle(path):
+    if is_bundle(path):
         model_out, clip_out, fused = apply_bundle(model, clip, path)
         for concept in fused.concepts:
             concepts = (concepts or ConceptSet()).add(concept)

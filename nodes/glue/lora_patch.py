@@ -15,7 +15,7 @@ from comfy import weight_adapter
 
 from ...fusion.errors import EDLoRAError, LoRAFormatError
 from ...fusion.files.edlora import EDLoRA, read_state_dict
-from ...fusion.files.filecheck import check_file_tensor
+from ...fusion.files.filecheck import check_file_tensor, check_lora_change, shown
 
 
 def unet_lora_name(module: str) -> str:
@@ -44,6 +44,10 @@ def _to_load(edlora: EDLoRA, part: str, factors: dict, key_map: dict, root, name
             raise EDLoRAError(f"{edlora.name}: {part} module '{module}' does not exist in this "
                               f"{'MODEL' if part == 'unet' else 'CLIP'} — is it an SD1.x model?")
         weight = comfy.utils.get_attr(root, target)
+        if weight.ndim not in (2, 4):
+            raise EDLoRAError(f"{edlora.name}: {part} module '{module}' has a {weight.ndim}-D weight in this "
+                              f"{'MODEL' if part == 'unet' else 'CLIP'} (a normalisation layer's); a LoRA's up/down "
+                              f"factors apply to linear and convolution weights only")
         if weight.shape[0] != up.shape[0] or weight.shape[1] != down.shape[1]:
             raise EDLoRAError(f"{edlora.name}: {part} module '{module}' is {up.shape[0]}x{down.shape[1]} in the "
                               f"file but {weight.shape[0]}x{weight.shape[1]} in the model (another base model?)")
@@ -104,6 +108,18 @@ def load_plain_lora(path: str, model, clip) -> tuple[dict, dict, list[str]]:
     key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(model.model, {}))
     state = comfy.lora_convert.convert_lora(state)
     patches = comfy.lora.load_lora(state, key_map, log_missing=False)
+    shapes = {k: v.shape for root in (model.model, clip.cond_stage_model) for k, v in root.state_dict().items()}
+    for key, value in patches.items():
+        if not isinstance(value, weight_adapter.LoRAAdapter):
+            continue
+        if len(shapes.get(key, (0, 0))) not in (2, 4):  # ComfyUI would log an error at sampling and skip it
+            pair = ", ".join(k for k in (getattr(value, "loaded_keys", ()) or ()) if not k.endswith(".alpha"))
+            raise EDLoRAError(f"{name}: {shown(key)} is a {len(shapes[key])}-D weight (a normalisation layer's), "
+                              f"patched by {shown(pair, 200)}; a LoRA's up/down factors apply to linear and "
+                              f"convolution weights only")
+        up, down, alpha, mid = value.weights[:4]
+        if mid is None:  # the bound on weight changes, where a change is one up/down pair
+            check_lora_change(name, key, up, down, 1.0 if alpha is None else float(alpha) / down.shape[0])
     used = set()
     for value in patches.values():
         used |= set(getattr(value, "loaded_keys", ()) or ())

@@ -35,23 +35,28 @@ from ..names import CONCEPTS_USED_KEY, REGIONAL_WRAPPER
 from .family import model_family
 from .layerwise import LayerwiseAttn2Patch, install_layerwise
 from .lora_patch import low_rank_factors
-from .regions import Region, context_stack
+from .regions import Region, context_stack, region_name
 
 _UNET = "diffusion_model."
 
 
 # --------------------------------------------------------------------------- a region's LoRA
 
-def _source(index: int, region_model: Any) -> str:
-    loaded = region_model.model_options.get(CONCEPTS_USED_KEY, ())
-    return f"region {index}" + (f" ({', '.join(loaded)})" if loaded else "")
+def _source(base: Any, index: int, region: Region) -> str:
+    """The region as messages name it (:func:`region_name`), plus the files its MODEL was loaded with beyond
+    the sampling MODEL's when they came through the pack's loaders (stock Load LoRA records none)."""
+    loaded = region.model.model_options.get(CONCEPTS_USED_KEY, ())
+    own = [label for label in loaded if label not in base.model_options.get(CONCEPTS_USED_KEY, ())] or loaded
+    label = region.label if region.label != region_name(index) else ""
+    files = f"its MODEL has {', '.join(own)}" if own else ""
+    return region_name(index, "; ".join(part for part in (label, files) if part))
 
 
-def extra_patches(base: Any, region_model: Any, index: int) -> dict[str, list[tuple]]:
+def extra_patches(base: Any, region_model: Any, source: str) -> dict[str, list[tuple]]:
     """The weight patches ``region_model`` carries beyond ``base`` (patch entries are shared between
-    clones, so "beyond" is by identity): weight key -> patch entries."""
+    clones, so "beyond" is by identity): weight key -> patch entries. ``source`` names the region."""
     if region_model.model is not base.model:
-        raise RegionError(f"region {index}: its MODEL is not the sampling MODEL's base model with a LoRA on it — load "
+        raise RegionError(f"{source}: its MODEL is not the sampling MODEL's base model with a LoRA on it — load "
                           f"the region's LoRA (Load ED-LoRA, LoRA as Concept or Load LoRA) on the same checkpoint as "
                           f"the sampling MODEL")
     out = {}
@@ -63,12 +68,12 @@ def extra_patches(base: Any, region_model: Any, index: int) -> dict[str, list[tu
     return out
 
 
-def region_factors(base: Any, region_model: Any, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def region_factors(base: Any, region_model: Any, source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module path (below ``diffusion_model``) -> ``(up, down)`` of the region's extra LoRA there,
-    strength and alpha/rank folded into ``up``; several patches on one layer stack their ranks."""
-    source = _source(index, region_model)
+    strength and alpha/rank folded into ``up``; several patches on one layer stack their ranks. ``source``
+    names the region in errors."""
     factors = {}
-    for key, entries in extra_patches(base, region_model, index).items():
+    for key, entries in extra_patches(base, region_model, source).items():
         if not key.startswith(_UNET) or not key.endswith(".weight"):
             raise LoRAFormatError(f"{source}: the patch on {key} is not a LoRA on a UNet layer's weight; only those "
                                   f"can be applied per region")
@@ -91,7 +96,10 @@ def _lora_kind(path: str, module: torch.nn.Module) -> str:
             raise LoRAFormatError(f"{path}: a grouped convolution cannot take a region LoRA")
         return "conv"
     if not isinstance(module, torch.nn.Linear):
-        raise LoRAFormatError(f"{path} ({type(module).__name__}) cannot take a region LoRA")
+        weight = getattr(module, "weight", None)
+        what = f" (a {weight.ndim}-D weight)" if isinstance(weight, torch.Tensor) else ""
+        raise LoRAFormatError(f"{path} is a {type(module).__name__}{what}; a region LoRA applies to linear and "
+                              f"convolution layers")
     if path.endswith(("attn2.to_k", "attn2.to_v")):
         return "context"
     if path.endswith(".emb_layers.1"):
@@ -110,10 +118,12 @@ class RegionalSampling:
 
     def __init__(self, regions: Sequence[Region], base: Any = None, family: ModelFamily | None = None):
         self.family = family
-        self.masks = torch.stack([r.mask.to(torch.float32) for r in regions])
+        self.masks = [r.mask.to(torch.float32) for r in regions]  # each its own size (docs/design.md §8.3)
         self.boxes = [r.box for r in regions]
-        self.positive = [context_stack(list(r.positive), f"region {i} positive") for i, r in enumerate(regions)]
-        self.negative = [context_stack(list(r.negative), f"region {i} negative") for i, r in enumerate(regions)]
+        self.positive = [context_stack(list(r.positive), f"{region_name(i, r.label)}: positive")
+                         for i, r in enumerate(regions)]
+        self.negative = [context_stack(list(r.negative), f"{region_name(i, r.label)}: negative")
+                         for i, r in enumerate(regions)]
         self.control_strengths = torch.tensor([float(r.control_strength) for r in regions])
         self.lora_layers = self._lora_layers(base, regions) if base is not None else []
         self._layouts: dict[int, ContextLayout] = {}  # per layer, for the UNet call under way
@@ -190,15 +200,20 @@ class RegionalSampling:
     # ---- region LoRAs
     def _lora_layers(self, base: Any, regions: Sequence[Region]) -> list[tuple]:
         per_module: dict[str, dict[int, tuple]] = defaultdict(dict)
+        sources = {}
         for i, region in enumerate(regions):
             if region.model is not None:
-                for path, pair in region_factors(base, region.model, i).items():
+                sources[i] = _source(base, i, region)
+                for path, pair in region_factors(base, region.model, sources[i]).items():
                     per_module[path][i] = pair
         unet = base.model.diffusion_model
         layers = []  # (module, bank, kind, the ResNet block of an "emb" layer, its cross-attention layer)
         for path, pairs in sorted(per_module.items()):
             module = unet.get_submodule(path)
-            kind = _lora_kind(path, module)
+            try:
+                kind = _lora_kind(path, module)
+            except LoRAFormatError as e:
+                raise LoRAFormatError(f"{', '.join(sources[i] for i in pairs)}: {e}") from None
             block = unet.get_submodule(path[:-len(".emb_layers.1")]) if kind == "emb" else None
             layer = self.family.layer_of_weight(f"{_UNET}{path}.weight") if self.family is not None else None
             layers.append((module, LowRankBank(pairs), kind, block, layer))
@@ -311,9 +326,9 @@ class RegionalAttn2Replace:
             return global_attention(q, k, v, heads)
         n_tok = q.shape[1]
         shape = extra_options.get("activations_shape")
-        fh, fw = int(shape[-2]), int(shape[-1])
-        if fh * fw != n_tok:
-            fh, fw = feature_hw_for_tokens(n_tok, self.run.masks.shape[1], self.run.masks.shape[2])
+        fh, fw = (int(shape[-2]), int(shape[-1])) if shape else (0, 0)
+        if fh * fw != n_tok:  # not reported, or not this layer's size: from the token count
+            fh, fw = feature_hw_for_tokens(n_tok, *self.run.masks[0].shape)
         return regional_attention(q, k, v, heads, layout, len(self.run), self.run.flat_masks(fh, fw, q.device),
                                   attention, global_attention)
 
@@ -333,9 +348,10 @@ def check_concepts(model: Any, regions: Sequence[Region]) -> None:
             used = {name for entry in cond for name in entry[1].get(CONCEPTS_USED_KEY, ())}
             missing = used - loaded - own
             if missing:
-                raise RegionError(f"region {i}: its {what} was encoded with ED-LoRA(s) {', '.join(sorted(missing))} "
-                                  f"that neither the sampler's MODEL nor the region's model was loaded with — encode "
-                                  f"each region with the CLIP and concepts of the chain whose MODEL samples it")
+                raise RegionError(f"{region_name(i, region.label)}: its {what} was encoded with ED-LoRA(s) "
+                                  f"{', '.join(sorted(missing))} that neither the sampler's MODEL nor the region's "
+                                  f"model was loaded with — encode each region with the CLIP and concepts of the "
+                                  f"chain whose MODEL samples it")
 
 
 def _chained_replaces(options: dict, run: RegionalSampling, family: ModelFamily) -> dict:

@@ -15,7 +15,7 @@ from typing import Any
 import comfy.model_management
 import torch
 
-from ...fusion.errors import ConceptError
+from ...fusion.errors import RegionError
 from ...fusion.prompts.concepts import ConceptSet, find_concept_tokens
 from ...fusion.regions.editor_boxes import clamp_box, parse_boxes
 from ...fusion.regions.masks import box_to_mask
@@ -66,7 +66,7 @@ def box_of(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
 def context_stack(conditioning, what: str) -> torch.Tensor:
     """``[1, 16|1, T, C]`` contexts of the first entry of a CONDITIONING."""
     if not conditioning:
-        raise ValueError(f"{what}: empty CONDITIONING")
+        raise RegionError(f"{what}: empty CONDITIONING")
     stack = layerwise_of(conditioning[0])
     if stack is None:
         stack = conditioning[0][0].unsqueeze(1)
@@ -85,27 +85,35 @@ def prompt_label(conditioning, default: str) -> str:
     return " ".join(words[:3]) or default
 
 
+def region_name(index: int, label: str = "") -> str:
+    """How messages name the region at ``index`` (from 0 in the chain): counted from 1, as the Regions Editor
+    and the previews count, with its label when it has one of its own (``region 2 (<potter1>)``)."""
+    name = f"region {index + 1}"
+    return f"{name} ({label})" if label and label != name else name
+
+
 def make_region(positive, negative, mask: torch.Tensor, index: int, control_strength: float = 1.0,
                 model=None, label: str = "") -> Region:
-    """A validated :class:`Region` (``index`` names it in errors): one ``[H, W]`` or ``[1, H, W]`` mask,
-    finite, not all zero; both prompts present."""
+    """A validated :class:`Region` (``index``, from 0, names it in errors as :func:`region_name` does): one
+    ``[H, W]`` or ``[1, H, W]`` mask, finite, not all zero; both prompts present."""
+    label = label or prompt_label(positive, region_name(index))
+    where = region_name(index, label)
     m = mask
     if m.dim() == 3:
         if m.shape[0] != 1:
-            raise ValueError(f"region {index}: the mask must be a single mask, got a batch of {m.shape[0]}")
+            raise RegionError(f"{where}: the mask must be a single mask, got a batch of {m.shape[0]}")
         m = m[0]
     if m.dim() != 2:
-        raise ValueError(f"region {index}: the mask must be [H, W] or [1, H, W], got {tuple(mask.shape)}")
+        raise RegionError(f"{where}: the mask must be [H, W] or [1, H, W], got {tuple(mask.shape)}")
     m = m.detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(m).all()):
-        raise ValueError(f"region {index}: the mask has NaN or infinite values")
+        raise RegionError(f"{where}: the mask has NaN or infinite values")
     m = m.clamp(0.0, 1.0).clone()
     if not bool((m > 0).any()):
-        raise ValueError(f"region {index}: the mask is all zero (the region covers no pixel)")
-    context_stack(positive, f"region {index} positive")
-    context_stack(negative, f"region {index} negative")
-    return Region(m, tuple(positive), tuple(negative), float(control_strength), box_of(mask), model,
-                  label or prompt_label(positive, f"region {index}"))
+        raise RegionError(f"{where}: the mask is all zero (the region covers no pixel)")
+    context_stack(positive, f"{where}: positive")
+    context_stack(negative, f"{where}: negative")
+    return Region(m, tuple(positive), tuple(negative), float(control_strength), box_of(mask), model, label)
 
 
 def editor_regions(clip, regions_json: str, width: int, height: int, image=None, concepts=None, regions=None):
@@ -119,12 +127,10 @@ def editor_regions(clip, regions_json: str, width: int, height: int, image=None,
     masks = []
     for i, box in enumerate(boxes):
         mask = box_mask(height, width, *clamp_box(box, height, width, i))
-        try:
-            positive = encode_with_concepts(clip, box.prompt, concepts)
-            if box.negative not in negatives:
-                negatives[box.negative] = encode_with_concepts(clip, box.negative, concepts)
-        except ConceptError as e:
-            raise ConceptError(f"Regions Editor box {i + 1}: {e}") from e
+        positive = encode_with_concepts(clip, box.prompt, concepts, f"Regions Editor box {i + 1}, prompt")
+        if box.negative not in negatives:
+            negatives[box.negative] = encode_with_concepts(clip, box.negative, concepts,
+                                                           f"Regions Editor box {i + 1}, negative prompt")
         regions = add_region(regions, positive, negatives[box.negative], mask, box.control_strength, None,
                              box.label)
         masks.append(mask)
@@ -156,11 +162,12 @@ def pose_regions(image, clip, prompts: str, negative: str, margin: float, concep
         raise ValueError(f"Pose Regions: found {len(boxes)} skeleton(s) at {boxes} (top, left, bottom, right) but "
                          f"{len(lines)} prompt line(s); write one line per person, left to right")
     concepts = concepts or ConceptSet()
-    neg = encode_with_concepts(clip, negative, concepts)
+    neg = encode_with_concepts(clip, negative, concepts, "Regions from Pose, input 'negative'")
     height, width = int(img.shape[0]), int(img.shape[1])
     masks = [box_mask(height, width, *b) for b in boxes]
-    for mask, line in zip(masks, lines, strict=True):
-        regions = add_region(regions, encode_with_concepts(clip, line, concepts), neg, mask, control_strength)
+    for n, (mask, line) in enumerate(zip(masks, lines, strict=True), start=1):
+        where = f"Regions from Pose, input 'prompts' (the line of person {n})"
+        regions = add_region(regions, encode_with_concepts(clip, line, concepts, where), neg, mask, control_strength)
     return regions, torch.cat(masks)
 
 
@@ -170,5 +177,9 @@ def pose_box_mask(image, index: int, margin: float) -> tuple:
     boxes = find_pose_boxes(img, margin=margin,
                             check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
     if index >= len(boxes):
-        raise ValueError(f"pose box {index} requested but only {len(boxes)} person(s) found in the image")
+        nth = index + 1
+        suffix = "th" if 10 <= nth % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(nth % 10, "th")
+        found = "1 person was" if len(boxes) == 1 else f"{len(boxes)} people were"
+        raise RegionError(f"Pose Box to Mask: index {index} is the {nth}{suffix} person from the left, but only "
+                          f"{found} found in the image")
     return box_mask(int(img.shape[0]), int(img.shape[1]), *boxes[index]), len(boxes)

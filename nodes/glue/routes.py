@@ -19,7 +19,7 @@ from .images import DEFAULT_MARGIN, pose_boxes_for, pose_path
 
 @functools.lru_cache(maxsize=64)
 def _file_tokens(path: str, _mtime_ns: int, _size: int) -> tuple[str, ...]:
-    if path.endswith(".safetensors") and is_bundle(path):
+    if is_bundle(path):
         with safe_open(path, framework="pt") as f:
             concepts = json.loads((f.metadata() or {}).get("concepts", "[]"))
         return tuple(tok for c in concepts for tok in c.get("tokens", ()))

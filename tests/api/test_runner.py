@@ -293,16 +293,14 @@ def test_conversion_equals_the_frontends_graph_to_prompt(server):
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (tools/test.sh installs it)")
     pytest.importorskip("playwright")
-    from browser import comfy_page
+    from browser import comfy_page, load_workflow
 
     object_info = server.get("/object_info")
     workflows = {"small": small_ui_workflow()[0]}
     workflows.update({p.stem: json.loads(p.read_text()) for p in sorted(EXAMPLES.glob("*.json"))})
-    with comfy_page(server.url) as (page, errors):
+    with comfy_page(server.url) as (page, errors):  # once the app's own start-up graph is in
         for name, workflow in workflows.items():
-            frontend = page.evaluate("""async (wf) => {
-                await app.loadGraphData(wf);
-                return (await app.graphToPrompt()).output;
-            }""", workflow)
+            load_workflow(page, workflow)  # the test's own graph, not one the frontend loaded meanwhile
+            frontend = page.evaluate("async () => (await app.graphToPrompt()).output")
             assert mixofshow_run.ui_to_api(workflow, object_info) == frontend, name
         assert not errors

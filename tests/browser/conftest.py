@@ -16,10 +16,9 @@ from browser import ARGS, CHROMIUM
 from comfy_server import ComfyServer, comfy_root
 from server_setup import PACKS
 from synthetic import make_edlora_state
-from ui_support import TINY_TOKENS, TINY_TOKENS_B, UI, post
+from ui_support import FRONTEND_158, TINY_TOKENS, TINY_TOKENS_B, UI, post
 
 REPO = Path(__file__).resolve().parents[2]
-FRONTEND_158 = REPO / ".host" / "frontend-1.58.1" / "comfyui_frontend_package" / "static"
 FRONTENDS = {"1.32.9": None, "1.58.1": FRONTEND_158}
 RENDERERS = ("classic", "vue")
 

@@ -7,10 +7,9 @@ import json
 import pytest
 from comfy_server import error_message as execution_error
 from make_example_workflows import EXAMPLES, THUMBNAIL_SIZE
-from ui_support import REPO, wait_history
+from ui_support import PACK_MODULE, REPO, open_templates, template_card, wait_history
 
 NAMES = list(EXAMPLES)
-PACK_MODULE = "mixofshow"  # the pack's folder name in custom_nodes (the template browser's category)
 
 WIDGET_PROBLEMS = """async () => {
     // widget values the backend would refuse: combo values not among the options, numbers out of range
@@ -34,17 +33,6 @@ WIDGET_PROBLEMS = """async () => {
     }
     return problems;
 }"""
-
-
-def open_templates(ui):
-    ui.page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    nav = ui.page.locator("nav span", has_text=PACK_MODULE).first
-    nav.wait_for(state="visible", timeout=30000)
-    nav.click()
-
-
-def template_card(ui, name):
-    return ui.page.locator(f'[data-testid="template-workflow-{name}"]')
 
 
 # the template browser and the loaded graph do not depend on the renderer: classic on both frontends,

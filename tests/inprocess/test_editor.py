@@ -154,7 +154,7 @@ def test_boxes_empty_in_the_image_and_unknown_tokens_name_the_box(env, concept):
     text = boxes_json((0, 0, 10, 10, {"prompt": "a"}), (60, 0, 80, 10, {"prompt": "b"}))
     with pytest.raises(ValueError, match=r"box 2: .*\[60, 0, 80, 10\] is empty inside the 64×48 image"):
         editor(clip, text, concepts=concepts)
-    with pytest.raises(ValueError, match=r"box 1: prompt uses <nobody>"):
+    with pytest.raises(ValueError, match=r"^Regions Editor box 1, prompt: prompt uses <nobody>"):
         editor(clip, boxes_json((0, 0, 10, 10, {"prompt": "a <nobody>"})), concepts=concepts)
 
 
@@ -201,6 +201,20 @@ def test_tokens_route_reads_the_file_before_any_run(env, write_edlora):
     assert routes.tokens_of(name) == ["<tk1>", "<tk2>"]
     with pytest.raises(FileNotFoundError):
         routes.tokens_of("nope.pth")
+
+
+def test_tokens_route_reads_a_bundle_with_an_upper_case_extension(env):
+    """Load ED-LoRA takes ``.SAFETENSORS`` bundles; the tokens it shows before a run come from the same rule."""
+    import torch
+
+    from fusion.files.bundle import FusedBundle, save_bundle
+
+    routes = env.pack("nodes.glue.routes")
+    concepts = [{"name": "a.pth", "digest": "d", "tokens": ["<ub1>", "<ub2>"], "trigger_words": ""}]
+    bundle = FusedBundle(lora={"lora_unet_x": (torch.zeros(4, 2), torch.zeros(2, 4))}, concepts=concepts,
+                         embeddings={"<ub1>": torch.zeros(16, 1, 768), "<ub2>": torch.zeros(16, 1, 768)})
+    save_bundle(bundle, str(env.base / "models" / "edloras" / "upper_bundle.SAFETENSORS"))
+    assert routes.tokens_of("upper_bundle.SAFETENSORS") == ["<ub1>", "<ub2>"]
 
 
 def test_pose_regions_outputs_and_shows_its_preview(env, concept):

@@ -174,12 +174,32 @@ def test_pure_module_map_agrees_with_comfyui(tiny):
 
 
 def test_prompt_length_is_bounded(env, tiny, write_edlora):
-    """A 100,000-character prompt is refused at once; a concept prompt over 32 x 77 tokens too (it would
-    be encoded 16 times)."""
+    """A 100,000-character concept prompt is refused at once; one over 32 x 77 tokens too (it would be encoded
+    16 times). The messages name the node and input, and say how long the prompt may be."""
     name = write_edlora("lw_long.pth", tokens=("<lg1>",), seed=17)
     _, clip, concepts = load(env, tiny, name)
-    with pytest.raises(ValueError, match="100,000 characters long"):
+    with pytest.raises(ValueError, match=r"^Text Encode with Concepts, input 'text': this prompt holds concept tokens "
+                                         r"and is 100,000 characters long; a prompt with concept tokens may be at "
+                                         r"most 20,000 characters and 32 × 77 tokens"):
         pn.text_encode(clip, concepts, "<lg1> " + "x" * 99994)
-    with pytest.raises(ValueError, match=r"33 × 77 tokens long"):
+    with pytest.raises(ValueError, match=r"^Text Encode with Concepts, input 'text': this prompt holds concept tokens "
+                                         r"and is 33 × 77 tokens long; a prompt with concept tokens may be at most "
+                                         r"20,000 characters and 32 × 77 tokens"):
         pn.text_encode(clip, concepts, "<lg1> " + "tall " * (33 * 75 - 2))
     assert pn.text_encode(clip, concepts, "<lg1> " + "tall " * 200)[0][0].layers.shape[2] == 3 * 77
+
+
+def test_a_long_prompt_without_concept_tokens_is_the_stock_encoders(env, tiny, write_edlora):
+    """The README's promise: without concept tokens the output is exactly the stock node's — at any length (the
+    caps are for prompts with concept tokens, which are encoded once per layer); 25,000 characters are past both
+    (the hostile run's 10,000 were past the token cap)."""
+    import nodes as comfy_nodes
+
+    name = write_edlora("lw_free.pth", tokens=("<fr1>",), seed=18)
+    _, clip, concepts = load(env, tiny, name)
+    text = ("a tall tree by a quiet lake, " * 1000)[:25_000]
+    ours = pn.text_encode(clip, concepts, text)
+    stock = comfy_nodes.CLIPTextEncode().encode(clip, text)[0]
+    assert ours[0][0].shape[1] > 32 * 77
+    assert torch.equal(ours[0][0], stock[0][0])
+    assert torch.equal(ours[0][1]["pooled_output"], stock[0][1]["pooled_output"])

@@ -19,7 +19,7 @@ def test_every_node_family_loads_without_opencv():
                 if name == "cv2" or name.startswith("cv2."):
                     raise ModuleNotFoundError("No module named 'cv2'", name="cv2")
         sys.meta_path.insert(0, NoOpenCV())
-        sys.path[:0] = [{str(SUPPORT)!r}, {str(REPO)!r}]
+        sys.path[:0] = [{str(SUPPORT)!r}, {str(REPO)!r}, {str(REPO / "tools" / "host")!r}, {str(REPO / "tools")!r}]
         import comfy_env
         e = comfy_env.env()
         ids = sorted(k for k in e.nodes.NODE_CLASS_MAPPINGS if k.startswith("MixOfShow"))

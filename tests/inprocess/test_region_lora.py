@@ -259,13 +259,17 @@ def test_loha_and_other_bases_are_refused_clearly(env, tiny, loras):
     # the stock loader takes the LoHa; as a region's model it is refused naming the region and the patch type
     loha_model, _ = comfy_nodes.LoraLoader().load_lora(model, clip, "rl_loha.safetensors", 1.0, 0.0)
     regions = pn.region(encode(clip, "x"), encode(clip, "y"), box(0, 0, 64, 64), model=loha_model)
-    with pytest.raises(ValueError, match=r"region 0: .*'loha' patch"):
+    with pytest.raises(ValueError, match=r"^region 1: diffusion_model\..*'loha' patch"):
         install(env, model, regions)
     # a region model on another checkpoint
     other, other_clip, _ = env.tiny.build_all("narrow", 1)
-    m_other, _, _ = concept(other, other_clip, loras[1], "char1 person")
-    regions = pn.region(encode(clip, "x"), encode(clip, "y"), box(0, 0, 64, 64), model=m_other)
-    with pytest.raises(ValueError, match=r"region 0: its MODEL is not the sampling MODEL's base"):
+    m_other, other_clip, other_concepts = concept(other, other_clip, loras[1], "char1 person")
+    regions = pn.region(encode(clip, "a dog"), encode(clip, "y"), box(0, 0, 64, 64))
+    regions = pn.region(pn.text_encode(other_clip, other_concepts, "char1 person waving"), encode(clip, "y"),
+                        box(0, 0, 64, 64), regions, model=m_other)
+    # counted from 1 as the editor and the previews count, with its label and the file its MODEL was loaded with
+    with pytest.raises(ValueError, match=r"^region 2 \(char1 person waving; its MODEL has rl_char1\.safetensors "
+                                         r"\([0-9a-f]{8}\)\): its MODEL is not the sampling MODEL's base"):
         install(env, model, regions)
     # trigger words colliding between two concepts name both files
     m1, c1, cs = concept(model, clip, loras[0], "ohwx man")

@@ -166,5 +166,5 @@ def test_region_encoded_with_another_chain_is_refused(env, wide, write_edlora):
     ok = pn.region(enc(clip_a, concepts_a, "a <ca1>"), neg, left_half())
     bad = pn.region(enc(clip_b, concepts_b, "a <cb1>"), neg, left_half(), ok)
     rn(env).install_regions(model_a, ok)
-    with pytest.raises(ValueError, match=r"region 1: .*chain_b\.pth"):
+    with pytest.raises(ValueError, match=r"^region 2 \(<cb1>\): .*chain_b\.pth"):
         rn(env).install_regions(model_a, bad)

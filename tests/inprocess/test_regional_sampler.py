@@ -200,7 +200,9 @@ def test_pose_box_mask(env):
     assert count == 2 and left.shape == (1, 64, 128)
     assert left[0, 5:50, 20:30].min() == 1 and left[0, :, 60:].max() == 0
     assert right[0, 10:60, 100:110].min() == 1 and right[0, :, :60].max() == 0
-    with pytest.raises(ValueError, match="only 2"):
+    # the input counts from 0; the message says which person that is, counted from 1 like everything a person reads
+    with pytest.raises(ValueError, match=r"^Pose Box to Mask: index 2 is the 3rd person from the left, but only 2 "
+                                         r"people were found"):
         pn.pose_box_mask(image, 2, 0.0)
 
 
@@ -215,13 +217,36 @@ def test_one_full_image_region_with_global_prompts_is_stock(env, tiny):
     assert torch.equal(ours, stock)
 
 
+def test_attention_without_activations_shape_falls_back_to_the_token_count(env, tiny):
+    """A UNet that does not report ``activations_shape`` (another model code, another ComfyUI) samples the same:
+    the feature size comes from the token count, as when the reported size does not match."""
+    model, clip, _ = tiny
+    pos, neg = encode(clip, "a castle on a hill"), encode(clip, "blurry")
+    regions = pn.region(encode(clip, "a red door"), neg, box(H, W, 0, 0, H, W // 2))
+    regions = pn.region(encode(clip, "a tree"), neg, box(H, W, 16, 40, 64, 128), regions)
+    patched = rn(env).install_regions(model, regions)
+
+    def without_shape(replace):
+        def call(q, k, v, extra_options):
+            return replace(q, k, v, {key: value for key, value in extra_options.items()
+                                     if key not in ("activations_shape", "original_shape")})
+        return call
+
+    options = patched.model_options["transformer_options"]
+    replaces = {key: without_shape(r) for key, r in options["patches_replace"]["attn2"].items()}
+    stripped = patched.clone()
+    stripped.model_options = {**patched.model_options, "transformer_options": {
+        **options, "patches_replace": {**options["patches_replace"], "attn2": replaces}}}
+    assert torch.equal(sample(stripped, pos, neg), sample(patched, pos, neg))
+
+
 def test_all_zero_mask_raises(env, tiny):
     _, clip, _ = tiny
     pos, neg = encode(clip, "a cat"), encode(clip, "blurry")
-    with pytest.raises(ValueError, match="region 0.*all zero"):
+    with pytest.raises(ValueError, match=r"^region 1: the mask is all zero"):
         pn.region(pos, neg, torch.zeros(1, H, W))
     first = pn.region(pos, neg, box(H, W, 0, 0, 8, 8))
-    with pytest.raises(ValueError, match="region 1.*all zero"):
+    with pytest.raises(ValueError, match=r"^region 2: the mask is all zero"):
         pn.region(pos, neg, torch.zeros(H, W), first)
     assert len(first) == 1  # chaining never mutates
 

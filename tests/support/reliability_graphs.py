@@ -259,12 +259,12 @@ def corrupt_edlora() -> BadPrompt:
 
 def all_zero_mask() -> BadPrompt:
     """The second region's mask is the stock Solid Mask at 0 (an empty box is already refused by Box
-    to Mask): the error must name region 1."""
+    to Mask): the error must name region 2 (counted from 1, as the editor and the previews count)."""
     p = regional_boxes(1)
     zero = p.graph.add("SolidMask", value=0.0, width=WIDE[0], height=WIDE[1])
     region = [n for n, v in p.graph.items() if v["class_type"] == "MixOfShowRegion"][1]
     p.graph[region]["inputs"]["mask"] = [zero, 0]
-    return BadPrompt("all-zero region mask", p.graph, False, ("region 1", "all zero"), region)
+    return BadPrompt("all-zero region mask", p.graph, False, ("region 2", "all zero"), region)
 
 
 def unknown_token() -> BadPrompt:

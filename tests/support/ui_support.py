@@ -8,6 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / ".host" / "artifacts" / "browser"
+FRONTEND_158 = REPO / ".host" / "frontend-1.58.1" / "comfyui_frontend_package" / "static"
 TINY_TOKENS = ("<u1>", "<u2>")
 TINY_TOKENS_B = ("<w1>",)
 _PACK_URL = "/extensions/mixofshow/"
@@ -151,6 +152,21 @@ class UI:
         handle = self.page.evaluate_handle("""([id, i]) => app.graph.getNodeById(id).widgets
             .filter(w => w.element instanceof HTMLTextAreaElement)[i].element""", [node_id, index])
         return handle.as_element()
+
+
+PACK_MODULE = "mixofshow"  # the pack's folder name in custom_nodes (the template browser's category)
+
+
+def open_templates(ui: UI) -> None:
+    """The templates browser, at the pack's examples (as a user opens them)."""
+    ui.page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    nav = ui.page.locator("nav span", has_text=PACK_MODULE).first
+    nav.wait_for(state="visible", timeout=30000)
+    nav.click()
+
+
+def template_card(ui: UI, name: str):
+    return ui.page.locator(f'[data-testid="template-workflow-{name}"]')
 
 
 def wait_history(server, prompt_count: int, timeout: float = 600) -> dict:

@@ -11,6 +11,8 @@ import os
 import pickle
 import random
 import struct
+import subprocess
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -93,6 +95,34 @@ def test_code_running_pickle_is_refused_as_such_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+class CallsCode:
+    """Pickles to a call of ``function`` (as a hostile file's author writes one)."""
+
+    def __init__(self, function, *args):
+        self.call = (function, args)
+
+    def __reduce__(self):
+        return self.call
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+@pytest.mark.parametrize("function, args, imports", [
+    (os.system, ("touch pwned",), {0: f"{os.system.__module__}.system", 4: f"{os.system.__module__}.system"}),
+    (exec, ("import os",), {0: "__builtin__.exec", 4: "builtins.exec"}),  # protocols < 3 use Python 2's names
+    (subprocess.call, (["touch", "pwned"],), {0: "commands.call", 4: "subprocess.call"}),
+])
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_plain_pickle_that_would_run_code_is_named_as_such(tmp_path, protocol, function, args, imports, suffix):
+    path = tmp_path / f"hostile{suffix}"
+    path.write_bytes(pickle.dumps({"params": {"x": CallsCode(function, *args)}}, protocol=protocol))
+    name = imports[0 if protocol < 3 else 4]
+    msg = refused(path, f"hostile{suffix}: a plain pickle (not a torch.save archive), refused unread: loading it "
+                        f"could run code (it imports '{name}'); nothing in it was run",
+                  "convert it to .safetensors where you trust it")
+    assert "truncated or corrupt" not in msg
+    assert not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.parametrize("pkl, pieces", [
     # what torch's weights-only unpickler answers "Unsupported operand N" to, named by opcode
     (b"\x80\x02X\x02\x00\x00\x00osX\x06\x00\x00\x00system\x93.", ["needs code to load", "STACK_GLOBAL"]),
@@ -129,7 +159,7 @@ def test_a_byte_that_is_no_opcode_is_corrupt_not_refused(tmp_path):
 def test_deeply_shared_tuple_key_gives_a_short_message(tmp_path):
     """The issue's 491-byte file made a 10 MB message: a key whose halves are the same tuple, 20 deep."""
     small = torch_archive(tmp_path / "shared18.pth", deep_shared_key(18))
-    msg = refused(small, "not an ED-LoRA", "top-level keys: ((<tuple of 2>, <tuple of 2>)")
+    msg = refused(small, "has the key ((<tuple of 2>, <tuple of 2>)")
     assert len(msg) < 200
     big = torch_archive(tmp_path / "shared40.pth", deep_shared_key(40))
     assert big.stat().st_size < 1200  # hashing this key in torch.load would take days
@@ -157,7 +187,11 @@ def test_legacy_plain_pickle_and_empty_files(tmp_path):
     torch.save({"x": torch.zeros(4)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     refused(tmp_path / "legacy.pth", "a legacy .pth (torch.save before PyTorch 1.6)", "convert it to .safetensors")
     (tmp_path / "plain.pth").write_bytes(pickle.dumps({"x": 1}, protocol=2))
-    refused(tmp_path / "plain.pth", "a plain pickle, not a torch.save archive")
+    msg = refused(tmp_path / "plain.pth", "a plain pickle (not a torch.save archive), refused unread",
+                  "convert it to .safetensors where you trust it")
+    assert "truncated or corrupt" not in msg and "run code" not in msg  # it imports nothing
+    (tmp_path / "cut.pth").write_bytes(pickle.dumps({"x": 1}, protocol=2)[:-3])
+    refused(tmp_path / "cut.pth", "not a readable .pth file — truncated or corrupt", "starts like a plain pickle")
     (tmp_path / "empty.pth").write_bytes(b"")
     refused(tmp_path / "empty.pth", "the file is empty (0 bytes)")
     torch.save(make_edlora_state(("<r1>",), seed=1, **TINY), tmp_path / "r.pth")
@@ -236,6 +270,22 @@ def test_archive_directory_lies_are_refused(tmp_path):
     refused(tmp_path / "cut.pth", "cut.pth: truncated or corrupt .pth file")
 
 
+@pytest.mark.parametrize("second", ["r/data.pkl", "other/data.pkl"])
+def test_an_archive_with_two_pickles_is_refused(tmp_path, second):
+    """Which data.pkl would torch.load read? Neither: torch.save writes one, and each member once."""
+    torch.save(make_edlora_state(("<t1>",), seed=5, **TINY), tmp_path / "r.pth")
+    items = members_of(tmp_path / "r.pth")
+    other = pickle.dumps({"new_concept_embedding": {}}, protocol=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile: "Duplicate name"
+        with zipfile.ZipFile(tmp_path / "two.pth", "w", zipfile.ZIP_STORED) as z:
+            for info, data in items:
+                z.writestr(info, data)
+            z.writestr(second, other)
+    what = "holds 2 members named 'r/data.pkl'" if second == "r/data.pkl" else "holds 2 pickles (data.pkl)"
+    refused(tmp_path / "two.pth", f"two.pth: the .pth archive {what}", "torch.save writes one", "nothing in it was run")
+
+
 def test_oversized_files_are_refused_unread(tmp_path):
     with open(tmp_path / "huge.safetensors", "wb") as f:
         f.truncate(5 << 30)  # sparse: costs no disk
@@ -268,6 +318,59 @@ def test_safetensors_header_longer_than_the_file(tmp_path):
     refused(tmp_path / "long.safetensors", f"its header claims {2 ** 60} bytes but the file has 10")
     (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
     refused(tmp_path / "short.safetensors", "2 bytes is too short for a safetensors file")
+
+
+# ------------------------------------------------------------------------------ absurd but finite
+
+def _first(part: dict, suffix: str) -> str:
+    return next(k for k in part if k.endswith(suffix))
+
+
+@pytest.mark.parametrize("ext", [".pth", ".safetensors"])
+@pytest.mark.parametrize("case, value", [("table", 1e38), ("table", 3e38), ("unet_up", 1e30), ("text_up", 1e20),
+                                         ("unet_down", -2e4)])
+def test_finite_values_no_trained_file_has_are_refused(tmp_path, ext, case, value):
+    """The hostile run's files: finite, so the finiteness check passed them, and NaN/Inf latents once applied.
+    The bound (filecheck.MAX_ABS_VALUE, 10,000) is what the README states."""
+    assert filecheck.MAX_ABS_VALUE == 1e4
+    state = make_edlora_state(("<v1>",), seed=8, **TINY)
+    params = state["params"]
+    if case == "table":
+        key = "new_concept_embedding.<v1>"
+        params["new_concept_embedding"]["<v1>"][5, 7] = value
+    else:
+        part = params["text_encoder" if case == "text_up" else "unet"]
+        module = _first(part, ".lora_up.weight" if case.endswith("up") else ".lora_down.weight")
+        part[module].view(-1)[3] = value
+        key = f"{'text_encoder' if case == 'text_up' else 'unet'}.{module}"
+    path = tmp_path / f"absurd{ext}"
+    if ext == ".pth":
+        torch.save(state, path)
+    else:
+        safetensors_of(state, path)
+    refused(path, f"absurd{ext}: {key!r} holds a value of {value:.3g}", "beyond ±10000, the bound")
+
+
+def safetensors_of(state: dict, path) -> None:
+    """The flat layout written directly (save_edlora would refuse the state first)."""
+    flat = {f"{part}.{k}": v.contiguous() for part, d in state["params"].items() for k, v in d.items()}
+    save_file(flat, str(path), metadata={"format": "mixofshow-edlora", "version": "1"})
+
+
+def test_factors_whose_product_is_absurd_are_refused(tmp_path):
+    """Each value within the bound, but up·down changes the weight by up to 5e3·5e3·r: refused naming the module."""
+    state = make_edlora_state(("<p1>",), seed=9, **TINY)
+    unet = state["params"]["unet"]
+    module = _first(unet, ".lora_up.weight")[: -len(".lora_up.weight")]
+    unet[module + ".lora_up.weight"].fill_(5e3)
+    unet[module + ".lora_down.weight"].fill_(5e3)
+    torch.save(state, tmp_path / "product.pth")
+    refused(tmp_path / "product.pth", f"product.pth: 'unet.{module}': its factors can change a weight by up to",
+            "beyond ±10000, the bound")
+    unet[module + ".lora_up.weight"].fill_(1.0)  # large for a LoRA, but within the bound: loads
+    unet[module + ".lora_down.weight"].fill_(1.0)
+    torch.save(state, tmp_path / "large.pth")
+    assert load_edlora(str(tmp_path / "large.pth")).unet
 
 
 # ------------------------------------------------------------------------------------------- fuzz
@@ -378,11 +481,11 @@ def mutate(kind: str, ext: str, state: dict, rng: random.Random, path: Path):
         state["ema." + key] = box[key].clone()
         write(state, ext, path)
         return "loaded", lambda e: e.ignored_total == 1
-    if junk == 3:  # non-string keys: beside the parts ignored, inside a part refused
+    if junk == 3:  # non-string keys, beside the parts or inside one: refused (nothing to guess)
         target = rng.choice([state, box])
-        target[rng.choice([7, (1, 2), None, 2.5])] = torch.zeros(1)
+        target[rng.choice([7, (1, 2), None, 2.5, True])] = torch.zeros(1)
         write(state, ext, path)
-        return ("loaded", lambda e: e.ignored_total == 1) if target is state else ("refused", ["has the key"])
+        return "refused", ["has the key"]
     if junk == 4:  # junk where a tensor belongs
         box[key] = rng.choice([{"a": torch.zeros(1)}, [torch.zeros(1)], None, "text", 3, (torch.zeros(1),)])
         write(state, ext, path)
@@ -456,7 +559,7 @@ def test_direct_parse_of_junk_states_only_raises_edlora_errors():
                   {"new_concept_embedding": {"<a>": {"<b>": torch.zeros(16, 768)}}}):
         with pytest.raises(EDLoRAError, match=r"^junk\.pth: "):
             parse_edlora(state, "junk.pth")
-    with pytest.raises(EDLoRAError, match=r"^j\.pth: not an ED-LoRA .*top-level keys: 7\)"):
+    with pytest.raises(EDLoRAError, match=r"^j\.pth: has the key 7 \(int\) at the top level"):
         parse_edlora({7: 1}, "j.pth")
     e = parse_edlora({"params": {"new_concept_embedding": {"<ok>": torch.zeros(16, 768)}, "unet": None}}, "ok.pth")
     assert e.tokens == ["<ok>"] and e.unet == {}  # a part that is None is absent

@@ -1,5 +1,6 @@
-"""The ComfyUI test harness itself: executor arguments a newer ComfyUI expects, and skipping (not
-crashing) the ComfyUI tiers when ``$MIXOFSHOW_COMFYUI`` names no ComfyUI."""
+"""The ComfyUI test harness itself: executor arguments a newer ComfyUI expects, skipping (not
+crashing) the ComfyUI tiers when ``$MIXOFSHOW_COMFYUI`` names no ComfyUI, and the test server helper
+cleaning up after a server that exits at once."""
 from __future__ import annotations
 
 import os
@@ -42,3 +43,16 @@ def test_comfyui_tiers_skip_with_the_reason_when_there_is_no_comfyui(test_file):
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
     assert "1 skipped" in output and "no ComfyUI at /nonexistent" in output, output
+
+
+def test_server_helper_closes_its_log_when_the_server_exits_early(tmp_path, monkeypatch):
+    """A "python" that exits at once stands for a ComfyUI that dies while starting: the helper says so, and
+    leaves no log handle open and no process unreaped."""
+    from comfy_server import ComfyServer
+
+    monkeypatch.setenv("MIXOFSHOW_COMFYUI", str(tmp_path))
+    server = ComfyServer(tmp_path / "base", {}, python="/bin/false")
+    with pytest.raises(RuntimeError, match="ComfyUI exited early; see .*server.log"):
+        server.__enter__()
+    assert server.log is None
+    assert server.proc is not None and server.proc.returncode is not None

@@ -10,6 +10,7 @@ from synthetic import make_edlora_state
 from fusion.errors import MAX_MESSAGE_CHARS, ConceptError, EDLoRAError
 from fusion.families import SD15
 from fusion.files.edlora import (
+    MAX_TOKEN_CHARS,
     convert_to_safetensors,
     load_edlora,
     parse_edlora,
@@ -218,17 +219,17 @@ def test_structural_errors_name_the_file_and_key_in_bounded_messages(mutate, pie
 def test_entries_beside_the_parts_are_ignored_with_one_warning(tmp_path, caplog):
     state = make_edlora_state(("<c1>",), seed=3, **SMALL)
     plain = parse_edlora(make_edlora_state(("<c1>",), seed=3, **SMALL), "plain.pth")
-    state.update({"optimizer": {"state": {}, "param_groups": []}, "step": 1200, 3: "x", "epoch": 4,
-                  "lr_scheduler": {}, "ema": {"decay": 0.99}})
+    state.update({"optimizer": {"state": {0: {}}, "param_groups": []}, "step": 1200, "epoch": 4,
+                  "lr_scheduler": {}, "ema": {"decay": 0.99}, "global_step": 7})
     torch.save(state, tmp_path / "ckpt.pth")
     with caplog.at_level(logging.WARNING, logger="mixofshow"):
         e = load_edlora(str(tmp_path / "ckpt.pth"))
     same(e, plain)
-    assert e.ignored_keys == ("'optimizer'", "'step'", "3", "'epoch'", "'lr_scheduler'", "'ema'")
+    assert e.ignored_keys == ("'optimizer'", "'step'", "'epoch'", "'lr_scheduler'", "'ema'", "'global_step'")
     assert e.ignored_total == 6
     assert [r.getMessage() for r in caplog.records] == [
-        "Mix-of-Show: ckpt.pth: ignored 6 entries that are not part of an ED-LoRA: 'optimizer', 'step', 3, 'epoch', "
-        "'lr_scheduler' and 1 more (the rest was loaded)"]
+        "Mix-of-Show: ckpt.pth: ignored 6 entries that are not part of an ED-LoRA: 'optimizer', 'step', 'epoch', "
+        "'lr_scheduler', 'ema' and 1 more (the rest was loaded)"]
     assert plain.ignored_keys == () and plain.ignored_summary == ""
     # flat files: keys of other prefixes are ignored the same way
     flat = to_flat_state_dict(plain)
@@ -237,6 +238,23 @@ def test_entries_beside_the_parts_are_ignored_with_one_warning(tmp_path, caplog)
     e = load_edlora(str(tmp_path / "flat.safetensors"))
     same(e, plain)
     assert e.ignored_keys == ("'ema.unet.x'", "'text_encoder_old'")
+
+
+@pytest.mark.parametrize("where, key", [("flat", 7), ("flat", True), ("nested", True), ("params", 3),
+                                        ("nested", (1, 2)), ("flat", None)])
+def test_keys_that_are_not_strings_are_refused(where, key):
+    """A flat file names its tensors by strings; an int or a boolean key (True == 1) beside them, or beside the
+    parts, is refused rather than guessed at (the hostile run's "flat dict with an integer key", "top-level
+    boolean key")."""
+    state = make_edlora_state(("<c1>",), seed=3, **SMALL)
+    if where == "flat":
+        state = {f"{part}.{k}": v for part, d in state["params"].items() for k, v in d.items()}
+        state[key] = torch.zeros(16, 768)
+    elif where == "nested":
+        state[key] = torch.zeros(1)
+    else:
+        state["params"][key] = "x"
+    refused(state, f"has the key {key!r} ({type(key).__name__}) at the top level", "keys are strings")
 
 
 def test_only_the_first_ignored_keys_are_kept():
@@ -353,11 +371,33 @@ def test_unique_output_path(tmp_path):
             unique_output_path(folder, bad)
 
 
+def test_xti_token_names_are_usable_or_refused_with_the_limit(tmp_path):
+    """The token is the file's name: up to the token limit it works in a prompt; longer names are refused at load
+    with the limit (they were cut, so the name a user types was not the token)."""
+    rows = {k: torch.randn(1, 768) for k in XTI_LAYER_KEYS}
+    longest = "s" * (MAX_TOKEN_CHARS - 2)
+    save_file(rows, str(tmp_path / f"{longest}.safetensors"))
+    e = load_edlora(str(tmp_path / f"{longest}.safetensors"))
+    assert e.tokens == [f"<{longest}>"]
+    concepts = ConceptSet().add(Concept(e, 1.0, 1.0))
+    assert substitute_concepts(f"a photo in <{longest}> style", concepts.tables, "sks").vectors == \
+        ((f"<{longest}>", 0),)
+    too_long = "t" * (MAX_TOKEN_CHARS - 1)
+    save_file(rows, str(tmp_path / f"{too_long}.safetensors"))
+    with pytest.raises(EDLoRAError, match=rf"^{too_long[:40]}.*: an XTI embedding's token is its file name, "
+                                          rf"<{too_long[:20]}.*>, which is {MAX_TOKEN_CHARS - 1} characters long; "
+                                          rf"rename the file to at most {MAX_TOKEN_CHARS - 2} characters"):
+        load_edlora(str(tmp_path / f"{too_long}.safetensors"))
+
+
 def test_xti_validation(tmp_path, caplog):
     rows = {k: torch.randn(2, 768) for k in XTI_LAYER_KEYS}
-    save_file({**rows, "string_to_token": torch.zeros(1)}, str(tmp_path / "style.safetensors"))
-    e = load_edlora(str(tmp_path / "style.safetensors"))
-    assert e.tokens == ["<style>"] and e.ignored_keys == ("'string_to_token'",)
+    # 17 keys: which is the embedding? kohya writes exactly the 16 layers
+    for extra in ("IN00", "string_to_token"):
+        save_file({**rows, extra: torch.randn(2, 768)}, str(tmp_path / "seventeen.safetensors"))
+        with pytest.raises(EDLoRAError, match=rf"^seventeen\.safetensors: an XTI embedding has exactly the 16 layer "
+                                              rf"keys IN01 … OUT11; this file also has '{extra}'"):
+            load_edlora(str(tmp_path / "seventeen.safetensors"))
     bad = dict(rows, OUT05=torch.randn(3, 768))
     save_file(bad, str(tmp_path / "mixed.safetensors"))
     with pytest.raises(EDLoRAError, match=r"^mixed\.safetensors: XTI layers must all have one shape \[n, 768\]; "

@@ -114,6 +114,10 @@ def write_v1_bundle(path, model, clip, concepts, embeddings, base="base-id", set
     ("newer_version", "format version '3'"),
     ("no_weights", "holds no fused weights"),
     ("bad_strength", "'unet_strength' must be a number"),
+    # finite, but no trained file holds them (the ED-LoRA rule, filecheck.MAX_ABS_VALUE)
+    ("absurd_table", r"'new_concept_embedding.<a2>' holds a value of 3e\+38, beyond ±10000"),
+    ("absurd_factor", r"'lora_unet_.*lora_up.weight' holds a value of 1e\+30, beyond ±10000"),
+    ("absurd_change", r"'lora_unet_.*_proj_in': its factors can change a weight by up to 2e\+08, beyond ±10000"),
 ])
 def test_bad_bundles_are_refused_naming_the_file(tmp_path, case, match):
     t, meta = good_tensors(), {}
@@ -153,6 +157,13 @@ def test_bad_bundles_are_refused_naming_the_file(tmp_path, case, match):
         t = {k: v for k, v in t.items() if k.startswith("new_concept")}
     elif case == "bad_strength":
         meta["concepts"] = json.dumps([{**CONCEPTS[0], "unet_strength": "high"}])
+    elif case == "absurd_table":
+        t["new_concept_embedding.<a2>"][3, 3] = 3e38
+    elif case == "absurd_factor":
+        t[f"{UNET}.lora_up.weight"][1, 1] = 1e30
+    elif case == "absurd_change":  # alpha 2 = rank: scale 1; each value within the bound
+        t[f"{UNET}.lora_up.weight"] = torch.full((4, 2), 1e4)
+        t[f"{UNET}.lora_down.weight"] = torch.full((2, 3), 1e4)
     path = write_raw(tmp_path / f"{case}.safetensors", t, **meta)
     with pytest.raises(BundleError, match=rf"{case}\.safetensors: .*{match}"):
         load_bundle(path)
@@ -176,3 +187,18 @@ def test_unreadable_and_foreign_files(tmp_path):
     with pytest.raises(BundleError, match="foreign.safetensors: not a fused ED-LoRA bundle"):
         load_bundle(foreign)
     assert not os.path.exists(good + ".part")
+
+
+def test_a_failed_write_leaves_no_part_file(tmp_path):
+    """Like save_edlora: the temporary file goes when the write fails (here the rename: the target is a
+    folder), and the error is the writer's own."""
+    from fusion.files.edlora import EDLoRA, save_edlora
+
+    for name in ("bundle.safetensors", "edlora.safetensors"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(OSError):
+        save_bundle(bundle(), str(tmp_path / "bundle.safetensors"))
+    edlora = EDLoRA(name="e.pth", embeddings={"<e1>": torch.zeros(16, 1, 768)})
+    with pytest.raises(OSError):
+        save_edlora(edlora, str(tmp_path / "edlora.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.safetensors", "edlora.safetensors"]

@@ -100,6 +100,7 @@ class ComfyServer(mixofshow_run.Server):
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
         if self.log is not None:
             self.log.close()
             self.log = None
