@@ -10,7 +10,7 @@ import logging
 log = logging.getLogger("mixofshow")
 
 WEB_DIRECTORY = "./js"
-FAMILIES = ("edlora_nodes", "fusion_nodes", "region_nodes", "sampling_nodes", "editor_nodes")
+FAMILIES = ("edlora_nodes", "fusion_nodes", "region_nodes", "sampling_nodes", "editor_nodes", "train_nodes")
 
 
 def _load_families() -> list:

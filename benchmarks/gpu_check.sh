@@ -7,8 +7,10 @@
 #   4. SDXL regional sampling on the GPU at 1024x1024 (bench_regional.py --sdxl: stock vs 3 regions vs 3 regions
 #      each with its own LoRA vs N-pass; target <= 1.10x for the LoRAs);
 #   5. the SDXL layer-wise encode on the GPU (bench_conditioning.py --sdxl: 70 copies vs the stock encoder, and
-#      what the shared encodes save).
-# Parts 1-3 take under 8 minutes; 4-5 need the full-size random SDXL (made here when missing: a 6.5 GiB file,
+#      what the shared encodes save);
+#   6. ED-LoRA training vs core's Train LoRA (benchmarks/bench_train.py): s/step, steps/s and peak VRAM, SD1.5 at
+#      512x512 batch 2 (bf16).
+# Parts 1-3 and 6 take under 8 minutes; 4-5 need the full-size random SDXL (made here when missing: a 6.5 GiB file,
 # a few minutes on the machine's CPU) and add an estimated 3-5 minutes (not yet run on a GPU).
 #
 #   bash benchmarks/gpu_check.sh            # from a checkout with .host (the test host) carried
@@ -69,6 +71,7 @@ if [ "$DRY" = 1 ]; then
   REGIONAL_ARGS=(--steps 1 --repeats 1 --width 64 --height 64 --no-memory)
   SDXL_REGIONAL_ARGS=(--sdxl --tiny --steps 1 --repeats 1 --width 64 --height 64 --no-memory --cases "stock,3 LoRAs")
   SDXL_ENCODE_ARGS=(--sdxl --tiny --repeats 1)
+  TRAIN_ARGS=(--tiny --resolution 64 --batch 1 --steps 1 --repeats 1 --no-memory --json)
   say "dry run on the CPU with tiny settings (the plumbing, not the numbers)"
 else
   if ! PY=$(pick_python); then
@@ -84,6 +87,7 @@ EOF
   REGIONAL_ARGS=(--steps 2 --repeats 2 --no-memory)
   SDXL_REGIONAL_ARGS=(--sdxl --gpu --steps 4 --repeats 3 --width 1024 --height 1024 --no-memory)
   SDXL_ENCODE_ARGS=(--sdxl --gpu --repeats 3)
+  TRAIN_ARGS=(--gpu --resolution 512 --batch 2 --steps 5 --repeats 2 --no-memory --json)
 fi
 say "python: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1))"
 if [ ! -f "$REPO/.host/models/sd15_random_fp16.safetensors" ]; then
@@ -97,21 +101,24 @@ if [ "$DRY" = 0 ] && [ ! -f "$REPO/.host/models/sdxl_random_fp16.safetensors" ];
 fi
 [ "$DRY" = 0 ] && "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB')" >"$OUT/gpu.txt" 2>&1
 
-say "1/5 whole fusion, ${FUSION_ARGS[*]}"
+say "1/6 whole fusion, ${FUSION_ARGS[*]}"
 timeout 240 "$PY" benchmarks/bench_fusion.py "${FUSION_ARGS[@]}" >"$OUT/fusion.log" 2>&1
 echo "exit $?" >>"$OUT/fusion.log"
-say "2/5 per-layer solver, ${SOLVER_ARGS[*]}"
+say "2/6 per-layer solver, ${SOLVER_ARGS[*]}"
 timeout 80 "$PY" benchmarks/bench_solver.py "${SOLVER_ARGS[@]}" >"$OUT/solver.log" 2>&1
 echo "exit $?" >>"$OUT/solver.log"
-say "3/5 regional sampling ratio (CPU), ${REGIONAL_ARGS[*]}"
+say "3/6 regional sampling ratio (CPU), ${REGIONAL_ARGS[*]}"
 timeout 80 "$VENV_PY" benchmarks/bench_regional.py "${REGIONAL_ARGS[@]}" >"$OUT/regional.log" 2>&1
 echo "exit $?" >>"$OUT/regional.log"
-say "4/5 SDXL regional sampling, ${SDXL_REGIONAL_ARGS[*]}"
+say "4/6 SDXL regional sampling, ${SDXL_REGIONAL_ARGS[*]}"
 timeout 420 "$PY" benchmarks/bench_regional.py "${SDXL_REGIONAL_ARGS[@]}" >"$OUT/sdxl_regional.log" 2>&1
 echo "exit $?" >>"$OUT/sdxl_regional.log"
-say "5/5 SDXL layer-wise encode, ${SDXL_ENCODE_ARGS[*]}"
+say "5/6 SDXL layer-wise encode, ${SDXL_ENCODE_ARGS[*]}"
 timeout 300 "$PY" benchmarks/bench_conditioning.py "${SDXL_ENCODE_ARGS[@]}" >"$OUT/sdxl_encode.log" 2>&1
 echo "exit $?" >>"$OUT/sdxl_encode.log"
+say "6/6 ED-LoRA training vs core's Train LoRA, ${TRAIN_ARGS[*]}"
+timeout 240 "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" >"$OUT/train.log" 2>&1
+echo "exit $?" >>"$OUT/train.log"
 
 "$VENV_PY" - "$OUT" "$DRY" "$(( $(date +%s) - T0 ))" <<'EOF'
 import json, re, sys
@@ -181,5 +188,16 @@ encode = [ln for ln in text[next((i for i, ln in enumerate(text) if ln.startswit
 rows += ["   " + ln for ln in encode] or ["   " + (failed("sdxl_encode.log") or "no result")]
 if failed("sdxl_regional.log") and sdxl:
     rows.append("   " + failed("sdxl_regional.log"))
+rows += ["", "6. ED-LoRA training vs core's Train LoRA (bench_train.py): SD1.5, 512x512, batch 2, UNet rank 4, bf16"]
+train = last_json("train.log", "JSON ")
+head = f"   {'case':24s} {'s/step':>8s} {'steps/s':>8s} {'ratio':>6s} {'peak VRAM':>10s}"
+rows += [head, "   " + "-" * (len(head) - 3)]
+if train:
+    for r in train:
+        vram = f"{r['peak_vram_mib'] / 1024:9.2f}G" if "peak_vram_mib" in r else f"{'-':>10s}"
+        rows.append(f"   {r['case']:24s} {r['s_per_step']:8.3f} {1 / max(r['s_per_step'], 1e-9):8.2f} "
+                    f"{r['ratio']:6.2f} {vram:>10s}")
+else:
+    rows.append("   " + (failed("train.log") or "no result"))
 print("\n".join(rows))
 EOF

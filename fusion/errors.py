@@ -42,3 +42,8 @@ class FusionError(ValueError):
 
 class RegionError(ValueError):
     """A region that cannot be sampled (the message names the region, counted from 1 as the editor does)."""
+
+
+class TrainingError(ValueError):
+    """A training set, a setting or a model the ED-LoRA trainer cannot train with; refused before the first step
+    (the message names the image counted from 1, the input or the token)."""

@@ -12,6 +12,10 @@ from __future__ import annotations
 EDLORA_FORMAT = "mixofshow-edlora"
 EDLORA_FORMAT_VERSION = "1"
 
+# Written as "trained" into the metadata of an ED-LoRA the pack's trainer made (with its settings), so a file tells
+# which trainer made it; bumped when training changes what a setting means.
+TRAINING_VERSION = "1"
+
 BUNDLE_FORMAT = "mixofshow-fused-bundle"
 BUNDLE_VERSION = "2"
 READABLE_BUNDLE_VERSIONS = ("1", "2")   # 0.1.0 wrote full fused weights (version 1); read only

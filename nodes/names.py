@@ -9,6 +9,8 @@ from comfy_api.latest import io
 # ---- sockets between the pack's nodes
 CONCEPTS = io.Custom("EDLORA_CONCEPTS")   # fusion.prompts.concepts.ConceptSet
 REGIONS = io.Custom("MIXOFSHOW_REGIONS")  # tuple of nodes.glue.regions.Region
+TRAINSET = io.Custom("EDLORA_TRAINSET")   # fusion.train.dataset.TrainingSet
+LOSS_MAP = io.Custom("LOSS_MAP")          # ComfyUI's own (core's Plot Loss Graph reads its "loss" list)
 
 # ---- categories
 CATEGORY = "Mix-of-Show"
@@ -16,6 +18,7 @@ LOADERS = f"{CATEGORY}/loaders"
 REGIONS_CATEGORY = f"{CATEGORY}/regions"
 FUSION = f"{CATEGORY}/fusion"
 SAMPLING = f"{CATEGORY}/sampling"
+TRAINING = f"{CATEGORY}/training"
 
 # ---- files
 EDLORA_FOLDER = "edloras"                 # models/edloras (and extra_model_paths.yaml's "edloras:")

@@ -22,7 +22,8 @@ import dev_paths  # isort: split
 import torch
 from comfy_server import ComfyServer
 from lora_files import lora_factors, write_kohya_lora
-from synthetic import FULL_SDXL_TEXT, make_edlora_state
+from PIL import Image
+from synthetic import FULL_SDXL_TEXT, make_edlora_state, training_images
 
 import mixofshow_run
 from fusion.families import SDXL
@@ -40,6 +41,7 @@ SDXL_ADAPTER = "t2iadapter_openpose_sdxl_random.safetensors"
 SDXL_LORAS = {"wizard": "ohwx wizard", "witch": "sks witch", "titan": "zxq titan"}
 POSE = REPO / "assets" / "poses" / "harry_hermione_thanos.png"
 DEMO_PREFIX = "mixofshow_demo"  # the SaveImage of the sampled picture
+TRAINING_FOLDER = "mixofshow_example_character"  # in input/: the training example's images, masks and captions
 
 
 def sampled_image(saved: list) -> Path:
@@ -69,6 +71,19 @@ def prepare(base: Path) -> None:
         if not link.is_symlink():  # (the SDXL models exist after make_models.sh --sdxl only)
             link.symlink_to(REPO / ".host" / "models" / name)
     shutil.copy(POSE, base / "input" / POSE.name)
+    write_training_folder(base / "input" / TRAINING_FOLDER)
+
+
+def write_training_folder(folder: Path, count: int = 4, size: int = 128) -> None:
+    """The training example's set, laid out as Mix-of-Show's datasets (image/, mask/, caption/): the synthetic
+    character of the tests (a red disc with a yellow square on plain backgrounds), made here, licence-free."""
+    for sub in ("image", "mask", "caption"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i, (image, mask, caption) in enumerate(training_images(count, size, seed=0)):
+        name = f"character_{i + 1:02d}"
+        Image.fromarray((image.numpy() * 255).round().astype("uint8")).save(folder / "image" / f"{name}.png")
+        Image.fromarray((mask.numpy() * 255).round().astype("uint8")).save(folder / "mask" / f"{name}.png")
+        (folder / "caption" / f"{name}.txt").write_text(caption + "\n")
 
 
 def graph(steps: int, width: int, height: int, fused: bool = False) -> dict:

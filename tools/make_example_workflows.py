@@ -7,7 +7,8 @@ and its region preview, which a node shows after the run, becomes the thumbnail:
 random weights is noise.
 
 The examples are sized for a CPU test run (they run as shipped in tests/browser/test_examples.py):
-sampling at 512×256 (one character: 384×512) with 8 steps, fusion recorded at 256×256 with 4 steps.
+sampling at 512×256 (one character: 384×512; the trained character: 256×256) with 8 steps, fusion recorded at
+256×256 with 4 steps, training 4 steps on a 128-pixel canvas.
 Their notes say, per model loader, what kind of file to pick and where people get it: the file names saved
 in the examples are the demo's random-weight models, the test fixtures, which a Registry install does not
 have (tests/browser/test_registry_install.py opens the examples there). The SDXL example runs here on the
@@ -202,6 +203,27 @@ TINY_SDXL = {"loader": ("1", "TinySDXLLoader", {"unet": "narrow", "seed": 0}),
                          "32": {"control_net_name": "tiny_sdxl_openpose.safetensors"}, "23": {"steps": 2}}}
 
 
+TRAIN_STEPS, TRAIN_SIZE = 4, 128
+
+
+def train_character() -> dict:
+    """A training set from a folder of input/ -> Train ED-LoRA -> Plot Loss Graph and Save ED-LoRA; then the new
+    concept's prompt sampled with the trained MODEL."""
+    g = {"1": _ckpt()}
+    g["2"] = {"class_type": "MixOfShowEDLoRATrainingSet", "inputs": {
+        "folder": demo.TRAINING_FOLDER, "templates": "human", "keep_first": 1, "crop_p": 0.5}}
+    g["3"] = {"class_type": "MixOfShowTrainEDLoRA", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "training_set": ["2", 0],
+        "concept_tokens": "<disc1>+<disc2>", "init_tokens": "<rand-0.013>+toy", "preset": "MoS SD1.5 real",
+        "steps": TRAIN_STEPS, "seed": 0, "resolution": TRAIN_SIZE, "batch_size": 1, "grad_accum": 1}}
+    g["4"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["3", 3], "filename_prefix": "mixofshow_loss"}}
+    g["5"] = {"class_type": "MixOfShowSaveEDLoRA", "inputs": {"concepts": ["3", 2], "filename": "trained_character"}}
+    g["20"] = {"class_type": "MixOfShowTextEncode", "inputs": {"clip": ["3", 1], "concepts": ["3", 2], "text":
+               "a <disc1> <disc2> on a wooden table, 4K, high quality, best quality"}}
+    g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 1], "text": NEGATIVE}}
+    return _sample(g, ["3", 0], ["20", 0], ["21", 0], width=256, height=256, prefix="mixofshow_trained_character")
+
+
 # What each model loader of the examples needs, as the notes tell a user who installed the pack (from the Registry
 # or git) and opens an example: the file names saved in the examples are the pack's random-weight test models,
 # which are not installed with it. Keyed by node class; the bold name is the node's display name, which
@@ -359,6 +381,31 @@ EXAMPLES = {
         "thumbnail": "23",
         "tiny": TINY_SDXL,
     },
+    "6 - Train a character (ED-LoRA)": {
+        "title": "Train a character (ED-LoRA), then sample it",
+        "graph": train_character,
+        "note": ("**ED-LoRA Training Set** reads a folder of `input/` laid out as Mix-of-Show's datasets (`image/`, "
+                 "`mask/<name>.png`, `caption/<name>.txt` with `<TOK>` where the character goes); or connect IMAGE "
+                 "and MASK batches. **Train ED-LoRA** trains new tokens (one embedding per cross-attention layer), a "
+                 "text-encoder and a UNet LoRA with the MoS SD1.5 real preset; its outputs are what Load ED-LoRA "
+                 "gives, so the prompt below uses the new tokens at once (and they could go to regions or Gradient "
+                 "Fusion). Plot Loss Graph draws the loss; **Save ED-LoRA** writes `models/edloras/"
+                 "trained_character.safetensors`.\n\n**Your character:** put 5–20 pictures with masks and captions "
+                 "in a folder of `input/` (the demo's, `mixofshow_example_character`, holds a synthetic red disc), "
+                 "pick it, name the tokens and a one-token class word (`<rand-0.013>+girl`).",
+                 "",
+                 f"{TRAIN_STEPS} training steps on a {TRAIN_SIZE}-pixel canvas, one image per step; sampling 256×256, "
+                 f"{STEPS} steps",
+                 "steps 0 (the preset's: images × 500 / 4), resolution 0 (512), batch_size and grad_accum 0 (2 × 2) "
+                 "— a few thousand steps, minutes to tens of minutes on one GPU — and sample at 512×512 with 20–30 "
+                 "steps"),
+        "columns": [(340, ["1", "2"]), (420, ["3"]), (420, ["4", "5"]), (420, ["20", "21"]),
+                    (320, ["22", "23", "24", "25"])],
+        "groups": [("1. training set", ["1", "2"]), ("2. train", ["3", "4", "5"]),
+                   ("3. sample the new concept", ["20", "21", "22", "23", "24", "25"])],
+        "previews": [],
+        "thumbnail": "4",   # the loss graph (Plot Loss Graph's preview)
+    },
 }
 
 GROUP_COLORS = ("#3f5f7f", "#7f5f3f", "#3f7f5f")
@@ -447,8 +494,9 @@ def _view(server: ComfyServer, ref: dict):
 
 
 def thumbnail(server: ComfyServer, entry: dict, node_id: str) -> bytes:
-    """A square JPEG of the node's region preview (for the one-character example, which has no regions,
-    the tokens Load ED-LoRA reported, drawn the same way), letterboxed on dark grey."""
+    """A square JPEG of the node's preview (a region preview; the training example's loss graph; for the
+    one-character example, which has no regions, the tokens Load ED-LoRA reported, drawn as a region), letterboxed
+    on dark grey."""
     import numpy as np
     from PIL import Image
 

@@ -114,7 +114,9 @@ class EDLoRA:
     -> ``(up, down)``; ``unet``: diffusers module -> ``(up, down)``.
 
     ``ignored_keys``: the first :data:`MAX_IGNORED_KEPT` file entries that were not loaded (shown as
-    in messages); ``ignored_total`` counts them all. ``warnings``: what was loaded but looks wrong.
+    in messages); ``ignored_total`` counts them all. ``warnings``: what was loaded but looks wrong. ``digest`` is
+    empty for a concept made in memory (trained); ``metadata`` is written into a saved file (a trained concept's
+    settings).
     """
 
     name: str
@@ -126,6 +128,7 @@ class EDLoRA:
     ignored_keys: tuple[str, ...] = ()
     ignored_total: int = 0
     warnings: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def embeddings(self) -> dict[str, torch.Tensor]:
@@ -533,6 +536,7 @@ def save_edlora(edlora: EDLoRA, path: str, extra_metadata: dict[str, str] | None
     """Write the flat safetensors layout (via a ``.part`` file, so a failed write leaves no half file)."""
     meta = {"format": EDLORA_FORMAT, "version": EDLORA_FORMAT_VERSION, "tokens": " ".join(edlora.tokens),
             "base": edlora.family.name, "layers": str(edlora.family.layer_count)}
+    meta.update(edlora.metadata)
     meta.update(extra_metadata or {})
     tmp = path + ".part"
     try:

@@ -1,7 +1,8 @@
 // Which concept tokens a prompt can use: walk the graph links back to the loaders and ask each for
 // its tokens (what it showed after its last run, else the file's tokens from the backend route
-// GET /mixofshow/tokens, which also works before any run). No app import: `api` is passed in.
-import { CONCEPTS, EDLORA_LOADER, LORA_CONCEPT, ROUTE_TOKENS } from "./names.js";
+// GET /mixofshow/tokens, which also works before any run; a trainer's are its concept_tokens
+// widget). No app import: `api` is passed in.
+import { CONCEPTS, EDLORA_LOADER, LORA_CONCEPT, ROUTE_TOKENS, TRAIN_EDLORA } from "./names.js";
 
 export const TOKENS_SHOWN = "mixofshowTokens"; // node property: the tokens its last run reported
 
@@ -12,7 +13,7 @@ export function widgetValue(node, name) {
 }
 
 function isLoader(node) {
-  return node.comfyClass === EDLORA_LOADER || node.comfyClass === LORA_CONCEPT;
+  return [EDLORA_LOADER, LORA_CONCEPT, TRAIN_EDLORA].includes(node.comfyClass);
 }
 
 /** Nodes upstream of `node` through inputs of the given socket types (and untyped reroutes), nearest first. */
@@ -59,6 +60,9 @@ async function loaderTokens(api, loader) {
     const words = String(widgetValue(loader, "trigger_words") ?? "").trim();
     return words ? [words] : [];
   }
+  if (loader.comfyClass === TRAIN_EDLORA) {
+    return String(widgetValue(loader, "concept_tokens") ?? "").split(/[+\s]+/).filter((t) => /^<[^<>\s]+>$/.test(t));
+  }
   return loader[TOKENS_SHOWN] ?? tokensOfFile(api, widgetValue(loader, "edlora_name"));
 }
 
@@ -67,7 +71,8 @@ export async function conceptCandidates(api, node, types = [CONCEPTS]) {
   const loaders = upstreamNodes(node, types).filter(isLoader);
   const lists = await Promise.all(loaders.map(async (loader) => {
     const file = widgetValue(loader, loader.comfyClass === LORA_CONCEPT ? "lora_name" : "edlora_name") ?? "";
-    const detail = loader.comfyClass === LORA_CONCEPT ? `${file} (trigger words)` : file;
+    const detail = loader.comfyClass === LORA_CONCEPT ? `${file} (trigger words)`
+      : loader.comfyClass === TRAIN_EDLORA ? "being trained" : file;
     return (await loaderTokens(api, loader)).map((text) => ({ text, detail }));
   }));
   return lists.flat();

@@ -13,12 +13,16 @@ export const POSE_REGIONS = "MixOfShowPoseRegions";
 export const REGIONS_EDITOR = "MixOfShowRegionsEditor";
 export const GRADIENT_FUSION = "MixOfShowGradientFusion";
 export const REFERENCE_POSE = "MixOfShowLoadReferencePose";
+export const TRAIN_EDLORA = "MixOfShowTrainEDLoRA";
 // ... and ComfyUI's
 export const LOAD_IMAGE = "LoadImage";
 
-// ---- socket types: the pack's (names.CONCEPTS, names.REGIONS) and ComfyUI's
+// ---- socket types: the pack's (names.CONCEPTS, names.REGIONS, names.TRAINSET) and ComfyUI's (names.LOSS_MAP is
+// core's, kept there too)
 export const CONCEPTS = "EDLORA_CONCEPTS";
 export const REGIONS = "MIXOFSHOW_REGIONS";
+export const TRAINSET = "EDLORA_TRAINSET";
+export const LOSS_MAP = "LOSS_MAP";
 export const CLIP = "CLIP";
 
 // ---- HTTP routes (under the api prefix: pass them to api.fetchApi / api.apiURL)

@@ -42,6 +42,14 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         return np.array(ImageOps.exif_transpose(img).convert("RGB"))
 
 
+def read_grey(path: str | os.PathLike) -> np.ndarray:
+    """``[H, W]`` float32 in [0, 1] of an image file read as grey levels (a mask: white = 1)."""
+    from PIL import Image, ImageOps  # only when an image is read
+
+    with Image.open(path) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("L"), dtype=np.float32) / 255.0
+
+
 def to_image(rgb: np.ndarray) -> torch.Tensor:
     """uint8 ``[H, W, 3]`` -> ComfyUI IMAGE ``[1, H, W, 3]`` float in [0, 1]."""
     return torch.from_numpy(rgb).float().div_(255.0)[None]

@@ -36,6 +36,13 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
         edlora = load_edlora(path)
     except ModelFamilyError as e:  # a file for no family, or for two: say what the model is, too
         raise ModelFamilyError(f"{e}; the connected MODEL is {describe_model(model)}") from None
+    return apply_concept(model, clip, concepts, edlora, text_encoder_strength, unet_strength)
+
+
+def apply_concept(model, clip, concepts: ConceptSet | None, edlora: EDLoRA, text_encoder_strength: float,
+                  unet_strength: float):
+    """Clone MODEL and CLIP, patch them with an ED-LoRA held in memory (read from a file, or trained), and add its
+    concept to the set; checked before anything is patched, the inputs never modified."""
     check_base(edlora.name, edlora.family, model, clip)
     unet = unet_patches(edlora, model)
     text = clip_patches(edlora, clip)

@@ -109,3 +109,29 @@ def make_edlora_state(tokens: tuple[str, ...] = ("<c1>", "<c2>"), *, seed: int =
 def write_edlora_pth(path: str, **kwargs) -> None:
     """Write :func:`make_edlora_state` as a plain-tensor ``.pth`` (loadable with weights_only=True)."""
     torch.save(make_edlora_state(**kwargs), path)
+
+
+def training_images(count: int = 4, size: int = 64, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+    """A small, licence-free training set: ``count`` pictures of one "character" (a red disc with a yellow square
+    on it) at random places and sizes on plain backgrounds of random colours, each ``(image [H, W, 3] in [0, 1],
+    subject mask [H, W], caption with <TOK>)``. Sizes vary (square, portrait, landscape) so the augmentation's
+    every branch runs."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(size, size), (size * 3 // 2, size), (size, size * 3 // 2)]
+    out = []
+    for i in range(count):
+        h, w = shapes[i % len(shapes)]
+        background = torch.rand(3, generator=g) * 0.6
+        image = background.expand(h, w, 3).clone()
+        radius = (0.22 + 0.1 * torch.rand((), generator=g).item()) * min(h, w)
+        cy = radius + torch.rand((), generator=g).item() * (h - 2 * radius)
+        cx = radius + torch.rand((), generator=g).item() * (w - 2 * radius)
+        yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2) <= radius ** 2
+        square = ((yy - cy).abs() <= radius / 3) & ((xx - cx).abs() <= radius / 3)
+        image[disc] = torch.tensor([0.9, 0.1, 0.1])
+        image[square] = torch.tensor([0.95, 0.85, 0.1])
+        captions = ("a <TOK>, plain background", "a <TOK> on a coloured wall, centred", "a <TOK>, close-up",
+                    "a <TOK>")
+        out.append((image, disc.float(), captions[i % len(captions)]))
+    return out
