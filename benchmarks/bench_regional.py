@@ -13,6 +13,7 @@ cfg 7, measured side by side in one process (interleaved repeats, median s/step)
 Peak RSS of each case is measured in a fresh subprocess (model load + one sampling).
 
 usage: .host/venv/bin/python benchmarks/bench_regional.py [--steps 2] [--repeats 3] [--no-memory] [--gpu]
+       [--cases stock,3,...]  (a subset; include stock: the ratios are to it)
 """
 import argparse
 import resource
@@ -38,8 +39,10 @@ ap.add_argument("--width", type=int, default=512)
 ap.add_argument("--height", type=int, default=256)
 ap.add_argument("--no-memory", action="store_true")
 ap.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU")
+ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
 ap.add_argument("--only", choices=CASES, help=argparse.SUPPRESS)  # memory child
 a = ap.parse_args()
+selected = [c for c in CASES if c in a.cases.split(",")]
 
 env = comfy_env.env(cpu=not a.gpu)  # ComfyUI importable from here on
 import comfy.patcher_extension  # noqa: E402
@@ -122,7 +125,7 @@ if a.only:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     sys.exit(0)
 
-cases = {name: case(name) for name in CASES}
+cases = {name: case(name) for name in selected}
 for m in cases.values():
     run(m)  # warm-up
 times = {k: [] for k in cases}

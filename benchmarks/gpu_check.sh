@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The GPU check of gradient fusion, in under 8 minutes on one large NVIDIA GPU, printed as one table:
-#   1. whole fusion at the reference settings (20 steps at 512x512, whole-block rank-4 ED-LoRAs) for 3 and
-#      14 concepts: total and per-stage times, peak VRAM (targets on an H200: < 10 s and < 60 s);
-#   2. the per-layer solver benchmark on CUDA (closed form vs the node's lbfgs mode vs the published L-BFGS);
-#   3. the regional-sampling ratio (benchmarks/bench_regional.py; it runs on the CPU).
+# The GPU check: every figure the pack promises, in under 10 minutes on one H100-class NVIDIA GPU, printed as
+# one table. What runs is the table of checks below (CHECKS), one row per check: adding a check is adding a
+# row. Today's rows:
+#   fusion-3, fusion-14  whole fusion at the reference settings (20 steps at 512x512, whole-block rank-4
+#                        ED-LoRAs): total and per-stage times, peak VRAM (targets on an H200: < 10 s, < 60 s);
+#   solver               the per-layer solver benchmark (closed form vs the node's lbfgs mode vs the published
+#                        L-BFGS);
+#   regional             the regional step vs the stock KSampler (3 and 5 regions, prompts only);
+#   regional-loras       the same with a LoRA per region (3 regions, one pass), and the N-pass approach.
 #
 #   bash benchmarks/gpu_check.sh            # from a checkout with .host (the test host) carried
-#   bash benchmarks/gpu_check.sh --dry-run  # the same plumbing on the CPU with tiny settings (no GPU needed)
+#   bash benchmarks/gpu_check.sh --dry-run  # every row's plumbing on the CPU with tiny settings (no GPU needed;
+#                                           # tests/inprocess/test_gpu_check.py runs it)
 #
 # Python: the first of $MIXOFSHOW_GPU_PYTHON, .host/venv/bin/python, python3 whose torch sees CUDA. The host
 # venv has a CPU torch; a system Python with a CUDA torch but without ComfyUI's packages gets a throw-away
 # venv (--system-site-packages) that adds the host venv's packages after its own (same Python version only).
-# Models: made by tools/host/make_models.sh when missing. Logs: $OUT (default: a temporary folder).
+# Models: made by tools/host/make_models.sh when missing (nothing is downloaded). Logs: $OUT (default: a
+# temporary folder).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
@@ -21,6 +27,23 @@ OUT=${OUT:-$(mktemp -d /tmp/mixofshow-gpu-check.XXXXXX)}
 mkdir -p "$OUT"
 VENV_PY="$REPO/.host/venv/bin/python"
 T0=$(date +%s)
+
+# ------------------------------------------------------------------------------------------- the checks
+# One row per check, fields separated by "|":
+#   name | title (the report's heading) | timeout s | arguments on the GPU | arguments in --dry-run | shown as
+# Arguments start with the script, run by the picked Python from the repository root; they are split as
+# the shell splits words (quote an argument with spaces in single quotes), and no field may contain "|". "shown as" picks the report's formatter: fusion or solver (the
+# tables in the report below), or lines:REGEX (the log's lines matching REGEX, as they are). The timeouts
+# are the time budget: keep their sum under 600 s.
+CHECKS=(
+  "fusion-3 | whole fusion, 3 concepts | 100 | benchmarks/bench_fusion.py --gpu --concepts 3 --steps 20 --size 512 --json | benchmarks/bench_fusion.py --tiny --concepts 2 --steps 1 --size 64 --json | fusion"
+  "fusion-14 | whole fusion, 14 concepts | 150 | benchmarks/bench_fusion.py --gpu --concepts 14 --steps 20 --size 512 --json | benchmarks/bench_fusion.py --tiny --concepts 3 --steps 1 --size 64 --json | fusion"
+  "solver | per-layer solver (3 concepts, rank 4), seconds per layer | 80 | benchmarks/bench_solver.py --device cuda --quick --lbfgs-budget 10 --json | benchmarks/bench_solver.py --device cpu --quick --only q_proj --lbfgs-budget 2 --json | solver"
+  "regional | regional step vs the stock KSampler, prompts only (SD1.5, 512x256) | 60 | benchmarks/bench_regional.py --gpu --steps 4 --repeats 3 --no-memory --cases stock,3,5 | benchmarks/bench_regional.py --steps 1 --repeats 1 --width 64 --height 64 --no-memory --cases stock,3 | lines:ratio"
+  "regional-loras | regional step with a LoRA per region, and N-pass (SD1.5, 512x256) | 70 | benchmarks/bench_regional.py --gpu --steps 4 --repeats 3 --no-memory --cases 'stock,3 LoRAs,N-pass 3' | benchmarks/bench_regional.py --steps 1 --repeats 1 --width 64 --height 64 --no-memory --cases 'stock,3 LoRAs' | lines:ratio"
+  # SDXL sampling (issue 19): its rows go here
+  # the trainer (issue 21): its rows go here
+)
 
 say() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*" >&2; }
 
@@ -58,22 +81,14 @@ pick_python() {
 
 if [ "$DRY" = 1 ]; then
   PY="$VENV_PY"
-  FUSION_ARGS=(--tiny --concepts 2,3 --steps 1 --size 64 --json)
-  SOLVER_ARGS=(--device cpu --quick --only q_proj --lbfgs-budget 2 --json)
-  REGIONAL_ARGS=(--steps 1 --repeats 1 --width 64 --height 64 --no-memory)
   say "dry run on the CPU with tiny settings (the plumbing, not the numbers)"
-else
-  if ! PY=$(pick_python); then
-    cat >&2 <<EOF
+elif ! PY=$(pick_python); then
+  cat >&2 <<EOF
 gpu_check: no Python here has a CUDA-enabled torch (checked: \$MIXOFSHOW_GPU_PYTHON, $VENV_PY, python3, python).
 The host venv's torch is the CPU build. Point MIXOFSHOW_GPU_PYTHON at a Python whose torch was built with CUDA
 (torch.cuda.is_available() must be True), e.g.  MIXOFSHOW_GPU_PYTHON=/opt/conda/bin/python bash benchmarks/gpu_check.sh
 EOF
-    exit 3
-  fi
-  FUSION_ARGS=(--gpu --concepts 3,14 --steps 20 --size 512 --json)
-  SOLVER_ARGS=(--device cuda --quick --lbfgs-budget 10 --json)
-  REGIONAL_ARGS=(--steps 2 --repeats 2 --no-memory)
+  exit 3
 fi
 say "python: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1))"
 if [ ! -f "$REPO/.host/models/sd15_random_fp16.safetensors" ]; then
@@ -82,15 +97,22 @@ if [ ! -f "$REPO/.host/models/sd15_random_fp16.safetensors" ]; then
 fi
 [ "$DRY" = 0 ] && "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB')" >"$OUT/gpu.txt" 2>&1
 
-say "1/3 whole fusion, ${FUSION_ARGS[*]}"
-timeout 240 "$PY" benchmarks/bench_fusion.py "${FUSION_ARGS[@]}" >"$OUT/fusion.log" 2>&1
-echo "exit $?" >>"$OUT/fusion.log"
-say "2/3 per-layer solver, ${SOLVER_ARGS[*]}"
-timeout 80 "$PY" benchmarks/bench_solver.py "${SOLVER_ARGS[@]}" >"$OUT/solver.log" 2>&1
-echo "exit $?" >>"$OUT/solver.log"
-say "3/3 regional sampling ratio (CPU), ${REGIONAL_ARGS[*]}"
-timeout 80 "$VENV_PY" benchmarks/bench_regional.py "${REGIONAL_ARGS[@]}" >"$OUT/regional.log" 2>&1
-echo "exit $?" >>"$OUT/regional.log"
+trim() { local t="$1"; t="${t#"${t%%[![:space:]]*}"}"; echo "${t%"${t##*[![:space:]]}"}"; }
+: >"$OUT/checks.tsv"  # per check: name, title, shown as, log, exit code, seconds (what the report reads)
+number=0
+for row in "${CHECKS[@]}"; do
+  number=$((number + 1))
+  IFS='|' read -r name title limit gpu_args dry_args show <<<"$row"
+  name=$(trim "$name"); title=$(trim "$title"); limit=$(trim "$limit"); show=$(trim "$show")
+  if [ "$DRY" = 1 ]; then eval "args=($dry_args)"; else eval "args=($gpu_args)"; fi
+  say "$number/${#CHECKS[@]} $name: ${args[*]}"
+  started=$(date +%s)
+  timeout "$limit" "$PY" "${args[@]}" >"$OUT/$name.log" 2>&1
+  code=$?
+  [ "$code" = 124 ] && say "$name ran past its $limit s"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$title" "$show" "$OUT/$name.log" "$code" \
+    "$(( $(date +%s) - started ))" >>"$OUT/checks.tsv"
+done
 
 "$VENV_PY" - "$OUT" "$DRY" "$(( $(date +%s) - T0 ))" <<'EOF'
 import json, re, sys
@@ -99,53 +121,65 @@ from pathlib import Path
 out, dry, wall = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
 
 
-def last_json(log, prefix):
-    lines = [ln for ln in (out / log).read_text(errors="replace").splitlines() if ln.startswith(prefix)]
-    return json.loads(lines[-1][len(prefix):]) if lines else None
+def last_json(text, prefix=""):
+    """The value on the last line that starts with ``prefix`` and parses as JSON after it."""
+    for ln in reversed(text.splitlines()):
+        if ln.startswith(prefix):
+            try:
+                return json.loads(ln[len(prefix):])
+            except json.JSONDecodeError:
+                continue
+    return None
 
 
-def failed(log):
-    text = (out / log).read_text(errors="replace")
-    code = re.findall(r"^exit (\d+)$", text, re.M)
-    return None if code and code[-1] == "0" else f"failed (exit {code[-1] if code else '?'}; see {out / log})"
-
-
-gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "CPU (dry run)"
-rows = [f"GPU check of gradient fusion -- {gpu}; wall {wall} s{' -- DRY RUN, tiny settings' if dry else ''}", ""]
-fusion = None
-try:
-    fusion = json.loads([ln for ln in (out / "fusion.log").read_text().splitlines() if ln.startswith("[{")][-1])
-except (IndexError, json.JSONDecodeError):
-    pass
-rows.append("1. whole fusion (reference settings: 20 steps at 512x512, whole-block rank-4 ED-LoRAs)")
-head = (f"   {'N':>3s} {'total s':>8s} {'target':>8s} {'ident':>6s} {'text rec/sol':>13s} {'k/v rec/sol':>12s} "
-        f"{'unet rec/sol':>13s} {'peak VRAM':>10s} {'cache MiB':>9s}")
-rows += [head, "   " + "-" * (len(head) - 3)]
-if fusion:
+def fusion(text):
+    runs = last_json(text)
+    if not isinstance(runs, list):
+        return None
+    head = (f"{'N':>3s} {'total s':>8s} {'target':>8s} {'ident':>6s} {'text rec/sol':>13s} {'k/v rec/sol':>12s} "
+            f"{'unet rec/sol':>13s} {'peak VRAM':>10s} {'cache MiB':>9s}")
+    rows = [head, "-" * len(head)]
     targets = {3: 10.0, 14: 60.0}
-    for r in fusion:
+    for r in runs:
         s = r["seconds"]
         rs = lambda st: f"{s.get(st + '_record', 0):.1f}/{s.get(st + '_solve', 0):.1f}"  # noqa: E731
         target = targets.get(r["n"])
         verdict = "" if dry or target is None else (f"<{target:.0f} ok" if r["total"] < target else f"<{target:.0f} NO")
         vram = f"{r['peak_vram_mib'] / 1024:8.1f}G" if "peak_vram_mib" in r else f"{'-':>9s}"
-        rows.append(f"   {r['n']:3d} {r['total']:8.1f} {verdict:>8s} {s.get('identity', 0):6.1f} {rs('text'):>13s} "
+        rows.append(f"{r['n']:3d} {r['total']:8.1f} {verdict:>8s} {s.get('identity', 0):6.1f} {rs('text'):>13s} "
                     f"{rs('cross_kv'):>12s} {rs('unet'):>13s} {vram:>10s} {r['cache_mib']:9.1f}")
-else:
-    rows.append("   " + (failed("fusion.log") or "no result"))
-rows += ["", "2. per-layer solver (3 concepts, rank 4): seconds per layer"]
-solver = last_json("solver.log", "JSON ")
-head = f"   {'layer':24s} {'rows/c':>7s} {'closed':>8s} {'node lbfgs':>11s} {'published':>10s} {'speed-up':>9s} {'cf<=lb':>7s}"
-rows += [head, "   " + "-" * (len(head) - 3)]
-if solver:
-    for r in solver:
+    return rows
+
+
+def solver(text):
+    layers = last_json(text, "JSON ")
+    if not layers:
+        return None
+    head = f"{'layer':24s} {'rows/c':>7s} {'closed':>8s} {'node lbfgs':>11s} {'published':>10s} {'speed-up':>9s} {'cf<=lb':>7s}"
+    rows = [head, "-" * len(head)]
+    for r in layers:
         pub = f"{'~' if r['extrapolated'] else ''}{r['lbfgs_s']:.2f}"
-        rows.append(f"   {r['layer']:24s} {r['rows']:7d} {r['closed_s']:8.3f} {r['node_lbfgs_s']:11.2f} {pub:>10s} "
+        rows.append(f"{r['layer']:24s} {r['rows']:7d} {r['closed_s']:8.3f} {r['node_lbfgs_s']:11.2f} {pub:>10s} "
                     f"{r['lbfgs_s'] / max(r['closed_s'], 1e-9):8.0f}x {'yes' if r['cf_le_lb'] else 'NO':>7s}")
-else:
-    rows.append("   " + (failed("solver.log") or "no result"))
-rows += ["", "3. regional sampling (bench_regional.py, CPU): per-step cost vs the stock KSampler"]
-regional = [ln for ln in (out / "regional.log").read_text(errors="replace").splitlines() if "ratio" in ln]
-rows += ["   " + ln for ln in regional] or ["   " + (failed("regional.log") or "no result")]
-print("\n".join(rows))
+    return rows
+
+
+FORMATTERS = {"fusion": fusion, "solver": solver}
+
+
+def shown(how, text):
+    if how.startswith("lines:"):
+        return [ln for ln in text.splitlines() if re.search(how[len("lines:"):], ln)] or None
+    return FORMATTERS[how](text)
+
+
+gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "CPU (dry run)"
+report = [f"GPU check -- {gpu}; wall {wall} s{' -- DRY RUN, tiny settings' if dry else ''}"]
+for number, line in enumerate((out / "checks.tsv").read_text().splitlines(), 1):
+    name, title, how, log, code, seconds = line.split("\t")
+    text = Path(log).read_text(errors="replace")
+    rows = shown(how, text) if code == "0" else None
+    status = "ok" if rows else f"FAILED (exit {code}{', timed out' if code == '124' else ''}; see {log})"
+    report += ["", f"{number}. {name}: {title} [{seconds} s, {status}]"] + ["   " + r for r in rows or []]
+print("\n".join(report))
 EOF
