@@ -1,10 +1,11 @@
-"""Regional sampling benchmark (issues 3 and 8): per-step cost on the full-size random SD1.5 at 512x256,
-cfg 7, measured side by side in one process (interleaved repeats, median s/step):
+"""Regional sampling benchmark (issues 3, 8 and 19): per-step cost on the full-size random SD1.5 at 512x256
+(``--sdxl``: the full-size random SDXL at 768x512), cfg 7, measured side by side in one process (interleaved
+repeats, median s/step):
 
 * the stock KSampler;
 * the regional sampler with 3 and 5 regions (prompts only; target <= 1.3x for 3);
 * the regional sampler with 3 regions, each with its own rank-4 whole-block LoRA applied in its region
-  in the same UNet pass (target <= 1.15x);
+  in the same UNet pass (target <= 1.15x; SDXL <= 1.10x);
 * the N-pass approach other packs take for a LoRA per region: one UNet pass per region, outputs blended
   with the masks. Its passes use the sampling model's weights, so this is a lower bound for N-pass:
   merging or swapping each region's LoRA into the weights every step (what those packs also pay) is
@@ -12,8 +13,12 @@ cfg 7, measured side by side in one process (interleaved repeats, median s/step)
 
 Peak RSS of each case is measured in a fresh subprocess (model load + one sampling).
 
+``--sdxl`` needs ``bash tools/host/make_models.sh --sdxl`` (the 6.5 GiB checkpoint: run under the big-model lock,
+``flock /tmp/mixofshow-bigmodel.lock ...``); ``--sdxl --tiny`` runs the test fixture's tiny SDXL instead (the
+plumbing, for gpu_check.sh --dry-run).
+
 usage: .host/venv/bin/python benchmarks/bench_regional.py [--steps 2] [--repeats 3] [--no-memory] [--gpu]
-       [--cases stock,3,...]  (a subset; include stock: the ratios are to it)
+       [--sdxl [--tiny]] [--width W --height H] [--cases stock,3,...]
 """
 import argparse
 import resource
@@ -28,6 +33,9 @@ import comfy_env
 import pack_nodes as pn
 import torch
 from lora_files import lora_factors, write_kohya_lora
+from synthetic import FULL_SDXL_TEXT, TINY_XL_SHAPES
+
+from fusion.families import SD15, SDXL
 
 REPO = dev_paths.REPO
 CASES = ("stock", "3", "5", "3 LoRAs", "N-pass 3")
@@ -35,13 +43,17 @@ CASES = ("stock", "3", "5", "3 LoRAs", "N-pass 3")
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=2)
 ap.add_argument("--repeats", type=int, default=3)
-ap.add_argument("--width", type=int, default=512)
-ap.add_argument("--height", type=int, default=256)
+ap.add_argument("--width", type=int, default=None, help="default 512 (SDXL: 768)")
+ap.add_argument("--height", type=int, default=None, help="default 256 (SDXL: 512)")
 ap.add_argument("--no-memory", action="store_true")
 ap.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU")
+ap.add_argument("--sdxl", action="store_true", help="the full-size random SDXL (make_models.sh --sdxl)")
+ap.add_argument("--tiny", action="store_true", help="with --sdxl: the test fixture's tiny SDXL (plumbing only)")
 ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
 ap.add_argument("--only", choices=CASES, help=argparse.SUPPRESS)  # memory child
 a = ap.parse_args()
+a.width = a.width or (768 if a.sdxl else 512)
+a.height = a.height or (512 if a.sdxl else 256)
 selected = [c for c in CASES if c in a.cases.split(",")]
 
 env = comfy_env.env(cpu=not a.gpu)  # ComfyUI importable from here on
@@ -51,8 +63,15 @@ import comfy.sd  # noqa: E402
 
 import nodes as comfy_nodes  # noqa: E402
 
-model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
-    str(REPO / ".host" / "models" / "sd15_random_fp16.safetensors"), output_vae=False)
+if a.sdxl and a.tiny:
+    model, clip, _ = env.tiny_xl.build_all("narrow", 0)
+    LORA_SHAPES = dict(family=SDXL, **TINY_XL_SHAPES)
+else:
+    ckpt = "sdxl_random_fp16.safetensors" if a.sdxl else "sd15_random_fp16.safetensors"
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(REPO / ".host" / "models" / ckpt), output_vae=False)
+    LORA_SHAPES = dict(family=SDXL, model_channels=320, text_sizes=FULL_SDXL_TEXT) if a.sdxl else \
+        dict(family=SD15, model_channels=320, text_layers=12, text_intermediate=3072)
+MODEL_LABEL = ("the tiny SDXL" if a.tiny else "full-size SDXL") if a.sdxl else "full-size SD1.5"
 install_regions = env.pack("nodes.glue.regional").install_regions
 enc = comfy_nodes.CLIPTextEncode().encode
 pos, neg = enc(clip, "people in a hall")[0], enc(clip, "lowres")[0]
@@ -68,11 +87,10 @@ def regions(n, with_loras=False):
     for i, b in enumerate(boxes(n)):
         m, c = model, clip
         if with_loras:
-            name = f"bench_char{i}.safetensors"
+            name = f"bench_{LORA_SHAPES['family'].name}_char{i}.safetensors"
             path = env.base / "models" / "loras" / name
             if not path.exists():
-                write_kohya_lora(path, lora_factors(500 + i, model_channels=320, text_layers=12,
-                                                    text_intermediate=3072, scale=0.5))
+                write_kohya_lora(path, lora_factors(500 + i, scale=0.5, **LORA_SHAPES))
             m, c, _ = pn.node("MixOfShowLoRAConcept", model=model, clip=clip, lora_name=name,
                               trigger_words=f"char{i} person", strength_model=1.0, strength_clip=1.0)
         out = pn.region(enc(c, f"a photo of char{i} person")[0], neg, pn.box_mask(a.width, a.height, *b), out,
@@ -108,7 +126,7 @@ def case(name):
     return install_regions(model, regions(int(name)))
 
 
-latent = torch.zeros(1, 4, a.height // 8, a.width // 8)
+latent = torch.zeros(1, 4, a.height // 8, a.width // 8)  # SD1.5 and SDXL latents: 4 channels
 noise = comfy.sample.prepare_noise(latent, 0)
 
 
@@ -132,18 +150,21 @@ times = {k: [] for k in cases}
 for _ in range(a.repeats):
     for k, m in cases.items():
         times[k].append(run(m))
-base = statistics.median(times["stock"])
-targets = {"3": "  (target <= 1.3)", "3 LoRAs": "  (target <= 1.15)"}
+base = statistics.median(times["stock"]) if "stock" in times else float("nan")
+targets = {"3": "  (target <= 1.3)", "3 LoRAs": f"  (target <= {1.10 if a.sdxl else 1.15})"}
 labels = {"stock": "stock KSampler", "3 LoRAs": "regional, 3 regions, a LoRA each", "N-pass 3": "N-pass, 3 regions"}
-print(f"## Regional sampling vs the stock KSampler, full-size SD1.5, {a.width}x{a.height}, cfg 7, "
+print(f"## Regional sampling vs the stock KSampler, {MODEL_LABEL}, {a.width}x{a.height}, cfg 7, "
       f"{a.steps} euler steps x {a.repeats} interleaved repeats (median s/step, {'GPU' if a.gpu else 'CPU'})")
 for k in cases:
     m = statistics.median(times[k])
-    print(f"{labels.get(k, f'regional, {k} regions'):34s} {m:7.3f} s/step  ratio {m / base:5.3f}{targets.get(k, '')}")
+    spread = f"[{min(times[k]) / base:.3f}-{max(times[k]) / base:.3f}]" if k != "stock" else ""
+    print(f"{labels.get(k, f'regional, {k} regions'):34s} {m:7.3f} s/step  ratio {m / base:5.3f} {spread:15s}"
+          f"{targets.get(k, '')}")
 if not a.no_memory:
     print("\n## Peak RSS per case (fresh process: model load + one sampling)")
     for k in cases:
         out = subprocess.run([sys.executable, __file__, "--only", k, "--steps", "1", "--width", str(a.width),
-                              "--height", str(a.height)] + (["--gpu"] if a.gpu else []),
+                              "--height", str(a.height)] + (["--gpu"] if a.gpu else [])
+                             + (["--sdxl"] if a.sdxl else []) + (["--tiny"] if a.tiny else []),
                              capture_output=True, text=True).stdout.strip().splitlines()
         print(f"{k:10s} {float(out[-1]):9.0f} MiB")

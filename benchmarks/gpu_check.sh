@@ -7,7 +7,10 @@
 #   solver               the per-layer solver benchmark (closed form vs the node's lbfgs mode vs the published
 #                        L-BFGS);
 #   regional             the regional step vs the stock KSampler (3 and 5 regions, prompts only);
-#   regional-loras       the same with a LoRA per region (3 regions, one pass), and the N-pass approach.
+#   regional-loras       the same with a LoRA per region (3 regions, one pass), and the N-pass approach;
+#   sdxl-regional        SDXL regional sampling at 1024x1024: stock vs 3 regions vs a LoRA per region vs N-pass
+#                        (target <= 1.10x for the LoRAs; needs the full-size random SDXL, made when missing);
+#   sdxl-encode          the SDXL layer-wise encode vs the stock encoder, and what the shared encodes save.
 #
 #   bash benchmarks/gpu_check.sh            # from a checkout with .host (the test host) carried
 #   bash benchmarks/gpu_check.sh --dry-run  # every row's plumbing on the CPU with tiny settings (no GPU needed;
@@ -33,7 +36,8 @@ T0=$(date +%s)
 #   name | title (the report's heading) | timeout s | arguments on the GPU | arguments in --dry-run | shown as
 # Arguments start with the script, run by the picked Python from the repository root; they are split as
 # the shell splits words (quote an argument with spaces in single quotes), and no field may contain "|". "shown as" picks the report's formatter: fusion or solver (the
-# tables in the report below), or lines:REGEX (the log's lines matching REGEX, as they are). The timeouts
+# tables in the report below), lines:REGEX (the log's lines matching REGEX, as they are) or after:REGEX
+# (the log's non-empty lines from the first one matching REGEX). The timeouts
 # are the time budget: keep their sum under 600 s.
 CHECKS=(
   "fusion-3 | whole fusion, 3 concepts | 100 | benchmarks/bench_fusion.py --gpu --concepts 3 --steps 20 --size 512 --json | benchmarks/bench_fusion.py --tiny --concepts 2 --steps 1 --size 64 --json | fusion"
@@ -41,7 +45,9 @@ CHECKS=(
   "solver | per-layer solver (3 concepts, rank 4), seconds per layer | 80 | benchmarks/bench_solver.py --device cuda --quick --lbfgs-budget 10 --json | benchmarks/bench_solver.py --device cpu --quick --only q_proj --lbfgs-budget 2 --json | solver"
   "regional | regional step vs the stock KSampler, prompts only (SD1.5, 512x256) | 60 | benchmarks/bench_regional.py --gpu --steps 4 --repeats 3 --no-memory --cases stock,3,5 | benchmarks/bench_regional.py --steps 1 --repeats 1 --width 64 --height 64 --no-memory --cases stock,3 | lines:ratio"
   "regional-loras | regional step with a LoRA per region, and N-pass (SD1.5, 512x256) | 70 | benchmarks/bench_regional.py --gpu --steps 4 --repeats 3 --no-memory --cases 'stock,3 LoRAs,N-pass 3' | benchmarks/bench_regional.py --steps 1 --repeats 1 --width 64 --height 64 --no-memory --cases 'stock,3 LoRAs' | lines:ratio"
-  # SDXL sampling (issue 19): its rows go here
+  # SDXL sampling (issue 19)
+  "sdxl-regional | SDXL regional step vs the stock KSampler, 1024x1024 (--dry-run: the tiny SDXL) | 90 | benchmarks/bench_regional.py --sdxl --gpu --steps 4 --repeats 3 --width 1024 --height 1024 --no-memory | benchmarks/bench_regional.py --sdxl --tiny --steps 1 --repeats 1 --width 64 --height 64 --no-memory --cases 'stock,3 LoRAs' | lines:ratio"
+  "sdxl-encode | SDXL layer-wise encode: seconds, ratio to the stock encoder, sequences encoded | 50 | benchmarks/bench_conditioning.py --sdxl --gpu --repeats 3 | benchmarks/bench_conditioning.py --sdxl --tiny --repeats 1 | after:^## SDXL"
   # the trainer (issue 21): its rows go here
 )
 
@@ -94,6 +100,11 @@ say "python: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__, "c
 if [ ! -f "$REPO/.host/models/sd15_random_fp16.safetensors" ]; then
   say "making the random full-size SD1.5 (tools/host/make_models.sh)"
   bash "$REPO/tools/host/make_models.sh" >"$OUT/models.log" 2>&1 || { say "make_models.sh failed: $OUT/models.log"; exit 4; }
+fi
+if [ "$DRY" = 0 ] && [ ! -f "$REPO/.host/models/sdxl_random_fp16.safetensors" ]; then
+  say "making the random full-size SDXL (tools/host/make_models.sh --sdxl)"
+  bash "$REPO/tools/host/make_models.sh" --sdxl >"$OUT/models_sdxl.log" 2>&1 \
+    || { say "make_models.sh --sdxl failed: $OUT/models_sdxl.log"; exit 4; }
 fi
 [ "$DRY" = 0 ] && "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB')" >"$OUT/gpu.txt" 2>&1
 
@@ -168,8 +179,12 @@ FORMATTERS = {"fusion": fusion, "solver": solver}
 
 
 def shown(how, text):
+    lines = text.splitlines()
     if how.startswith("lines:"):
-        return [ln for ln in text.splitlines() if re.search(how[len("lines:"):], ln)] or None
+        return [ln for ln in lines if re.search(how[len("lines:"):], ln)] or None
+    if how.startswith("after:"):
+        start = next((i for i, ln in enumerate(lines) if re.search(how[len("after:"):], ln)), len(lines))
+        return [ln for ln in lines[start:] if ln.strip()] or None
     return FORMATTERS[how](text)
 
 

@@ -6,11 +6,13 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+import nodes as comfy_nodes
+
 from ..fusion.files.edlora import convert_to_safetensors, unique_output_path
 from .glue.folders import edlora_choices, edlora_path
 from .glue.layerwise import encode_with_concepts
 from .glue.loading import apply_edlora, apply_lora_concept
-from .glue.schema import PackNode, check_choices, schema
+from .glue.schema import PackNode, advanced, check_choices, schema
 from .names import CONCEPTS, EDLORA_FOLDER, LOADERS, UI_CONCEPT_SET
 
 
@@ -19,13 +21,15 @@ class LoadEDLoRA(PackNode):
     def define_schema(cls) -> io.Schema:
         return schema(
             cls, node_id="MixOfShowLoadEDLoRA", display_name="Load ED-LoRA (Mix-of-Show)", category=LOADERS,
-            description="Loads a Mix-of-Show ED-LoRA (.pth or .safetensors), a fused bundle or a kohya XTI (P+) "
-                        "embedding: patches clones of MODEL and CLIP with its LoRA and adds its concept tokens (e.g. "
-                        "<potter1> <potter2>) to the concept set. Chain loaders to use several concepts.",
+            description="Loads a Mix-of-Show (SD1.x) or Concept Conductor (SDXL) ED-LoRA (.pth or .safetensors), a "
+                        "fused bundle or a kohya XTI (P+) embedding: patches clones of MODEL and CLIP with its LoRA "
+                        "and adds its concept tokens (e.g. <potter1> <potter2>) to the concept set. Chain loaders to "
+                        "use several concepts.",
             search_aliases=("ED-LoRA", "edlora", "P+", "XTI", "character LoRA", "multi character", "concept"),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x model the ED-LoRA was trained on (or a fine-tune of it)."),
-                io.Clip.Input("clip", tooltip="SD1.x CLIP of the same checkpoint."),
+                io.Model.Input("model", tooltip="The SD1.x or SDXL model the ED-LoRA was trained on (or a fine-tune "
+                                                "of it)."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
                 io.Combo.Input("edlora_name", options=edlora_choices(),
                                tooltip="File in models/edloras (or models/loras)."),
                 io.Float.Input("text_encoder_strength", default=0.7, min=-10.0, max=10.0, step=0.01,
@@ -56,6 +60,7 @@ class LoadEDLoRA(PackNode):
         own = concepts_out.concepts[len(concepts.concepts) if concepts else 0:]
         text = [" ".join(tok for c in own for tok in c.edlora.tokens)]
         text += [f"⚠ {c.edlora.ignored_summary} — not applied" for c in own if c.edlora.ignored_total]
+        text += [f"⚠ {w}" for c in own for w in c.edlora.warnings]
         return io.NodeOutput(model_out, clip_out, concepts_out,
                              ui={"text": text, UI_CONCEPT_SET: [concepts_out.describe()]})
 
@@ -66,25 +71,42 @@ class TextEncodeConcepts(PackNode):
         return schema(
             cls, node_id="MixOfShowTextEncode", display_name="Text Encode with Concepts (Mix-of-Show)",
             category=LOADERS,
-            description="CLIP Text Encode that understands ED-LoRA concept tokens: each of the 16 cross-attention "
-                        "layers gets its own context. Everything the stock encoder supports keeps working "
-                        "((word:1.2), long prompts, embedding:name). Without concept tokens it equals the stock node.",
+            description="CLIP Text Encode that understands ED-LoRA concept tokens: each cross-attention layer (16 in "
+                        "SD1.x, 70 in SDXL) gets its own context. Everything the stock encoder supports keeps working "
+                        "((word:1.2), long prompts, embedding:name). Without concept tokens it equals the stock node; "
+                        "on SDXL the optional size inputs act as in the stock CLIPTextEncodeSDXL.",
             search_aliases=("concept prompt", "layer-wise conditioning", "P+", "ED-LoRA prompt", "CLIP Text Encode"),
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP from Load ED-LoRA (or the fusion node)."),
                 CONCEPTS.Input("concepts", tooltip="Concept set that defines the tokens used in the text."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True,
                                 tooltip="Prompt; write concepts as their tokens, e.g. a <potter1> <potter2>."),
+                *[advanced(io.Int.Input(name, optional=True, default=0, min=0, max=comfy_nodes.MAX_RESOLUTION, step=8,
+                                        tooltip=tip)) for name, tip in _SIZE_INPUTS.items()],
             ],
-            outputs=[io.Conditioning.Output(tooltip="A CONDITIONING carrying the 16 layer-wise contexts.")],
+            outputs=[io.Conditioning.Output(tooltip="A CONDITIONING carrying one context per cross-attention layer.")],
         )
 
     @classmethod
-    def execute(cls, clip, concepts, text) -> io.NodeOutput:
+    def execute(cls, clip, concepts, text, **sizes) -> io.NodeOutput:
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader "
                                "node your checkpoint does not contain a valid clip or text encoder model.")
-        return io.NodeOutput(encode_with_concepts(clip, text, concepts, "Text Encode with Concepts, input 'text'"))
+        extra = {name: int(value) for name, value in sizes.items() if name in _SIZE_INPUTS and value}
+        return io.NodeOutput(encode_with_concepts(clip, text, concepts, "Text Encode with Concepts, input 'text'",
+                                                   extra))
+
+
+# SDXL's size conditioning (what the stock CLIPTextEncodeSDXL sets); 0 leaves the value out, as the stock CLIP Text
+# Encode does: ComfyUI then takes the width and height from the latent, crops 0, targets = width and height
+_SIZE_INPUTS = {
+    "width": "SDXL: the original width the model is told (0 = the latent's width).",
+    "height": "SDXL: the original height the model is told (0 = the latent's height).",
+    "crop_w": "SDXL: the horizontal crop offset the model is told (0 = none).",
+    "crop_h": "SDXL: the vertical crop offset the model is told (0 = none).",
+    "target_width": "SDXL: the target width the model is told (0 = the width).",
+    "target_height": "SDXL: the target height the model is told (0 = the height).",
+}
 
 
 class ConvertEDLoRA(PackNode):
@@ -137,7 +159,7 @@ class LoRAAsConcept(PackNode):
                         "Fusion next to ED-LoRAs. Trigger words may use embedding:name for textual inversions.",
             search_aliases=("LoRA concept", "character LoRA", "regional LoRA", "LoRA per region", "multi character"),
             inputs=[
-                io.Model.Input("model", tooltip="The base SD1.x model (or the MODEL of an earlier loader)."),
+                io.Model.Input("model", tooltip="The base SD1.x or SDXL model (or the MODEL of an earlier loader)."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                tooltip="LoRA file in models/loras."),

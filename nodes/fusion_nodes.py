@@ -17,7 +17,7 @@ from .glue.folders import bundle_output_path
 from .glue.fused_patches import bundle_of, fused_of
 from .glue.fusion_run import NodeProgress, fuse
 from .glue.schema import PackNode, advanced, check_choices, schema
-from .names import CONCEPTS, FUSION
+from .names import CONCEPTS, FUSION, MAX_FUSION_SIZE
 
 SAMPLER_CHOICES = [gf.REFERENCE_SAMPLER] + list(comfy.samplers.KSampler.SAMPLERS)
 
@@ -44,9 +44,9 @@ class GradientFusionNode(PackNode):
                 io.Int.Input("steps", default=20, min=1, max=200,
                              tooltip="Sampling steps per concept for recording the UNet layers' inputs (20 in "
                                      "the paper)."),
-                io.Int.Input("width", default=512, min=64, max=2048, step=8,
+                io.Int.Input("width", default=512, min=64, max=MAX_FUSION_SIZE, step=8,
                              tooltip="Width of the images sampled for recording."),
-                io.Int.Input("height", default=512, min=64, max=2048, step=8,
+                io.Int.Input("height", default=512, min=64, max=MAX_FUSION_SIZE, step=8,
                              tooltip="Height of the images sampled for recording."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
                              tooltip="Noise seed of the recording samples (concept i uses seed + i). Keep it "

@@ -23,6 +23,7 @@ EDLORA_EXTENSIONS = frozenset({".pth", ".pt", ".safetensors"})
 CACHE_ENV = "MIXOFSHOW_FUSION_CACHE"      # folder of the fusion cache (default models/edloras/.fusion_cache)
 CACHE_MAX_ENV = "MIXOFSHOW_FUSION_CACHE_MAX_MB"
 PREVIEW_PREFIX = "mixofshow_regions"      # temp images of region previews
+MAX_FUSION_SIZE = 2 ** 11                 # pixels: the largest width/height Gradient Fusion records at
 
 # ---- keys on ComfyUI's objects
 LAYERWISE_KEY = "mixofshow_layerwise"     # transformer_options: the [B, L, T, C] stack of the UNet call

@@ -21,9 +21,11 @@ import dev_paths  # isort: split
 
 import torch
 from comfy_server import ComfyServer
-from synthetic import make_edlora_state
+from lora_files import lora_factors, write_kohya_lora
+from synthetic import FULL_SDXL_TEXT, make_edlora_state
 
 import mixofshow_run
+from fusion.families import SDXL
 
 REPO = dev_paths.REPO
 
@@ -31,6 +33,11 @@ CHARACTERS = {"potter": ("<potter1>", "<potter2>"), "hermione": ("<hermione1>", 
               "thanos": ("<thanos1>", "<thanos2>")}
 CKPT = "sd15_random_fp16.safetensors"
 ADAPTER = "t2iadapter_openpose_random.safetensors"
+# the SDXL example's models: bash tools/host/make_models.sh --sdxl makes the checkpoint and the adapter; the three
+# plain SDXL LoRAs (kohya keys, full-size SDXL shapes, random) are written by prepare(), named by trigger words
+SDXL_CKPT = "sdxl_random_fp16.safetensors"
+SDXL_ADAPTER = "t2iadapter_openpose_sdxl_random.safetensors"
+SDXL_LORAS = {"wizard": "ohwx wizard", "witch": "sks witch", "titan": "zxq titan"}
 POSE = REPO / "assets" / "poses" / "harry_hermione_thanos.png"
 DEMO_PREFIX = "mixofshow_demo"  # the SaveImage of the sampled picture
 
@@ -48,11 +55,18 @@ def prepare(base: Path) -> None:
         path = base / "models" / "edloras" / f"demo_{name}.pth"
         if not path.exists():
             torch.save(make_edlora_state(tokens, seed=100 + i), path)
+    (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(SDXL_LORAS):
+        path = base / "models" / "loras" / f"demo_sdxl_{name}.safetensors"
+        if not path.exists():
+            write_kohya_lora(path, lora_factors(200 + i, family=SDXL, model_channels=320, text_sizes=FULL_SDXL_TEXT,
+                                                scale=0.5))
     (base / "models" / "controlnet").mkdir(parents=True, exist_ok=True)
     (base / "input").mkdir(parents=True, exist_ok=True)
-    for folder, name in (("checkpoints", CKPT), ("controlnet", ADAPTER)):
+    for folder, name in (("checkpoints", CKPT), ("controlnet", ADAPTER), ("checkpoints", SDXL_CKPT),
+                         ("controlnet", SDXL_ADAPTER)):
         link = base / "models" / folder / name
-        if not link.exists():
+        if not link.is_symlink():  # (the SDXL models exist after make_models.sh --sdxl only)
             link.symlink_to(REPO / ".host" / "models" / name)
     shutil.copy(POSE, base / "input" / POSE.name)
 

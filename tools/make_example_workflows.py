@@ -10,7 +10,9 @@ The examples are sized for a CPU test run (they run as shipped in tests/browser/
 sampling at 512×256 (one character: 384×512) with 8 steps, fusion recorded at 256×256 with 4 steps.
 Their notes say, per model loader, what kind of file to pick and where people get it: the file names saved
 in the examples are the demo's random-weight models, the test fixtures, which a Registry install does not
-have (tests/browser/test_registry_install.py opens the examples there).
+have (tests/browser/test_registry_install.py opens the examples there). The SDXL example runs here on the
+full-size random SDXL (``bash tools/host/make_models.sh --sdxl``; run this tool under the big-model lock); the
+browser tier runs it on the test fixture's tiny SDXL instead (its ``tiny`` entry says what it swaps).
 
 usage: .host/venv/bin/python tools/make_example_workflows.py [--no-thumbnails] [--only 3]
 """
@@ -159,6 +161,47 @@ def lora_per_region() -> dict:
     return _sample(g, ["1", 0], positive, negative, regions, prefix="mixofshow_lora_per_region")
 
 
+def sdxl_lora_per_region() -> dict:
+    """Example 4 on SDXL with plain LoRAs: each character's LoRA as Concept on the base SDXL checkpoint, named by
+    its trigger words; each Region gets its chain's MODEL and a prompt encoded with its chain's CLIP; the pose
+    steers an SDXL OpenPose T2I-Adapter."""
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": demo.SDXL_CKPT}},
+         "30": {"class_type": "MixOfShowLoadReferencePose", "inputs": {"pose": POSE}}}
+    g["63"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}}
+    regions = None
+    for i, (name, words) in enumerate(demo.SDXL_LORAS.items()):
+        loader, box, text, region = (str(10 + i), str(50 + i), str(60 + i), str(70 + i))
+        g[loader] = {"class_type": "MixOfShowLoRAConcept", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": f"demo_sdxl_{name}.safetensors", "trigger_words": words,
+            "strength_model": 1.0, "strength_clip": 1.0}}
+        g[box] = {"class_type": "MixOfShowPoseBoxMask", "inputs": {"image": ["30", 0], "index": i, "margin": 0.05}}
+        g[text] = {"class_type": "CLIPTextEncode", "inputs": {"clip": [loader, 1], "text": SDXL_PROMPTS[i]}}
+        inputs = {"positive": [text, 0], "negative": ["63", 0], "mask": [box, 0], "control_strength": 1.0,
+                  "model": [loader, 0]}
+        if regions:
+            inputs["regions"] = regions
+        g[region] = {"class_type": "MixOfShowRegion", "inputs": inputs}
+        regions = [region, 0]
+    g["20"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": GLOBAL_PROMPT}}
+    g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}}
+    g["32"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": demo.SDXL_ADAPTER}}
+    g["33"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["20", 0], "negative": ["21", 0], "control_net": ["32", 0], "image": ["30", 0], "strength": 1.0,
+        "start_percent": 0.0, "end_percent": 1.0}}
+    return _sample(g, ["1", 0], ["33", 0], ["33", 1], regions, prefix="mixofshow_sdxl_lora_per_region")
+
+
+SDXL_PROMPTS = ("a photo of ohwx wizard, in a school uniform", "a photo of sks witch, smiling",
+                "a photo of zxq titan, in armor")
+# what the browser tier runs instead of the full-size SDXL (tests/browser/test_examples.py): the fixture pack's
+# tiny SDXL for the checkpoint loader, files for it under the same inputs, and 2 sampling steps (a plumbing run:
+# 70 transformer blocks with three region LoRAs cost about 10 s a step on 2 CPU cores even at the tiny width)
+TINY_SDXL = {"loader": ("1", "TinySDXLLoader", {"unet": "narrow", "seed": 0}),
+             "widgets": {**{str(10 + i): {"lora_name": f"tiny_sdxl_{name}.safetensors"}
+                            for i, name in enumerate(demo.SDXL_LORAS)},
+                         "32": {"control_net_name": "tiny_sdxl_openpose.safetensors"}, "23": {"steps": 2}}}
+
+
 # What each model loader of the examples needs, as the notes tell a user who installed the pack (from the Registry
 # or git) and opens an example: the file names saved in the examples are the pack's random-weight test models,
 # which are not installed with it. Keyed by node class; the bold name is the node's display name, which
@@ -178,6 +221,22 @@ LOADER_NOTES = {
         "`control_v11p_sd15_openpose` (ControlNet 1.1) or `t2iadapter_openpose_sd14v1` (TencentARC), both on "
         "Hugging Face."),
 }
+# The same for the SDXL example (its "loaders" entry)
+SDXL_LOADER_NOTES = {
+    "CheckpointLoaderSimple": (
+        "**Load Checkpoint** → an **SDXL checkpoint** from `models/checkpoints`: the one your LoRAs were trained for "
+        "(SDXL 1.0 base itself, `sd_xl_base_1.0.safetensors` from Hugging Face, or an SDXL fine-tune such as Pony, "
+        "Illustrious or NoobAI from Civitai). SD1.5 files on an SDXL model are refused, naming both."),
+    "MixOfShowLoRAConcept": (
+        "**LoRA as Concept** ({count}) → an **SDXL character LoRA** from `models/loras` (kohya or diffusers keys, "
+        "e.g. from Civitai), its trigger words in the node and in the region's prompt. For a Concept Conductor SDXL "
+        "**ED-LoRA** (`models/edloras`) use **Load ED-LoRA** in its place and write its tokens in a Text Encode "
+        "with Concepts prompt.{tokens}"),
+    "ControlNetLoader": (
+        "**Load ControlNet Model** → an **OpenPose ControlNet or T2I-Adapter for SDXL** from `models/controlnet`: "
+        "`t2i-adapter-openpose-sdxl-1.0` (TencentARC) or `controlnet-openpose-sdxl-1.0` (thibaud), both on "
+        "Hugging Face."),
+}
 MODELS_NOTE = (
     "**Pick your own models** in the loaders. The file names saved here are the pack's random-weight test models, "
     "which are not installed with the pack: until you pick yours, Run reports each of them as a value that is not "
@@ -186,20 +245,21 @@ MODELS_NOTE = (
     "**Sized for a CPU run** ({cpu}). With real models on a GPU use {real}.")
 
 
-def _models_note(graph: dict, tokens: str) -> str:
-    """One line per kind of model loader in ``graph``, in LOADER_NOTES's order."""
-    counts = {kind: sum(node["class_type"] == kind for node in graph.values()) for kind in LOADER_NOTES}
+def _models_note(graph: dict, tokens: str, loaders: dict[str, str]) -> str:
+    """One line per kind of model loader in ``graph``, in ``loaders``' order (LOADER_NOTES, SDXL_LOADER_NOTES)."""
+    counts = {kind: sum(node["class_type"] == kind for node in graph.values()) for kind in loaders}
     lines = []
-    for kind, text in LOADER_NOTES.items():
+    for kind, text in loaders.items():
         if counts[kind]:
             count = "one per character" if counts[kind] > 1 else "one character"
             lines.append("- " + text.format(count=count, tokens=tokens))
     return "\n".join(lines)
 
 
-def _note(title: str, graph: dict, description: str, tokens: str, cpu: str, real: str) -> str:
+def _note(title: str, graph: dict, description: str, tokens: str, cpu: str, real: str,
+          loaders: dict[str, str] = LOADER_NOTES) -> str:
     return (f"# {title}\n\n{description}\n\n"
-            + MODELS_NOTE.format(loaders=_models_note(graph, tokens), cpu=cpu, real=real))
+            + MODELS_NOTE.format(loaders=_models_note(graph, tokens, loaders), cpu=cpu, real=real))
 
 
 _TOKENS_NOTE = " Then write the prompts with their tokens (type `<` in a prompt to pick one)."
@@ -210,7 +270,8 @@ _CPU = f"{WIDTH}×{HEIGHT}, {STEPS} steps"
 # Each example, by file name (the template browser shows it as the title; its cards are narrow): API
 # graph, full title and description (the note on top), columns of nodes (width, node ids top to bottom), groups
 # (title, node ids), the nodes that show a region preview after a run (they get room for it: PREVIEW_ROOM, or the
-# example's preview_room) and the one whose preview is the thumbnail.
+# example's preview_room), the one whose preview is the thumbnail, and the notes on its model loaders when they are
+# not LOADER_NOTES ("loaders").
 EXAMPLES = {
     "1 - One character (ED-LoRA)": {
         "title": "One character with an ED-LoRA concept prompt",
@@ -278,6 +339,26 @@ EXAMPLES = {
         "previews": ["23"],
         "thumbnail": "23",
     },
+    "5 - Three SDXL characters from a pose (a LoRA per region)": {
+        "title": "Three SDXL characters from a pose, each LoRA in its own region",
+        "graph": sdxl_lora_per_region,
+        "note": ("Example 4 on **SDXL**, with plain character LoRAs: each **LoRA as Concept** loads one character's "
+                 "SDXL LoRA on the base checkpoint (named by its trigger words, which the region's prompt uses); "
+                 "each **Region** gets that character's MODEL and a prompt encoded with its CLIP, so each LoRA acts "
+                 "inside its region only, all in one UNet pass (Pose Box to Mask: person 0, 1, 2 of the pose, left to "
+                 "right). The pose also steers an SDXL OpenPose T2I-Adapter. SDXL's global vector (pooled text and "
+                 "size) is the global prompt's.", "", _CPU,
+                 "the pose's 2:1 at SDXL's size, 1536×768 (Empty Latent Image), and 25–30 steps"),
+        "loaders": SDXL_LOADER_NOTES,
+        "columns": [(360, ["1", "10", "11", "12"]), (300, ["30", "50", "51", "52"]), (340, ["60", "61", "62", "63"]),
+                    (300, ["70", "71", "72"]), (360, ["20", "21", "32", "33"]), (320, ["22", "23", "24", "25"])],
+        "groups": [("1. characters (SDXL LoRAs)", ["1", "10", "11", "12"]),
+                   ("2. regions", ["30", "50", "51", "52", "60", "61", "62", "63", "70", "71", "72"]),
+                   ("3. sample", ["20", "21", "32", "33", "22", "23", "24", "25"])],
+        "previews": ["23"],
+        "thumbnail": "23",
+        "tiny": TINY_SDXL,
+    },
 }
 
 GROUP_COLORS = ("#3f5f7f", "#7f5f3f", "#3f7f5f")
@@ -336,7 +417,7 @@ _BUILD_UI_GRAPH = """async ([graph, name, columns, groups, note, previewIds, col
 def build_ui_workflow(page, name: str, example: dict) -> dict:
     """The example in the UI's format: loaded from its API graph, laid out, grouped, annotated."""
     graph = example["graph"]()
-    note = _note(example["title"], graph, *example["note"])
+    note = _note(example["title"], graph, *example["note"], loaders=example.get("loaders", LOADER_NOTES))
     return json.loads(page.evaluate(_BUILD_UI_GRAPH, [graph, name, example["columns"], example["groups"],
                                                       note, example["previews"], GROUP_COLORS,
                                                       example.get("preview_room", PREVIEW_ROOM), SCREEN]))

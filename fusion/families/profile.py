@@ -40,6 +40,7 @@ class TextEncoder:
     table_part: str          # the ED-LoRA file part with its token tables ("new_concept_embedding")
     lora_part: str           # the ED-LoRA file part with its LoRA factors ("text_encoder")
     comfy_lora_prefix: str   # ComfyUI's diffusers-LoRA key prefix for it ("text_encoder.")
+    tokenizer_key: str       # its token stream in ComfyUI's tokenizer output ("l" of {"l": [...]})
 
     @staticmethod
     def is_lora_module(name: str) -> bool:
@@ -54,10 +55,14 @@ class ModelFamily:
     label: str                                  # shown to people ("SD1.x")
     transformers: tuple[SpatialTransformer, ...]  # in UNet run order
     context_dim: int                            # width of the context every attn2 reads
-    text_encoders: tuple[TextEncoder, ...]
+    text_encoders: tuple[TextEncoder, ...]      # in the order their outputs are concatenated into the context
     xti_keys: tuple[str, ...]                   # kohya XTI (P+) embedding keys, one per layer
     default_size: tuple[int, int]               # (width, height) in pixels the family is trained at
     model_channels: int                         # the full-size UNet's model_channels
+    supports_fusion: bool = True                # Gradient Fusion knows how to record and solve this family
+
+    def __repr__(self) -> str:
+        return f"<model family {self.name}>"
 
     # ---- layers
     @cached_property
@@ -87,6 +92,15 @@ class ModelFamily:
         """Width of the first text encoder's token rows (the ED-LoRA table of a single-encoder family)."""
         return self.text_encoders[0].width
 
+    def text_encoder_of(self, *, table_part: str = "", lora_part: str = "", tokenizer_key: str = "") \
+            -> TextEncoder | None:
+        """The text encoder whose ED-LoRA table part, LoRA part or token stream this is, else None."""
+        for e in self.text_encoders:
+            if (table_part and e.table_part == table_part) or (lora_part and e.lora_part == lora_part) \
+                    or (tokenizer_key and e.tokenizer_key == tokenizer_key):
+                return e
+        return None
+
     # ---- module names
     def ldm_unet_module(self, diffusers_name: str) -> str:
         """``down_blocks.0.attentions.1.proj_in`` -> ``input_blocks.2.1.proj_in``: a module inside one of the
@@ -111,7 +125,39 @@ class ModelFamily:
             first += t.depth
         return None
 
+    def has_unet_module(self, diffusers_name: str) -> bool:
+        """A diffusers-named module inside one of the family's SpatialTransformers (and inside one of its
+        transformer blocks when the name has ``transformer_blocks.j``)."""
+        try:
+            return self.layer_of_weight(self.ldm_unet_module(diffusers_name) + ".weight") is not None
+        except KeyError:
+            return False
+
     # ---- recognition
+    def file_markers(self, tables: Mapping[str, Mapping[str, tuple[int, ...]]],
+                     loras: Mapping[str, Mapping[str, tuple[int, ...]]]) -> list[str]:
+        """What in an ED-LoRA file's content fits this family, described for messages. ``tables``: table part ->
+        token -> table shape; ``loras``: LoRA part -> module -> shape of its down factor. A marker is one of:
+        token tables with one row per cross-attention layer, a part only a family with its text encoders has,
+        a cross-attention k/v LoRA reading a context of its width, a UNet module it has (fusion.families
+        .recognise_file keeps only the markers that tell families apart)."""
+        out = []
+        rows = sorted({shape[0] for part in tables.values() for shape in part.values() if shape})
+        if self.layer_count in rows:
+            out.append(f"{self.layer_count}-row token tables")
+        out += [f"a '{part}' part" for part in list(tables) + list(loras)
+                if self.text_encoder_of(table_part=part, lora_part=part) is not None]
+        unet = loras.get("unet", {})
+        reads: dict[int, str] = {}
+        for m, shape in sorted(unet.items()):
+            if m.endswith(("attn2.to_k", "attn2.to_v")) and len(shape) > 1:
+                reads.setdefault(shape[1], m)
+        if self.context_dim in reads:
+            out.append(f"a cross-attention LoRA reading a {self.context_dim}-wide context "
+                       f"({reads[self.context_dim]})")
+        out += [f"the UNet module {m}" for m in sorted(unet) if self.has_unet_module(m)]
+        return out
+
     def describes_unet(self, context_dim: object, cross_attention_layers: int) -> bool:
         """A UNet of this family: its attn2 context width and number of cross-attention layers."""
         return context_dim == self.context_dim and cross_attention_layers == self.layer_count

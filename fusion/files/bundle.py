@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import BundleError, EDLoRAError
+from ..families import SD15
 from ..versions import BUNDLE_FORMAT, BUNDLE_VERSION, READABLE_BUNDLE_VERSIONS
 from .edlora import EDLoRA, _check_table, _Reader
 from .filecheck import check_file_tensor, check_lora_change
@@ -61,7 +62,8 @@ class FusedBundle:
     def edloras(self) -> list[tuple[EDLoRA, str]]:
         """One embeddings-only :class:`EDLoRA` per fused concept with its trigger words (its LoRA is in the
         fused weights already)."""
-        return [(EDLoRA(name=c["name"], embeddings={t: self.embeddings[t] for t in c["tokens"]},
+        encoder = SD15.text_encoders[0].name  # gradient fusion (and so a bundle) is SD1.x's only
+        return [(EDLoRA(name=c["name"], tables={encoder: {t: self.embeddings[t] for t in c["tokens"]}},
                         digest=c.get("digest", "")), c.get("trigger_words", "")) for c in self.concepts]
 
 

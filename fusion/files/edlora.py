@@ -1,17 +1,25 @@
-"""ED-LoRA files: reading (.pth and .safetensors), validation, and the flat safetensors layout.
+"""ED-LoRA files: reading (.pth and .safetensors), validation, the model family a file is for, and the flat
+safetensors layout.
 
-An ED-LoRA (docs/design.md §2.1) holds per-layer token tables (``new_concept_embedding``) and LoRA factors
-for the SD1.x text encoder and UNet, in diffusers module naming, in one of two key spellings:
-``<module>.lora_down.weight`` / ``<module>.lora_up.weight`` (Mix-of-Show ``main``) or
-``<module>_lora.down.weight`` / ``<module>_lora.up.weight`` (``research_branch``).
+An ED-LoRA (docs/design.md §2.1, §13.2) holds per-layer token tables and LoRA factors for the text encoders and
+the UNet of one model family, in diffusers module naming, in one of two key spellings:
+``<module>.lora_down.weight`` / ``<module>.lora_up.weight`` (Mix-of-Show ``main``, Concept Conductor) or
+``<module>_lora.down.weight`` / ``<module>_lora.up.weight`` (``research_branch``). Each text encoder of the
+family has its own table part and LoRA part (fusion.families: SD1.x ``new_concept_embedding`` /
+``text_encoder``; SDXL adds ``new_concept_embedding_2`` / ``text_encoder_2`` for OpenCLIP-bigG).
 
-Flat safetensors layout written by :func:`save_edlora` (metadata ``format=mixofshow-edlora``)::
+Flat safetensors layout written by :func:`save_edlora` (metadata ``format=mixofshow-edlora``, ``base``,
+``layers``)::
 
-    new_concept_embedding.<token>          [16, 768]  (or [16, n, 768] for n-vector tokens)
-    text_encoder.<module>.lora_down.weight [r, in]
-    text_encoder.<module>.lora_up.weight   [out, r]
+    <table part>.<token>                   [L, C]  (or [L, n, C] for n-vector tokens), per text encoder
+    <text LoRA part>.<module>.lora_down.weight [r, in]   (text_encoder, text_encoder_2)
+    <text LoRA part>.<module>.lora_up.weight   [out, r]
     unet.<module>.lora_down.weight         [r, in] or [r, in, 1, 1]
     unet.<module>.lora_up.weight           [out, r] or [out, r, 1, 1]
+
+The family is recognised from the content (:func:`fusion.families.recognise_file`): the tables' row count,
+parts only one family has, the context width of cross-attention LoRAs, UNet modules only one family has. A
+file whose markers point to two families, or to none, is refused (:class:`ModelFamilyError`).
 
 Files are untrusted (:mod:`fusion.files.filecheck`): a ``.pth`` is only read with
 ``torch.load(weights_only=True)``, every tensor is checked (float dtype, shape, finite), and every
@@ -19,17 +27,20 @@ error is an :class:`EDLoRAError` naming the file, the key and what was expected.
 
 What is refused and what is only warned about:
 
-* **Refused** — anything inside the three parts that cannot be applied exactly as the trainer
-  meant: a token that is not ``<name>``, a table that is not ``[16, 768]`` / ``[16, n, 768]``, a
-  key in ``text_encoder`` / ``unet`` that is not a LoRA factor in one of the two spellings (e.g. an
-  ``alpha``), a module outside SD1.x's text encoder / UNet transformer blocks, a lone or duplicated
-  factor, a part that is not a dict, a non-string key inside a part, at the top level or inside
-  ``params`` (nothing says what an int or a boolean key would mean); an XTI file with a key beside its
-  layer keys; any bad tensor.
+* **Refused** — anything inside the parts that cannot be applied exactly as the trainer meant: a token that
+  is not ``<name>``, a table that is not ``[L, C]`` / ``[L, n, C]`` for its encoder, a token without a table
+  in every encoder of the family, a key in a LoRA part that is not a LoRA factor in one of the two spellings
+  (e.g. an ``alpha``), a module outside the family's text encoders / UNet transformer blocks, a lone or
+  duplicated factor, a part that is not a dict, a non-string key inside a part, at the top level or inside
+  ``params`` (nothing says what an int or a boolean key would mean); an XTI file with a key beside its layer
+  keys; any bad tensor.
 * **Ignored with one warning** — entries beside the parts, as training checkpoints carry them
   (``optimizer``, ``step``, ``epoch``, flat keys of other prefixes). They are
   listed in :attr:`EDLoRA.ignored_keys` so nodes can show them. A part that is ``None`` counts as
   absent.
+* **Loaded with a warning** (:attr:`EDLoRA.warnings`) — a later encoder's table whose rows look untrained
+  (unrelated random rows beside related rows of the first encoder's table: Concept Conductor's trainer
+  leaves bigG tables so, docs/design.md §13.2).
 """
 from __future__ import annotations
 
@@ -45,8 +56,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..errors import EDLoRAError
-from ..families import SD15, ModelFamily
+from ..errors import EDLoRAError, ModelFamilyError
+from ..families import FAMILIES, SD15, ModelFamily, TextEncoder, recognise_file
 from ..log import log
 from ..versions import BUNDLE_FORMAT, EDLORA_FORMAT, EDLORA_FORMAT_VERSION
 from .filecheck import (
@@ -70,35 +81,56 @@ MAX_VECTORS_PER_TOKEN = 75      # a 77-token prompt chunk holds 75 words
 MAX_TOKEN_CHARS = 100
 MAX_IGNORED_KEPT = 100          # ignored keys listed on the EDLoRA (all are counted)
 _IGNORED_SHOWN = 5              # ... and in the warning
-_PARTS = ("new_concept_embedding", "text_encoder", "unet")
+_UNET_PART = "unet"
+_TABLE_PARTS = tuple(dict.fromkeys(e.table_part for f in FAMILIES for e in f.text_encoders))
+_LORA_PARTS = tuple(dict.fromkeys(e.lora_part for f in FAMILIES for e in f.text_encoders)) + (_UNET_PART,)
+_PARTS = _TABLE_PARTS + _LORA_PARTS
+# a later encoder's token rows "look untrained" when their mean pairwise cosine is below this while the first
+# encoder's rows of the same token are related above _RELATED (independent random rows in 768+ dimensions
+# have |cos| ~ 0.03; rows trained from one initial vector stay near 1)
+_UNRELATED, _RELATED = 0.2, 0.5
 _KEY_SPELLINGS = (  # main branch, research_branch
     re.compile(r"^(.+)\.lora_(down|up)\.weight$"),
     re.compile(r"^(.+)_lora\.(down|up)\.weight$"),
 )
 
 
-def _table_rule(family: ModelFamily) -> str:
-    rows, width = family.layer_count, family.text_width
-    return (f"an {family.label} ED-LoRA token table is [{rows}, {width}] (one row per cross-attention layer), "
-            f"or [{rows}, n, {width}] for n vectors")
+def _table_rule(family: ModelFamily, encoder: TextEncoder) -> str:
+    rows, width = family.layer_count, encoder.width
+    which = f" ({encoder.table_part})" if len(family.text_encoders) > 1 else ""
+    return (f"an {family.label} ED-LoRA token table{which} is [{rows}, {width}] (one row per cross-attention "
+            f"layer), or [{rows}, n, {width}] for n vectors")
+
+
+Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class EDLoRA:
-    """One ED-LoRA in memory. LoRA factors are ``(up, down)`` pairs keyed by diffusers module name.
+    """One ED-LoRA in memory for ``family``.
+
+    ``tables``: text encoder name (``clip_l``, ``clip_g``) -> token -> ``[L, n, width]`` table, one per
+    encoder of the family, every encoder with the same tokens; ``text``: text encoder name -> diffusers module
+    -> ``(up, down)``; ``unet``: diffusers module -> ``(up, down)``.
 
     ``ignored_keys``: the first :data:`MAX_IGNORED_KEPT` file entries that were not loaded (shown as
-    in messages); ``ignored_total`` counts them all.
+    in messages); ``ignored_total`` counts them all. ``warnings``: what was loaded but looks wrong.
     """
 
     name: str
-    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
-    text_encoder: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    unet: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    tables: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    text: dict[str, dict[str, Pair]] = field(default_factory=dict)
+    unet: dict[str, Pair] = field(default_factory=dict)
     digest: str = ""
     family: ModelFamily = SD15
     ignored_keys: tuple[str, ...] = ()
     ignored_total: int = 0
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """token -> table of the family's first text encoder (an SD1.x file's only tables)."""
+        return self.tables.get(self.family.text_encoders[0].name, {})
 
     @property
     def tokens(self) -> list[str]:
@@ -175,6 +207,8 @@ class _Reader:
                      "" if self.float64 == 1 else "s")
         if edlora.ignored_total:
             log.warning("Mix-of-Show: %s (the rest was loaded)", edlora.ignored_summary)
+        for warning in edlora.warnings:
+            log.warning("Mix-of-Show: %s", warning)
         return edlora
 
 
@@ -219,11 +253,11 @@ def _gather_parts(state: object, r: _Reader) -> dict[str, dict[str, object]]:
             parts.setdefault(key, {})
             if not isinstance(value, dict):
                 raise EDLoRAError(f"{r.name}: {shown(key)} is {what_is(value)}; expected a dict of "
-                                  + ("token -> tensor" if key == _PARTS[0] else "LoRA factor name -> tensor"))
+                                  + ("token -> tensor" if key in _TABLE_PARTS else "LoRA factor name -> tensor"))
             for rest, item in value.items():
                 if not isinstance(rest, str):
                     raise EDLoRAError(f"{r.name}: {shown(key)} has the key {shown(rest)}; expected "
-                                      + ("tokens like <name>" if key == _PARTS[0] else "LoRA factor names"))
+                                      + ("tokens like <name>" if key in _TABLE_PARTS else "LoRA factor names"))
                 put(key, rest, item)
         else:
             part, dot, rest = key.partition(".")
@@ -234,8 +268,8 @@ def _gather_parts(state: object, r: _Reader) -> dict[str, dict[str, object]]:
     return parts
 
 
-def _split_lora_factors(r: _Reader, part: str, flat: dict[str, object],
-                        family: ModelFamily) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _factor_keys(part: str, flat: dict[str, object], r: _Reader) -> dict[str, dict[str, object]]:
+    """module -> {"up": value, "down": value} of a LoRA part, in either key spelling."""
     factors: dict[str, dict[str, object]] = {}
     for key, value in flat.items():
         for pattern in _KEY_SPELLINGS:
@@ -249,21 +283,21 @@ def _split_lora_factors(r: _Reader, part: str, flat: dict[str, object],
         else:
             raise EDLoRAError(f"{r.name}: unexpected key {shown(part + '.' + key)} (expected "
                               f"<module>.lora_up/lora_down.weight or <module>_lora.up/down.weight)")
+    return factors
+
+
+def _split_lora_factors(r: _Reader, part: str, flat: dict[str, object], family: ModelFamily) -> dict[str, Pair]:
+    encoder = family.text_encoder_of(lora_part=part)
     out = {}
-    for module, pair in factors.items():
+    for module, pair in _factor_keys(part, flat, r).items():
         where = shown(f"{part}.{module}")
         if set(pair) != {"up", "down"}:
             raise EDLoRAError(f"{r.name}: {where} has only a lora {'/'.join(pair)} factor")
-        encoder = next((e for e in family.text_encoders if e.lora_part == part), None)
         if encoder is not None:
             if not encoder.is_lora_module(module):
-                raise EDLoRAError(f"{r.name}: {where} is not a CLIP text-encoder linear of {family.label}")
-        else:
-            try:
-                family.ldm_unet_module(module)
-            except KeyError:
-                raise EDLoRAError(f"{r.name}: {where} is not a transformer-block module of the {family.label} "
-                                  f"UNet") from None
+                raise EDLoRAError(f"{r.name}: {where} is not a linear of {family.label}'s {encoder.name} text encoder")
+        elif not family.has_unet_module(module):
+            raise EDLoRAError(f"{r.name}: {where} is not a transformer-block module of the {family.label} UNet")
         up = r.tensor(f"{part}.{module}.lora_up.weight", pair["up"], ndim=(2, 4))
         down = r.tensor(f"{part}.{module}.lora_down.weight", pair["down"], ndim=(2, 4))
         if down.ndim != up.ndim or up.shape[1] != down.shape[0] or up.shape[2:] != down.shape[2:] \
@@ -272,8 +306,8 @@ def _split_lora_factors(r: _Reader, part: str, flat: dict[str, object],
                               f"{list(down.shape)} (expected [out, r] @ [r, in], or [out, r, 1, 1] @ [r, in, 1, 1])")
         check_lora_change(r.name, f"{part}.{module}", up, down)
         if encoder is not None and not module.endswith("fc2") and down.shape[1] != encoder.width:
-            raise EDLoRAError(f"{r.name}: text-encoder LoRA {where} takes {down.shape[1]} inputs; an {family.label} "
-                              f"ED-LoRA has a {encoder.width}-wide CLIP text encoder (is it for SD2/SDXL?)")
+            raise ModelFamilyError(f"{r.name}: text-encoder LoRA {where} takes {down.shape[1]} inputs; an "
+                                   f"{family.label} ED-LoRA's {encoder.name} text encoder is {encoder.width}-wide")
         out[module] = (up, down)
     return out
 
@@ -284,11 +318,26 @@ def _check_token(r: _Reader, token: str) -> None:
                           f"spaces, at most {MAX_TOKEN_CHARS} characters)")
 
 
-def _check_table(r: _Reader, table: object, key: str, family: ModelFamily = SD15) -> torch.Tensor:
-    rows, width = family.layer_count, family.text_width
+def _width_hint(width: int, encoder: TextEncoder) -> str:
+    """What a table of another width is likely for (SD2.x's text encoder is 1024 wide: no family here)."""
+    others = sorted({f.label for f in FAMILIES for e in f.text_encoders if e.width == width and e != encoder})
+    if others:
+        return f" — {width}-wide rows are for {' or '.join(others)}"
+    return f" — {width}-wide rows are for no text encoder this pack knows (SD2.x's are 1024 wide)"
+
+
+def _check_table(r: _Reader, table: object, key: str, family: ModelFamily = SD15,
+                 encoder: TextEncoder | None = None) -> torch.Tensor:
+    encoder = encoder or family.text_encoders[0]
+    rows, width = family.layer_count, encoder.width
     shape = tuple(table.shape) if torch.is_tensor(table) else ()
-    hint = " — is it for SD2/SDXL?" if len(shape) in (2, 3) and shape[-1] not in (width, 0) else ""
-    t = r.tensor(key, table, shapes=[(rows, width), (rows, None, width)], expected=_table_rule(family) + hint)
+    rule = _table_rule(family, encoder)
+    try:
+        t = r.tensor(key, table, shapes=[(rows, width), (rows, None, width)], expected=rule)
+    except EDLoRAError as e:
+        if len(shape) in (2, 3) and shape[-1] not in (width, 0):  # rows of another width: another base model
+            raise ModelFamilyError(f"{e}{_width_hint(shape[-1], encoder)}") from None
+        raise
     t = t if t.ndim == 3 else t.unsqueeze(1)
     if t.shape[1] > MAX_VECTORS_PER_TOKEN:
         raise EDLoRAError(f"{r.name}: {shown(key)} has {t.shape[1]} vectors per layer; a prompt chunk holds at most "
@@ -296,23 +345,72 @@ def _check_table(r: _Reader, table: object, key: str, family: ModelFamily = SD15
     return t
 
 
-def _xti_hint(state: object, family: ModelFamily) -> str:
+def _xti_hint(state: object) -> str:
     if not isinstance(state, dict):
         return ""
-    present = [k for k in family.xti_keys if k in state]
-    if not present:
-        return ""
-    missing = [k for k in family.xti_keys if k not in state]
-    return (f"; it has {len(present)} of the {len(family.xti_keys)} XTI layer keys (missing "
-            f"{', '.join(missing)}), so it is not an XTI embedding either")
+    for family in FAMILIES:
+        present = [k for k in family.xti_keys if k in state]
+        if present:
+            missing = [k for k in family.xti_keys if k not in state]
+            return (f"; it has {len(present)} of the {len(family.xti_keys)} XTI layer keys (missing "
+                    f"{', '.join(missing)}), so it is not an XTI embedding either")
+    return ""
 
 
-def parse_edlora(state: dict[Any, Any], name: str, family: ModelFamily = SD15) -> EDLoRA:
+def _shape(value: object) -> tuple[int, ...]:
+    return tuple(value.shape) if torch.is_tensor(value) else ()
+
+
+def _family_of_parts(r: _Reader, parts: dict[str, dict[str, object]]) -> ModelFamily:
+    """The family a file's parts are for (:func:`fusion.families.recognise_file`), or a ModelFamilyError."""
+    tables = {p: {tok: _shape(v) for tok, v in parts[p].items()} for p in _TABLE_PARTS if p in parts}
+    loras = {p: {m: _shape(f.get("down")) for m, f in _factor_keys(p, parts[p], r).items()}
+             for p in _LORA_PARTS if p in parts}
+    found, markers = recognise_file(tables, loras)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        said = "; ".join(f"{', '.join(markers[f.name][:2])} ({f.label})" for f in found)
+        raise ModelFamilyError(f"{r.name}: inconsistent ED-LoRA — its content points to {len(found)} model "
+                               f"families: {said}; a file is made for one")
+    seen = sorted({str(list(s)) for part in tables.values() for s in part.values()})
+    expected = "; ".join(f"{f.label}: " + " and ".join(f"[{f.layer_count}, {e.width}]" for e in f.text_encoders)
+                         for f in FAMILIES)
+    raise ModelFamilyError(f"{r.name}: an ED-LoRA for no model family this pack knows: its token tables are "
+                           f"{', '.join(seen[:3])}; the tables of each family are {expected}")
+
+
+def _relatedness(table: torch.Tensor) -> float:
+    """Mean pairwise cosine between a ``[L, n, C]`` table's layer rows (1 for identical rows, ~0 for unrelated)."""
+    rows = torch.nn.functional.normalize(table.transpose(0, 1).double(), dim=-1)  # [n, L, C]
+    count = rows.shape[1]
+    if count < 2:
+        return 1.0
+    cos = rows @ rows.transpose(1, 2)
+    return float((cos.sum(dim=(1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(dim=1)).mean() / (count * (count - 1)))
+
+
+def _untrained_tables(r: _Reader, family: ModelFamily, tables: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Warnings for later encoders' tables whose rows look untrained (see the module text)."""
+    first = family.text_encoders[0]
+    out = []
+    for e in family.text_encoders[1:]:
+        tokens = [t for t, table in tables[e.name].items()
+                  if _relatedness(table) < _UNRELATED and _relatedness(tables[first.name][t]) > _RELATED]
+        if tokens:
+            out.append(f"{r.name}: the {e.name} rows ('{e.table_part}') of {' '.join(tokens)} look untrained "
+                       f"({family.layer_count} unrelated random rows, while its {first.name} rows are related), as "
+                       f"Concept Conductor's trainer can leave them; they are used as they are")
+    return out
+
+
+def parse_edlora(state: dict[Any, Any], name: str, family: ModelFamily | None = None) -> EDLoRA:
     """Validate a loaded state dict (nested, ``params``-wrapped or flat) and return an :class:`EDLoRA`.
 
-    Token tables are normalised to ``[L, n, C]`` float32 (the family's L layers and C-wide rows; n vectors
-    per token, ED-LoRA has n = 1), LoRA factors to float32. Raises :class:`EDLoRAError` (module docstring:
-    what is refused, what is ignored with a warning).
+    The family is recognised from the content unless given. Token tables are normalised to ``[L, n, C]``
+    float32 (the family's L layers and each encoder's C-wide rows; n vectors per token, ED-LoRA has n = 1),
+    LoRA factors to float32. Raises :class:`EDLoRAError` (module docstring: what is refused, what is ignored
+    with a warning).
     """
     with _named(name):
         r = _Reader(name)
@@ -320,23 +418,40 @@ def parse_edlora(state: dict[Any, Any], name: str, family: ModelFamily = SD15) -
         if not parts:
             keys = ", ".join(shown(k, 40) for k in itertools.islice(state, 6))
             raise EDLoRAError(f"{r.name}: not an ED-LoRA — no 'new_concept_embedding', 'text_encoder' or 'unet' part "
-                              f"(top-level keys: {keys or 'none'}){_xti_hint(state, family)}")
-        tables = {}
-        for tok, table in parts.get("new_concept_embedding", {}).items():
-            _check_token(r, tok)
-            tables[tok] = _check_table(r, table, f"new_concept_embedding.{tok}", family)
-        if not tables:
+                              f"(top-level keys: {keys or 'none'}){_xti_hint(state)}")
+        for part in _TABLE_PARTS:
+            for tok in parts.get(part, {}):
+                _check_token(r, tok)
+        if not any(parts.get(part) for part in _TABLE_PARTS):
             raise EDLoRAError(f"{r.name}: defines no concept token (empty 'new_concept_embedding')")
-        return r.finish(EDLoRA(name=name, embeddings=tables, family=family,
-                               text_encoder=_split_lora_factors(r, "text_encoder", parts.get("text_encoder", {}),
-                                                                family),
-                               unet=_split_lora_factors(r, "unet", parts.get("unet", {}), family)))
+        family = family or _family_of_parts(r, parts)
+        own = {e.table_part for e in family.text_encoders} | {e.lora_part for e in family.text_encoders} | \
+            {_UNET_PART}
+        foreign = [p for p in parts if p not in own]
+        if foreign:
+            raise ModelFamilyError(f"{r.name}: an {family.label} ED-LoRA has no '{foreign[0]}' part")
+        tables = {e.name: {tok: _check_table(r, t, f"{e.table_part}.{tok}", family, e)
+                           for tok, t in parts.get(e.table_part, {}).items()} for e in family.text_encoders}
+        for e in family.text_encoders:
+            missing = [t for f in family.text_encoders for t in tables[f.name] if t not in tables[e.name]]
+            if missing:
+                raise ModelFamilyError(f"{r.name}: inconsistent tables: {missing[0]} has no '{e.table_part}' table "
+                                       f"({e.name} rows); an {family.label} ED-LoRA has one table per text encoder "
+                                       f"for every token")
+        edlora = EDLoRA(name=name, tables=tables, family=family,
+                        text={e.name: _split_lora_factors(r, e.lora_part, parts.get(e.lora_part, {}), family)
+                              for e in family.text_encoders},
+                        unet=_split_lora_factors(r, _UNET_PART, parts.get(_UNET_PART, {}), family),
+                        warnings=tuple(_untrained_tables(r, family, tables)))
+        return r.finish(edlora)
 
 
-def _is_xti_state(state: object, family: ModelFamily) -> bool:
-    """A kohya XTI (P+) embedding: all of the family's layer keys (IN01..OUT11) and no ED-LoRA part."""
-    return isinstance(state, dict) and all(k in state for k in family.xti_keys) and not any(
-        isinstance(k, str) and (k in _PARTS or k == "params" or k.partition(".")[0] in _PARTS) for k in state)
+def _xti_family(state: object) -> ModelFamily | None:
+    """The family of a kohya XTI (P+) embedding: all of its layer keys (IN01..OUT11) and no ED-LoRA part."""
+    if not isinstance(state, dict) or any(
+            isinstance(k, str) and (k in _PARTS or k == "params" or k.partition(".")[0] in _PARTS) for k in state):
+        return None
+    return next((f for f in FAMILIES if f.xti_keys and all(k in state for k in f.xti_keys)), None)
 
 
 def parse_xti(state: dict[Any, Any], name: str, token: str, family: ModelFamily = SD15) -> EDLoRA:
@@ -347,14 +462,14 @@ def parse_xti(state: dict[Any, Any], name: str, token: str, family: ModelFamily 
     with _named(name):
         r = _Reader(name)
         _check_token(r, token)
-        keys, width = family.xti_keys, family.text_width
-        if not isinstance(state, dict) or not all(k in state for k in keys):
+        keys, encoder = family.xti_keys, family.text_encoders[0]
+        if not isinstance(state, dict) or not keys or not all(k in state for k in keys):
             raise EDLoRAError(f"{r.name}: not an XTI embedding (expected the keys {', '.join(keys)})")
-        rows = [r.tensor(k, state[k], shapes=[(None, width)],
-                         expected=f"an {family.label} XTI layer is [n, {width}]") for k in keys]
+        rows = [r.tensor(k, state[k], shapes=[(None, encoder.width)],
+                         expected=f"an {family.label} XTI layer is [n, {encoder.width}]") for k in keys]
         if any(row.shape != rows[0].shape for row in rows):
             shapes = sorted({str(list(row.shape)) for row in rows})
-            raise EDLoRAError(f"{r.name}: XTI layers must all have one shape [n, {width}]; found "
+            raise EDLoRAError(f"{r.name}: XTI layers must all have one shape [n, {encoder.width}]; found "
                               f"{', '.join(shapes)}")
         extra = [k for k in state if not (isinstance(k, str) and k in keys)]
         if extra:
@@ -365,11 +480,12 @@ def parse_xti(state: dict[Any, Any], name: str, token: str, family: ModelFamily 
         if table.shape[1] > MAX_VECTORS_PER_TOKEN:
             raise EDLoRAError(f"{r.name}: {table.shape[1]} vectors per layer; a prompt chunk holds at most "
                               f"{MAX_VECTORS_PER_TOKEN}")
-        return r.finish(EDLoRA(name=name, embeddings={token: table}, family=family))
+        return r.finish(EDLoRA(name=name, tables={encoder.name: {token: table}}, family=family))
 
 
-def load_edlora(path: str, family: ModelFamily = SD15) -> EDLoRA:
-    """Load an ED-LoRA or a kohya XTI embedding file from disk (never running pickled code).
+def load_edlora(path: str) -> EDLoRA:
+    """Load an ED-LoRA or a kohya XTI embedding file from disk (never running pickled code); the family is
+    recognised from its content.
 
     A fused bundle (metadata ``format=mixofshow-fused-bundle``) is refused: it loads as a bundle.
     """
@@ -379,16 +495,21 @@ def load_edlora(path: str, family: ModelFamily = SD15) -> EDLoRA:
         if meta.get("format") == BUNDLE_FORMAT:
             raise EDLoRAError(f"{file_label(name)}: a fused ED-LoRA bundle (format={BUNDLE_FORMAT}), not a single "
                               f"ED-LoRA: a bundle is loaded whole (fused weights and concepts), never as an ED-LoRA")
-        if _is_xti_state(state, family):
+        xti = _xti_family(state)
+        if xti is not None:
             stem = re.sub(r"[^A-Za-z0-9_\-.]", "_", os.path.splitext(name)[0])
             if len(stem) > MAX_TOKEN_CHARS - 2:  # cut, it would not be the name a user types
                 raise EDLoRAError(f"{file_label(name)}: an XTI embedding's token is its file name, <{stem[:240]}>, "
                                   f"which is {len(stem)} characters long; rename the file to at most "
                                   f"{MAX_TOKEN_CHARS - 2} characters (tokens are at most {MAX_TOKEN_CHARS} with the "
                                   f"brackets)")
-            edlora = parse_xti(state, name, f"<{stem}>", family)
+            edlora = parse_xti(state, name, f"<{stem}>", xti)
         else:
-            edlora = parse_edlora(state, name, family)
+            edlora = parse_edlora(state, name)
+        said = meta.get("base") if meta.get("format") == EDLORA_FORMAT else None
+        if said is not None and said != edlora.family.name:
+            raise ModelFamilyError(f"{file_label(name)}: its metadata says base={shown(said)}, but its content is an "
+                                   f"{edlora.family.label} ED-LoRA")
         edlora.digest = file_digest(path)
         return edlora
 
@@ -396,9 +517,12 @@ def load_edlora(path: str, family: ModelFamily = SD15) -> EDLoRA:
 def to_flat_state_dict(edlora: EDLoRA) -> dict[str, torch.Tensor]:
     """The flat safetensors layout (module docstring); single-vector tables are stored as [L, C]."""
     flat = {}
-    for tok, table in edlora.embeddings.items():
-        flat[f"new_concept_embedding.{tok}"] = (table[:, 0] if table.shape[1] == 1 else table).contiguous()
-    for part, factors in (("text_encoder", edlora.text_encoder), ("unet", edlora.unet)):
+    encoders = edlora.family.text_encoders
+    for e in encoders:
+        for tok, table in edlora.tables.get(e.name, {}).items():
+            flat[f"{e.table_part}.{tok}"] = (table[:, 0] if table.shape[1] == 1 else table).contiguous()
+    parts = [(e.lora_part, edlora.text.get(e.name, {})) for e in encoders] + [(_UNET_PART, edlora.unet)]
+    for part, factors in parts:
         for module, (up, down) in factors.items():
             flat[f"{part}.{module}.lora_up.weight"] = up.contiguous()
             flat[f"{part}.{module}.lora_down.weight"] = down.contiguous()
@@ -407,7 +531,8 @@ def to_flat_state_dict(edlora: EDLoRA) -> dict[str, torch.Tensor]:
 
 def save_edlora(edlora: EDLoRA, path: str, extra_metadata: dict[str, str] | None = None) -> None:
     """Write the flat safetensors layout (via a ``.part`` file, so a failed write leaves no half file)."""
-    meta = {"format": EDLORA_FORMAT, "version": EDLORA_FORMAT_VERSION, "tokens": " ".join(edlora.tokens)}
+    meta = {"format": EDLORA_FORMAT, "version": EDLORA_FORMAT_VERSION, "tokens": " ".join(edlora.tokens),
+            "base": edlora.family.name, "layers": str(edlora.family.layer_count)}
     meta.update(extra_metadata or {})
     tmp = path + ".part"
     try:

@@ -63,6 +63,12 @@ class ConceptSet:
     concepts: tuple[Concept, ...] = ()
 
     def add(self, concept: Concept) -> ConceptSet:
+        family = concept.edlora.family
+        other = next((c for c in self.concepts if c.edlora.family.name != family.name), None)
+        if other is not None:
+            raise ConceptError(f"'{concept.edlora.name}' is an {family.label} concept but the concept set holds "
+                               f"'{other.edlora.name}', an {other.edlora.family.label} one; one set is for one model "
+                               f"family")
         owners = self.token_owners()
         for tok in concept.edlora.tokens:
             if tok in owners:
@@ -90,8 +96,12 @@ class ConceptSet:
 
     @property
     def tables(self) -> dict[str, torch.Tensor]:
-        """token -> ``[16, n, 768]`` table."""
+        """token -> ``[L, n, C]`` table of its family's first text encoder (SD1.x: its only one)."""
         return {tok: t for c in self.concepts for tok, t in c.edlora.embeddings.items()}
+
+    def tables_of(self, encoder: str) -> dict[str, torch.Tensor]:
+        """token -> ``[L, n, C]`` table of the text encoder named ``encoder`` (``clip_l``, ``clip_g``)."""
+        return {tok: t for c in self.concepts for tok, t in c.edlora.tables.get(encoder, {}).items()}
 
     def describe(self) -> str:
         return "; ".join(f"{c.edlora.name}: {c.prompt_words}" for c in self.concepts) or "(empty)"

@@ -218,7 +218,7 @@ class ComfyRecorder:
                 state["batch"] = layer_count if vectors else 1
                 state["length"] = _end_position(_first_section(tokens), end) + 1
                 state["weight"] = layer_count / state["batch"]
-                encode_with_concepts(clip_i, prompt, self.concepts)
+                encode_with_concepts(clip_i, prompt, self.concepts, every_copy=True)
         for g in groups:
             if rows[g]:
                 sink(g, _weighted_unique(torch.cat(rows[g]), torch.cat(weights[g])), False)

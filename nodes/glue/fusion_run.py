@@ -20,7 +20,7 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
-from ...fusion.errors import BundleError, ConceptError
+from ...fusion.errors import BundleError, ConceptError, FusionError
 from ...fusion.files.bundle import load_bundle, save_bundle
 from ...fusion.log import log
 from ...fusion.merge import cache as fc
@@ -70,13 +70,16 @@ def _shapes(root, keys) -> dict[str, tuple[int, ...]]:
 
 def plan_for(model, clip, concepts: ConceptSet) -> gf.FusionPlan:
     """The fusion plan of a concept set (every concept checked against this MODEL/CLIP first)."""
+    family = model_family(model, "Gradient Fusion")
+    if not family.supports_fusion:
+        raise FusionError(f"Gradient Fusion: the MODEL is {family.describe_unet()}; fusing {family.label} concepts "
+                          f"is not supported yet — use a LoRA per region instead (Region's model input)")
     for c in concepts.concepts:
         check_base(c.edlora.name, c.edlora.family, model, clip)
     loras = [gf.ConceptLoRA(concept_label(c), c.text_factors, c.unet_factors, c.text_encoder_strength,
                             c.unet_strength) for c in concepts.concepts]
     return gf.make_plan(loras, _shapes(clip.cond_stage_model, {k for c in loras for k in c.text}),
-                        _shapes(model.model, {k for c in loras for k in c.unet}),
-                        model_family(model, "Gradient Fusion"))
+                        _shapes(model.model, {k for c in loras for k in c.unet}), family)
 
 
 def _weight_digests(patcher) -> dict[str, str]:

@@ -24,10 +24,10 @@ from ..names import CONCEPTS_USED_KEY, LAYERWISE_KEY, LAYERWISE_WRAPPER, PROMPT_
 from .family import clip_family, model_family
 
 _PLACEHOLDERS = ("sks", "olis", "zxq", "qxv")
-# A concept prompt is encoded 16 times: at most this many 77-token sections go through the text
-# encoder at once (memory stays bounded), and a concept prompt may have at most MAX_SECTIONS sections
-# (a prompt without concept tokens is the stock encoder's, at any length).
-_SECTIONS_PER_PASS = 64
+# At most this many 77-token sequences go through the text encoders at once (memory stays bounded), and a
+# concept prompt may have at most MAX_SECTIONS sections (it is encoded once per cross-attention layer; a prompt
+# without concept tokens is the stock encoder's, at any length).
+_SEQUENCES_PER_PASS = 64
 MAX_SECTIONS = 32
 MAX_PROMPT_CHARS = 20000  # refused before tokenizing (a 100,000-character prompt costs nothing)
 
@@ -41,17 +41,20 @@ def _placeholder_positions(tokens: dict, placeholder_id: int) -> dict[str, list[
 def tokenize_with_concepts(clip, text: str, concepts: ConceptSet):
     """Tokenize with ComfyUI's own tokenizer (weights, long prompts, ``embedding:``), concept tokens
     replaced by a placeholder word. Returns (tokens, placeholder positions per tokenizer key, vectors):
-    the k-th position takes ``vectors[k]`` = (token, vector index)."""
+    the k-th position of every key takes ``vectors[k]`` = (token, vector index)."""
     tables = concepts.tables
     last_error = None
+    special: set[int] | None = None  # start, end and padding ids: what an empty prompt is made of
     for word in _PLACEHOLDERS:
         sub = substitute_concepts(text, tables, word)
         if not sub.vectors:
             return clip.tokenize(text), {}, ()
+        if special is None:
+            special = {int(p[0]) for stream in clip.tokenize("").values() for sec in stream for p in sec}
         probe = clip.tokenize(word)
         ids = [int(p[0]) for sec in next(iter(probe.values())) for p in sec
                if isinstance(p[0], numbers.Integral)]
-        content = [i for i in ids[1:] if i not in (ids[0], ids[-1])]
+        content = [i for i in ids if i not in special]
         if len(content) != 1:
             continue
         tokens = clip.tokenize(sub.text)
@@ -62,30 +65,65 @@ def tokenize_with_concepts(clip, text: str, concepts: ConceptSet):
     raise ConceptError(f"could not place concept tokens in this prompt ({last_error or 'no single-token placeholder'})")
 
 
-def _layered_tokens(tokens: dict, positions: dict, vectors, tables, layers) -> dict:
-    """The token sections of ``layers`` copies of the prompt, layer-major; in copy ``l`` each concept
-    placeholder takes row ``l`` of its token's table."""
-    layered = {}
-    for key, sections in tokens.items():
-        copies = []
-        for layer in layers:
-            copy = [list(section) for section in sections]
-            for (s, j), (tok, v) in zip(positions[key], vectors, strict=True):
-                pair = copy[s][j]
-                copy[s][j] = (tables[tok][layer, v], *pair[1:])
-            copies.extend(copy)
-        layered[key] = copies
-    return layered
+class _Stream:
+    """One token stream of the prompt (``l``; SDXL also ``g``) and the distinct sequences its layer copies need.
+
+    Copy ``l`` of section ``s`` has each concept placeholder replaced by row ``l`` of its token's table for this
+    stream's text encoder. Two copies of a section are the same sequence when those rows are equal at every
+    placeholder of the section: a section without concept tokens is one sequence for every layer, and layers whose
+    rows repeat share one. (CLIP's attention is causal, so copies also agree before their first concept token;
+    that part is recomputed, since ComfyUI's text encoders take whole 77-token sequences.) With ``every_copy``
+    each copy of each section is its own sequence (what fusion's recording hooks expect).
+    """
+
+    def __init__(self, sections: list, positions: list, vectors, tables: dict, layer_count: int,
+                 every_copy: bool):
+        self.sections, self.tables = sections, tables
+        per_section: list[list[tuple[int, str, int]]] = [[] for _ in sections]
+        for (s, j), (tok, v) in zip(positions, vectors, strict=True):
+            per_section[s].append((j, tok, v))
+        # the distinct rows of each (token, vector): layer -> the first layer with the same row
+        same_row: dict[tuple[str, int], list[int]] = {}
+        for tok, v in {(tok, v) for _, tok, v in (p for sec in per_section for p in sec)}:
+            _, inverse = torch.unique(tables[tok][:, v], dim=0, return_inverse=True)
+            first: dict[int, int] = {}
+            same_row[tok, v] = [first.setdefault(int(i), layer) for layer, i in enumerate(inverse)]
+        self.sequences: list[tuple[int, int]] = []  # (section, the layer whose rows it holds)
+        self.index = [[0] * len(sections) for _ in range(layer_count)]  # [layer][section] -> sequence
+        found: dict[tuple, int] = {}
+        for layer in range(layer_count):
+            for s, placeholders in enumerate(per_section):
+                key = (s, layer) if every_copy else (s, *(same_row[tok, v][layer] for _, tok, v in placeholders))
+                if key not in found:
+                    found[key] = len(self.sequences)
+                    self.sequences.append((s, layer))
+                self.index[layer][s] = found[key]
+        self.placeholders = per_section
+
+    def sequence(self, i: int) -> list:
+        """Token list of distinct sequence ``i`` (the last one past the end: streams are padded to one count)."""
+        s, layer = self.sequences[min(i, len(self.sequences) - 1)]
+        section = list(self.sections[s])
+        for j, tok, v in self.placeholders[s]:
+            section[j] = (self.tables[tok][layer, v], *section[j][1:])
+        return section
 
 
-def encode_with_concepts(clip, text: str, concepts: ConceptSet, where: str = "") -> list:
+def encode_with_concepts(clip, text: str, concepts: ConceptSet, where: str = "", extra: dict | None = None,
+                         every_copy: bool = False) -> list:
     """CONDITIONING for ``text``: identical to the stock CLIP Text Encode when no concept token is
-    present (one text-encoder pass, any length); otherwise one entry per CLIP hook keyframe (as the stock
-    encoder) whose tensor is a :class:`LayerwiseContext` with one context per cross-attention layer of the
-    CLIP's family, encoded in batches of at most ``_SECTIONS_PER_PASS`` sequences. ``where`` (the node and
-    input, e.g. ``"Text Encode with Concepts, input 'text'"``) starts every error's message."""
+    present (one text-encoder pass, any length; ``extra`` is added to each entry's dict as ``add_dict``, e.g.
+    SDXL's size conditioning); otherwise one entry per CLIP hook keyframe (as the stock encoder) whose tensor is a
+    :class:`LayerwiseContext` with one context per cross-attention layer of the CLIP's family. ``where`` (the node
+    and input, e.g. ``"Text Encode with Concepts, input 'text'"``) starts every error's message.
+
+    Every text encoder's stream gets its own rows (``l``: CLIP-L tables; SDXL's ``g``: bigG tables); only the
+    distinct sequences are encoded (:class:`_Stream`), all streams together through ComfyUI's own encoder in
+    passes of at most ``_SEQUENCES_PER_PASS`` (a stream with fewer distinct sequences repeats its last), and the
+    streams' outputs are concatenated per layer as the family's CLIP concatenates them. The pooled output is
+    that of copy 0 (ComfyUI's rule: its first section's end token)."""
     try:
-        return _encode(clip, text, concepts)
+        return _encode(clip, text, concepts, dict(extra or {}), every_copy)
     except ConceptError as e:
         if not where:
             raise
@@ -99,28 +137,51 @@ def _too_long(length: str) -> ConceptError:
                         f"it, or encode the part without concept tokens with another node and combine the two")
 
 
-def _encode(clip, text: str, concepts: ConceptSet) -> list:
+def _encode(clip, text: str, concepts: ConceptSet, extra: dict, every_copy: bool) -> list:
     if len(text) > MAX_PROMPT_CHARS and find_concept_tokens(text):  # refused before tokenizing
         raise _too_long(f"{len(text):,} characters")
     tokens, positions, vectors = tokenize_with_concepts(clip, text, concepts)
-    sections = len(next(iter(tokens.values())))
+    sections = max(len(v) for v in tokens.values())
     if vectors and sections > MAX_SECTIONS:
         raise _too_long(f"{sections} × 77 tokens")
     if not vectors:
-        return [[c, {**d, PROMPT_KEY: text}] for c, d in clip.encode_from_tokens_scheduled(tokens)]
-    layer_count = clip_family(clip, "Text Encode with Concepts").layer_count
-    tables = concepts.tables
-    per_pass = max(1, _SECTIONS_PER_PASS // sections)
-    groups = [range(first, min(first + per_pass, layer_count)) for first in range(0, layer_count, per_pass)]
-    # per group of layers: the scheduled entries [[cond [1, copies * tokens, C], dict], ...]
-    passes = [clip.encode_from_tokens_scheduled(_layered_tokens(tokens, positions, vectors, tables, layers))
-              for layers in groups]
+        return [[c, {**d, PROMPT_KEY: text}] for c, d in clip.encode_from_tokens_scheduled(tokens, add_dict=extra)]
+    family = clip_family(clip, "Text Encode with Concepts")
+    streams = {}
+    for key, stream_sections in tokens.items():
+        encoder = family.text_encoder_of(tokenizer_key=key)
+        if encoder is None:
+            raise ConceptError(f"the CLIP's token stream '{key}' belongs to no text encoder of {family.label}")
+        tables = concepts.tables_of(encoder.name)
+        lacking = next((tok for tok, _ in vectors if tok not in tables or tables[tok].shape[0] != family.layer_count),
+                       None)
+        if lacking is not None:
+            owner = next(c.edlora for c in concepts.concepts if lacking in c.edlora.tokens)
+            raise ConceptError(f"{lacking} ({owner.name}) is an {owner.family.label} concept; this CLIP is "
+                               f"{family.label}: encode it with the CLIP of the chain that loaded it")
+        streams[key] = (_Stream(stream_sections, positions[key], vectors, tables, family.layer_count, every_copy),
+                        encoder)
+    count = max(len(stream.sequences) for stream, _ in streams.values())
+    passes = [clip.encode_from_tokens_scheduled({key: [stream.sequence(i) for i in range(first, min(
+        first + _SEQUENCES_PER_PASS, count))] for key, (stream, _) in streams.items()}, add_dict=extra)
+        for first in range(0, count, _SEQUENCES_PER_PASS)]
+    offsets, width = {}, 0
+    for encoder in family.text_encoders:  # the order the family's CLIP concatenates its encoders' outputs in
+        offsets[encoder.name] = width
+        width += encoder.width
+    section_tokens = len(next(iter(tokens.values()))[0])  # 77: every section of every stream
     used = concepts.labels_for(tok for tok, _ in vectors)
     out = []
-    for k, (_, extra) in enumerate(passes[0]):
-        stack = torch.cat([p[k][0].reshape(len(layers), -1, p[k][0].shape[-1])
-                           for p, layers in zip(passes, groups, strict=True)]).unsqueeze(0)
-        out.append([LayerwiseContext(stack), {**extra, CONCEPTS_USED_KEY: used, PROMPT_KEY: text}])
+    for k, (_, info) in enumerate(passes[0]):
+        encoded = torch.cat([p[k][0].reshape(-1, section_tokens, p[k][0].shape[-1]) for p in passes])
+        per_stream = []  # in the order the family's CLIP concatenates its encoders (not the tokenizer's key order)
+        for stream, encoder in sorted(streams.values(), key=lambda se: offsets[se[1].name]):
+            part = encoded[..., offsets[encoder.name]:offsets[encoder.name] + encoder.width]
+            index = torch.tensor(stream.index, device=part.device)  # [layers, sections]
+            per_stream.append(part[index].flatten(1, 2))  # [layers, sections * tokens, width]
+        tokens_kept = min(p.shape[1] for p in per_stream)  # as the family's CLIP cuts its streams to one length
+        stack = torch.cat([p[:, :tokens_kept] for p in per_stream], dim=-1).unsqueeze(0)
+        out.append([LayerwiseContext(stack), {**info, CONCEPTS_USED_KEY: used, PROMPT_KEY: text}])
     return out
 
 

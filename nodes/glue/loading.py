@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 
-from ...fusion.errors import ConceptError
+from ...fusion.errors import ConceptError, ModelFamilyError
 from ...fusion.files.bundle import is_bundle
 from ...fusion.files.edlora import EDLoRA, file_digest, load_edlora
 from ...fusion.log import log
 from ...fusion.prompts.concepts import Concept, ConceptSet, normalise_trigger_words
 from ..names import CONCEPTS_USED_KEY
-from .family import check_base
+from .family import check_base, describe_model, model_family
 from .fused_patches import apply_bundle
 from .layerwise import install_layerwise
 from .lora_patch import clip_patches, load_plain_lora, patch_factors, unet_patches
@@ -32,7 +32,10 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
         assert concepts is not None  # load_bundle refuses a bundle without concepts
         model_out.model_options = {**model_out.model_options, CONCEPTS_USED_KEY: concepts.labels}
         return model_out, clip_out, concepts
-    edlora = load_edlora(path)
+    try:
+        edlora = load_edlora(path)
+    except ModelFamilyError as e:  # a file for no family, or for two: say what the model is, too
+        raise ModelFamilyError(f"{e}; the connected MODEL is {describe_model(model)}") from None
     check_base(edlora.name, edlora.family, model, clip)
     unet = unet_patches(edlora, model)
     text = clip_patches(edlora, clip)
@@ -47,8 +50,8 @@ def apply_edlora(model, clip, concepts: ConceptSet | None, path: str, text_encod
         clip_out.add_patches(text, text_encoder_strength)
     install_layerwise(model_out)
     model_out.model_options[CONCEPTS_USED_KEY] = concepts.labels
-    log.info("Mix-of-Show: loaded %s (%s) with %d UNet and %d text-encoder LoRA modules", edlora.name,
-             " ".join(edlora.tokens), len(unet), len(text))
+    log.info("Mix-of-Show: loaded %s (%s, %s) with %d UNet and %d text-encoder LoRA modules", edlora.name,
+             edlora.family.label, " ".join(edlora.tokens), len(unet), len(text))
     return model_out, clip_out, concepts
 
 
@@ -61,9 +64,12 @@ def apply_lora_concept(model, clip, concepts: ConceptSet | None, path: str, trig
     if not words:
         raise ConceptError(f"{name}: a LoRA used as a concept needs its trigger words (e.g. 'ohwx woman'): they "
                            f"name the character in prompts and in fusion's recordings")
-    edlora = EDLoRA(name=name, digest=file_digest(path))
+    edlora = EDLoRA(name=name, digest=file_digest(path), family=model_family(model, f"{name} (LoRA as Concept)"))
     check_base(edlora.name, edlora.family, model, clip)
-    unet, text, unused = load_plain_lora(path, model, clip)
+    try:
+        unet, text, unused = load_plain_lora(path, model, clip)
+    except ModelFamilyError as e:
+        raise ModelFamilyError(f"{e}; the connected MODEL is {describe_model(model)}") from None
     if unused:
         log.warning("Mix-of-Show: %s: %d key(s) of the file were not applied (e.g. %s)", name, len(unused),
                     ", ".join(k[:80] for k in unused[:4]))

@@ -1,11 +1,13 @@
 """Map an ED-LoRA's diffusers-named LoRA factors onto a ComfyUI MODEL / CLIP (docs/design.md §3.1).
 
-UNet modules go through ComfyUI's ``lora_unet_<name with _>`` key map, text-encoder modules through
-its ``text_encoder.<name>`` (diffusers LoRA) map; both are ComfyUI's own maps, so the patches are
-ordinary LoRA patches (``W = W0 + strength · up @ down``, no alpha) that every sampler understands.
+UNet modules go through ComfyUI's ``lora_unet_<name with _>`` key map, text-encoder modules through its
+diffusers-LoRA map, per encoder (``text_encoder.<name>``, SDXL's ``text_encoder_2.<name>``); both are ComfyUI's
+own maps, so the patches are ordinary LoRA patches (``W = W0 + strength · up @ down``, no alpha) that every
+sampler understands.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import comfy.lora
@@ -13,7 +15,8 @@ import comfy.lora_convert
 import comfy.utils
 from comfy import weight_adapter
 
-from ...fusion.errors import EDLoRAError, LoRAFormatError
+from ...fusion.errors import EDLoRAError, LoRAFormatError, ModelFamilyError
+from ...fusion.families import TextEncoder
 from ...fusion.files.edlora import EDLoRA, read_state_dict
 from ...fusion.files.filecheck import check_file_tensor, check_lora_change, shown
 
@@ -22,8 +25,9 @@ def unet_lora_name(module: str) -> str:
     return "lora_unet_" + module.replace(".", "_")
 
 
-def text_lora_name(module: str) -> str:
-    return "text_encoder." + module
+def text_lora_name(module: str, encoder: TextEncoder) -> str:
+    """ComfyUI's diffusers-LoRA key of a text-encoder module (``text_encoder.…`` / ``text_encoder_2.…``)."""
+    return encoder.comfy_lora_prefix + module
 
 
 def model_key_map(model) -> dict[str, str]:
@@ -34,15 +38,15 @@ def clip_key_map(clip) -> dict[str, str]:
     return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
 
 
-
 def _to_load(edlora: EDLoRA, part: str, factors: dict, key_map: dict, root, name_of) -> tuple[dict, dict]:
     lora_sd, to_load = {}, {}
+    what = "MODEL" if part == "unet" else "CLIP"
     for module, (up, down) in factors.items():
         lora_key = name_of(module)
         target = key_map.get(lora_key)
         if target is None:
-            raise EDLoRAError(f"{edlora.name}: {part} module '{module}' does not exist in this "
-                              f"{'MODEL' if part == 'unet' else 'CLIP'} — is it an SD1.x model?")
+            raise EDLoRAError(f"{edlora.name}: {part} module '{module}' does not exist in this {what} — is it an "
+                              f"{edlora.family.label} model?")
         weight = comfy.utils.get_attr(root, target)
         if weight.ndim not in (2, 4):
             raise EDLoRAError(f"{edlora.name}: {part} module '{module}' has a {weight.ndim}-D weight in this "
@@ -50,7 +54,7 @@ def _to_load(edlora: EDLoRA, part: str, factors: dict, key_map: dict, root, name
                               f"factors apply to linear and convolution weights only")
         if weight.shape[0] != up.shape[0] or weight.shape[1] != down.shape[1]:
             raise EDLoRAError(f"{edlora.name}: {part} module '{module}' is {up.shape[0]}x{down.shape[1]} in the "
-                              f"file but {weight.shape[0]}x{weight.shape[1]} in the model (another base model?)")
+                              f"file but {weight.shape[0]}x{weight.shape[1]} in the {what} (another base model?)")
         lora_sd[lora_key + ".lora_up.weight"] = up
         lora_sd[lora_key + ".lora_down.weight"] = down
         to_load[lora_key] = target
@@ -65,11 +69,16 @@ def unet_patches(edlora: EDLoRA, model, key_map: dict | None = None) -> dict:
 
 
 def clip_patches(edlora: EDLoRA, clip, key_map: dict | None = None) -> dict:
-    """ComfyUI patch dict for the ED-LoRA's text-encoder factors (every module must map)."""
-    lora_sd, to_load = _to_load(edlora, "text_encoder", edlora.text_encoder, key_map or clip_key_map(clip),
-                                clip.cond_stage_model, text_lora_name)
+    """ComfyUI patch dict for the ED-LoRA's text-encoder factors, every encoder of its family (every module
+    must map)."""
+    key_map = key_map or clip_key_map(clip)
+    lora_sd, to_load = {}, {}
+    for encoder in edlora.family.text_encoders:
+        sd, load = _to_load(edlora, encoder.lora_part, edlora.text.get(encoder.name, {}), key_map,
+                            clip.cond_stage_model, lambda module, e=encoder: text_lora_name(module, e))
+        lora_sd.update(sd)
+        to_load.update(load)
     return comfy.lora.load_lora(lora_sd, to_load, log_missing=False) if to_load else {}
-
 
 
 def low_rank_factors(adapter, key: str, source: str) -> tuple:
@@ -130,8 +139,22 @@ def load_plain_lora(path: str, model, clip) -> tuple[dict, dict, list[str]]:
     text = {k: v for k, v in patches.items() if k not in model_keys}
     if not unet and not text:
         raise EDLoRAError(f"{name}: no key of this file patches this MODEL or CLIP — is it a LoRA for another base "
-                          f"model (SDXL, Flux, ...)?")
+                          f"model (SD1.x, SDXL, Flux, ...)?")
+    for patches_of, root in ((unet, model.model), (text, clip.cond_stage_model)):
+        for key, adapter in patches_of.items():
+            _check_fits(name, key, adapter, comfy.utils.get_attr(root, key).shape)
     return unet, text, unused
+
+
+def _check_fits(name: str, key: str, adapter, shape) -> None:
+    """A LoRA whose factors do not multiply to the weight's shape was made for another base model (ComfyUI would
+    skip that weight with a log line and apply the rest)."""
+    if not isinstance(adapter, weight_adapter.LoRAAdapter):
+        return  # other adapters are refused where factors are needed (low_rank_factors)
+    up, down = adapter.weights[0], adapter.weights[1]
+    if up.shape[0] != shape[0] or math.prod(down.shape[1:]) != math.prod(shape[1:]):
+        raise ModelFamilyError(f"{name}: its LoRA on {key} is {up.shape[0]}x{math.prod(down.shape[1:])} but the "
+                               f"weight is {'x'.join(str(d) for d in shape)} — a LoRA for another base model")
 
 
 _KNOWN_EXTRAS = ("bundle_emb.",)  # kohya pivotal-tuning embeddings ride in the file; not patches

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from synthetic import make_edlora_state
 from ui_support import FRONTEND_158, TINY_TOKENS, TINY_TOKENS_B, UI, post
 
 REPO = Path(__file__).resolve().parents[2]
+SUPPORT = REPO / "tests" / "support"
 FRONTENDS = {"1.32.9": None, "1.58.1": FRONTEND_158}
 RENDERERS = ("classic", "vue")
 
@@ -69,8 +72,18 @@ def _environ(**values: str):
                 os.environ[k] = v
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_models(tmp_path_factory) -> Path:
+    """The files the SDXL example runs on here, on the tiny SDXL (tools/make_example_workflows.py: TINY_SDXL),
+    made once (a process of their own: the ControlNet's layout comes from ComfyUI)."""
+    models = tmp_path_factory.mktemp("tiny-sdxl-models")
+    subprocess.run([sys.executable, str(SUPPORT / "tiny_sdxl_files.py"), str(models)], check=True,
+                   capture_output=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return models
+
+
 @pytest.fixture(scope="session", params=list(FRONTENDS))
-def server(request, tmp_path_factory):
+def server(request, tmp_path_factory, tiny_sdxl_models):
     """A ComfyUI server serving one frontend, with the demo models and two tiny ED-LoRAs."""
     import demo
 
@@ -79,6 +92,8 @@ def server(request, tmp_path_factory):
         pytest.skip(f"comfyui-frontend-package {request.param} is not installed at {root} (tools/test.sh installs it)")
     base = tmp_path_factory.mktemp(f"ui-{request.param}")
     demo.prepare(base)
+    for path in tiny_sdxl_models.rglob("*.safetensors"):  # the SDXL example's tiny files (see tiny_sdxl_models)
+        (base / "models" / path.parent.name / path.name).symlink_to(path)
     for name, tokens, seed in (("ui_tiny.pth", TINY_TOKENS, 50), ("ui_tiny_b.pth", TINY_TOKENS_B, 51)):
         torch.save(make_edlora_state(tokens, seed=seed, model_channels=32, text_layers=2, text_intermediate=512),
                    base / "models" / "edloras" / name)

@@ -18,9 +18,9 @@ from ui_support import FRONTEND_158, PACK_MODULE, REPO, UI, open_templates, post
 
 # what a user has instead of the demo's random-weight models (listed by ComfyUI, never loaded here)
 USER_MODELS = {"checkpoints": "dreamshaper_8.safetensors", "edloras": "my_hero.safetensors",
-               "controlnet": "control_v11p_sd15_openpose.pth"}
+               "controlnet": "control_v11p_sd15_openpose.pth", "loras": "my_sdxl_hero.safetensors"}
 MODEL_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "MixOfShowLoadEDLoRA": "edlora_name",
-                "ControlNetLoader": "control_net_name"}
+                "ControlNetLoader": "control_net_name", "MixOfShowLoRAConcept": "lora_name"}
 NOTE_TITLE = "About this workflow"
 # the loaders ask the pack for the tokens of the (missing) demo files: a 404 the page logs, nothing else
 MISSING_TOKENS = re.compile(r"HTTP 404: .*/mixofshow/tokens\?name=demo_\w+\.pth")
@@ -102,5 +102,5 @@ def test_example_shows_its_note_and_reports_only_the_missing_models_it_explains(
     assert reported == loaders  # every loader of the example, and nothing else
     for kind in reported:  # the note tells, for each of them, what to pick and from where
         assert f"**{display_name(object_info, kind)}**" in note, kind
-        assert LOADER_NOTES[kind].split("→")[1][:60] in note, kind
+        assert EXAMPLES[name].get("loaders", LOADER_NOTES)[kind].split("→")[1][:60] in note, kind
     assert all(MISSING_TOKENS.search(e) for e in ui.errors[start:]), ui.errors[start:]

@@ -62,3 +62,35 @@ def write_edlora(env):
         return name
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tiny_xl(env):
+    """(MODEL, CLIP, VAE) of the tiny SDXL-layout model (70 cross-attention layers at 64 channels; CLIP-L 768 and
+    bigG 1280 wide, 3 layers each)."""
+    return env.tiny_xl.build_all("narrow", 0)
+
+
+@pytest.fixture(scope="session")
+def write_xl_edlora(env):
+    """Write a synthetic SDXL ED-LoRA (Concept Conductor's layout) for the tiny SDXL into models/edloras; returns its
+    file name. ``state`` (optional) edits the state before it is written."""
+    import torch
+    from synthetic import TINY_XL_SHAPES, make_edlora_state
+
+    from fusion.families import SDXL
+
+    def write(name: str, tokens=("<x1>", "<x2>"), seed=0, state=None, **kw):
+        kw = {**TINY_XL_SHAPES, **kw}
+        raw = make_edlora_state(tuple(tokens), seed=seed, family=SDXL, **kw)
+        if state is not None:
+            state(raw)
+        path = env.base / "models" / "edloras" / name
+        if name.endswith(".safetensors"):
+            from fusion.files.edlora import parse_edlora, save_edlora
+            save_edlora(parse_edlora(raw, name), str(path))
+        else:
+            torch.save(raw, path)
+        return name
+
+    return write

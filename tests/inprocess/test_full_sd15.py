@@ -16,11 +16,11 @@ def test_every_key_maps_and_patched_weights_are_exact(env, sd15, spelling):
     state = make_edlora_state(("<p1>", "<p2>"), seed=7, spelling=spelling)
     flat_keys = len(state["params"]["unet"]) + len(state["params"]["text_encoder"])
     edlora = edlora_mod.parse_edlora(state, f"full_{spelling}.pth")
-    assert 2 * (len(edlora.unet) + len(edlora.text_encoder)) == flat_keys
+    assert 2 * (len(edlora.unet) + len(edlora.text["clip_l"])) == flat_keys
     unet = lora_patch.unet_patches(edlora, model)
     text = lora_patch.clip_patches(edlora, clip)
     assert len(unet) == len(edlora.unet) == 192  # 16 blocks x 12 modules, zero unmapped
-    assert len(text) == len(edlora.text_encoder) == 72  # 12 layers x 6 linears
+    assert len(text) == len(edlora.text["clip_l"]) == 72  # 12 layers x 6 linears
 
     s_unet, s_text = 0.7, 0.4
     patched = model.clone()
@@ -42,8 +42,8 @@ def test_every_key_maps_and_patched_weights_are_exact(env, sd15, spelling):
     w0 = {k: v[0][0].float().clone() for k, v in clip.get_key_patches().items() if k in text}
     clip_p.load_model()  # what encoding does
     try:
-        for module, (up, down) in edlora.text_encoder.items():
-            key = keymap[lora_patch.text_lora_name(module)]
+        for module, (up, down) in edlora.text["clip_l"].items():
+            key = keymap[lora_patch.text_lora_name(module, edlora.family.text_encoders[0])]
             expected = w0[key] + s_text * up @ down
             got = effective_weight(clip_p.cond_stage_model.get_submodule(key[: -len(".weight")]))
             torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)

@@ -44,5 +44,6 @@ def test_dry_run_reports_every_check(tmp_path):
         assert heading, f"row {name} is missing from the report:\n{report}"
         assert heading.group(1) == "ok", f"row {name}: {heading.group(1)}\n{(tmp_path / f'{name}.log').read_text()}"
         body = report[heading.end():].split(f"\n{number + 1}. ")[0]
-        shown = {"fusion": r"^\s+\d+\s+\d+\.\d", "solver": r"\bq_proj\b.*\d+x"}.get(how, how[len("lines:"):])
+        patterns = {"fusion": r"^\s+\d+\s+\d+\.\d", "solver": r"\bq_proj\b.*\d+x"}
+        shown = patterns.get(how, how.split(":", 1)[1].lstrip("^"))  # lines:/after:REGEX (report lines are indented)
         assert re.search(shown, body, re.M), f"row {name} shows no figures:\n{body}"

@@ -97,8 +97,9 @@ def env(cpu: bool = True) -> SimpleNamespace:
         return importlib.import_module(f"{pack_name}.{module}")
 
     tiny_sd15 = importlib.import_module(str(FIXTURES).replace(".", "_x_") + ".tiny_sd15")
+    tiny_sdxl = importlib.import_module(str(FIXTURES).replace(".", "_x_") + ".tiny_sdxl")
     _ENV = SimpleNamespace(root=root, base=base, nodes=nodes, execution=execution, folder_paths=folder_paths,
-                           pack=pack, tiny=tiny_sd15, Server=_Server)
+                           pack=pack, tiny=tiny_sd15, tiny_xl=tiny_sdxl, Server=_Server)
     return _ENV
 
 

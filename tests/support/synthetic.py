@@ -2,13 +2,21 @@
 family's exact module names (fusion.families).
 
 Shapes follow the model they are made for: ``model_channels=320`` and ``text_layers=12`` /
-``text_intermediate=3072`` for full-size SD1.5; smaller values for the tiny test models.
+``text_intermediate=3072`` for full-size SD1.5 (``family=SDXL`` with ``text_sizes=FULL_SDXL_TEXT`` for the
+full-size SDXL); smaller values for the tiny test models.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
 from fusion.families import SD15, ModelFamily
+
+# (layers, MLP width) of each full-size SDXL text encoder: CLIP-L and OpenCLIP-bigG
+FULL_SDXL_TEXT = {"clip_l": (12, 3072), "clip_g": (32, 5120)}
+# the tiny SDXL's widths (tests/support/mixofshow_test_fixtures/tiny_sdxl.py)
+TINY_XL_SHAPES = dict(model_channels=64, text_layers=3, text_intermediate=128)
 
 
 def unet_transformer_prefixes(model_channels: int, family: ModelFamily = SD15) -> list[tuple[str, int]]:
@@ -31,9 +39,9 @@ def unet_module_shapes(model_channels: int = 320, whole_block: bool = True,
             if whole_block:
                 shapes[f"{tb}.ff.net.0.proj"] = (8 * c, c)
                 shapes[f"{tb}.ff.net.2"] = (c, 4 * c)
-        if whole_block:
-            shapes[f"{prefix}.proj_in"] = (c, c, 1, 1)
-            shapes[f"{prefix}.proj_out"] = (c, c, 1, 1)
+        if whole_block:  # 1x1 convs in SD1.x; linear in SDXL (ComfyUI's use_linear_in_transformer)
+            shapes[f"{prefix}.proj_in"] = (c, c, 1, 1) if family is SD15 else (c, c)
+            shapes[f"{prefix}.proj_out"] = (c, c, 1, 1) if family is SD15 else (c, c)
     return shapes
 
 
@@ -62,8 +70,11 @@ def make_edlora_state(tokens: tuple[str, ...] = ("<c1>", "<c2>"), *, seed: int =
                       model_channels: int = 320, text_layers: int = 12, text_intermediate: int = 3072,
                       whole_block: bool = True, text_lora: bool = True, unet_lora: bool = True,
                       spelling: str = "main", wrap_params: bool = True, scale: float = 0.5,
-                      embedding_std: float = 0.02) -> dict:
-    """A Mix-of-Show-layout state dict (nested parts, optional ``params`` wrapper).
+                      embedding_std: float = 0.02, family: ModelFamily = SD15,
+                      text_sizes: Mapping[str, tuple[int, int]] | None = None) -> dict:
+    """A Mix-of-Show-layout state dict (nested parts, optional ``params`` wrapper) for ``family``: one table
+    and one text LoRA part per text encoder (``text_sizes``: encoder name -> (layers, MLP width); default
+    ``text_layers`` / ``text_intermediate`` for each), the UNet part.
 
     ``spelling``: ``"main"`` (``.lora_down.weight``) or ``"research"`` (``_lora.down.weight``).
     """
@@ -74,13 +85,17 @@ def make_edlora_state(tokens: tuple[str, ...] = ("<c1>", "<c2>"), *, seed: int =
         key = lambda module, which: f"{module}_lora.{which}.weight"  # noqa: E731
     else:
         raise ValueError(f"spelling must be 'main' or 'research', not {spelling!r}")
-    embeddings = {tok: torch.randn(SD15.layer_count, SD15.text_width, generator=g) * embedding_std for tok in tokens}
-    state: dict = {"new_concept_embedding": embeddings}
+    state: dict = {}
+    for e in family.text_encoders:
+        state[e.table_part] = {tok: torch.randn(family.layer_count, e.width, generator=g) * embedding_std
+                               for tok in tokens}
     parts = []
     if text_lora:
-        parts.append(("text_encoder", text_module_shapes(text_layers, text_intermediate, whole_block)))
+        for e in family.text_encoders:
+            layers, intermediate = (text_sizes or {}).get(e.name, (text_layers, text_intermediate))
+            parts.append((e.lora_part, text_module_shapes(layers, intermediate, whole_block, e.width)))
     if unet_lora:
-        parts.append(("unet", unet_module_shapes(model_channels, whole_block)))
+        parts.append(("unet", unet_module_shapes(model_channels, whole_block, family)))
     for part, shapes in parts:
         factors = {}
         for module, shape in shapes.items():

@@ -386,7 +386,7 @@ def check_valid(e: EDLoRA) -> None:
         assert TOKEN_PATTERN.fullmatch(tok)
         assert t.dtype == torch.float32 and t.ndim == 3 and t.shape[0] == 16 and t.shape[2] == 768
         assert 1 <= t.shape[1] <= 75 and torch.isfinite(t).all()
-    for factors in (e.text_encoder, e.unet):
+    for factors in (*e.text.values(), e.unet):
         for up, down in factors.values():
             assert up.dtype == down.dtype == torch.float32 and up.ndim == down.ndim in (2, 4)
             assert up.shape[1] == down.shape[0] and torch.isfinite(up).all() and torch.isfinite(down).all()
@@ -500,7 +500,7 @@ def mutate(kind: str, ext: str, state: dict, rng: random.Random, path: Path):
 
 def _contains(e: EDLoRA, t: torch.Tensor) -> bool:
     """``t`` is one of the loaded tensors: a LoRA factor, a single-vector table or one XTI layer."""
-    loaded = [x for f in (e.text_encoder, e.unet) for pair in f.values() for x in pair]
+    loaded = [x for f in (*e.text.values(), e.unet) for pair in f.values() for x in pair]
     loaded += [x[:, 0] for x in e.embeddings.values()] + [row for x in e.embeddings.values() for row in x]
     return any(x.shape == t.shape and torch.equal(x, t) for x in loaded)
 

@@ -30,8 +30,7 @@ def same(a, b):
     assert a.tokens == b.tokens
     for t in a.embeddings:
         assert torch.equal(a.embeddings[t], b.embeddings[t])
-    for part in ("text_encoder", "unet"):
-        pa, pb = getattr(a, part), getattr(b, part)
+    for pa, pb in [(a.text[e], b.text[e]) for e in a.text] + [(a.unet, b.unet)]:
         assert pa.keys() == pb.keys()
         for k in pa:
             assert torch.equal(pa[k][0], pb[k][0]) and torch.equal(pa[k][1], pb[k][1])
@@ -48,7 +47,7 @@ def test_both_key_spellings_with_and_without_params_read_the_same(tmp_path, wrap
     a, b = load_edlora(str(tmp_path / "main.pth")), load_edlora(str(tmp_path / "research.pth"))
     same(a, b)
     assert a.embeddings["<a1>"].shape == (16, 1, 768)
-    assert len(a.unet) == 16 * 12 and len(a.text_encoder) == 2 * 6
+    assert len(a.unet) == 16 * 12 and len(a.text["clip_l"]) == 2 * 6
     assert a.unet["down_blocks.0.attentions.0.proj_in"][0].shape == (32, 4, 1, 1)
     assert len(a.digest) == 64 and a.digest != b.digest
 
@@ -99,7 +98,7 @@ def put(state, key, value):
 
 @pytest.mark.parametrize("mutate, pieces", [
     (lambda s: put(s, "new_concept_embedding.<w>", torch.zeros(16, 1024)),
-     ["'new_concept_embedding.<w>' is float32 [16, 1024]; an SD1.x ED-LoRA token table is [16, 768]", "SD2/SDXL"]),
+     ["'new_concept_embedding.<w>' is float32 [16, 1024]; an SD1.x ED-LoRA token table is [16, 768]", "SD2.x"]),
     (lambda s: put(s, "new_concept_embedding.<w>", torch.zeros(12, 768)), ["is float32 [12, 768]", "[16, 768]"]),
     (lambda s: put(s, "new_concept_embedding.no brackets", torch.zeros(16, 768)),
      ["concept token 'no brackets' must look like <name>"]),
@@ -122,7 +121,7 @@ def test_bad_contents_are_named(mutate, pieces):
 
 @pytest.mark.parametrize("shape, pieces", [
     ((15, 768), ["is float32 [15, 768]; an SD1.x ED-LoRA token table is [16, 768]"]),
-    ((16, 1024), ["is float32 [16, 1024]", "is it for SD2/SDXL?"]),
+    ((16, 1024), ["is float32 [16, 1024]", "rows are for no text encoder this pack knows (SD2.x"]),
     ((0, 768), ["is float32 [0, 768]"]),
     ((16, 0, 768), ["is float32 [16, 0, 768]"]),
     ((16, 1, 1, 1, 768), ["is float32 [16, 1, 1, 1, 768]", "[16, n, 768] for n vectors"]),

