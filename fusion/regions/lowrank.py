@@ -8,7 +8,8 @@ position ``p``: the same mask blend as the regional attention (``c * m_r / S``,
 :func:`fusion.regions.blend.blend_weights`), so outside all regions the layer is the sampling model's and
 binary overlaps are averaged. Because the weight is a scalar per position, it is applied between the
 two factors, ``w_r * (x D_r^T) U_r^T``: two thin matrix products for all regions together
-(:class:`LowRankBank`). Plain torch; no ComfyUI import.
+(:class:`LowRankBank`), the second one added into the layer's output in place (no temporary of the
+output's size). Plain torch; no ComfyUI import.
 """
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ class LowRankBank:
     def regions(self) -> list[int]:
         return self._base.regions
 
+    @property
+    def rank(self) -> int:
+        """Columns of :meth:`project`: the regions' ranks together."""
+        return int(self._base.down.shape[0])
+
     def _factors(self, like: Tensor) -> _Factors:
         key = (like.device, like.dtype)
         if key not in self._cast:
@@ -73,14 +79,30 @@ class LowRankBank:
             self._columns[key] = (weights, torch.repeat_interleave(per_region, ranks, dim=0).mT.contiguous())
         return self._columns[key][1]
 
+    def project(self, x: Tensor, weights: Tensor | None) -> Tensor:
+        """The weighted down-projection ``w_r(p) * down_r(x_p)`` of token rows ``x`` ``[..., N, in]``:
+        ``[..., N, sum r]``; ``weights`` ``[R, N]`` (``None``: weight 1 for every region, every row)."""
+        f = self._factors(x)
+        z = x @ f.down.mT
+        if weights is not None:
+            z = z * self._column_weights(weights, f).to(x.dtype)
+        return z
+
+    def add_up(self, z: Tensor, into: Tensor) -> Tensor:
+        """``into + z up^T`` for a layer's output ``into`` ``[..., N, out]`` and ``z`` from :meth:`project`:
+        added in place, one fused product without a temporary of the output's size, rounded as the sum
+        is; a new tensor when ``into`` cannot take it in place (not contiguous, another dtype or device).
+        (A down-projection stacked over layers that share an input, q/k/v, would not round the same: the
+        BLAS picks other kernels for other widths.)"""
+        f = self._factors(z)
+        if into.is_contiguous() and into.dtype == z.dtype and into.device == z.device:
+            return into.view(-1, into.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), f.up.mT).view(into.shape)
+        return into + z @ f.up.mT
+
     def linear(self, x: Tensor, weights: Tensor | None) -> Tensor:
         """``sum_r w_r(p) up_r(down_r(x_p))`` for token rows ``x`` ``[..., N, in]``; ``weights`` ``[R, N]``
         (``None``: weight 1 for every region, every row)."""
-        f = self._factors(x)
-        z = x @ f.down.mT  # [..., N, sum r]
-        if weights is not None:
-            z = z * self._column_weights(weights, f).to(x.dtype)
-        return z @ f.up.mT
+        return self.project(x, weights) @ self._factors(x).up.mT
 
     def broadcast(self, x: Tensor, weights: Tensor) -> Tensor:
         """For a layer whose output is added to every pixel (a ResNet block's time embedding): rows ``x``
@@ -105,7 +127,8 @@ class LowRankBank:
 
     def conv(self, x: Tensor, weights: Tensor | None, stride: int | tuple[int, ...],
              padding: int | tuple[int, ...] | str, dilation: int | tuple[int, ...], out_hw: tuple[int, int]) -> Tensor:
-        """The same for a conv layer: ``x`` ``[B, in, h, w]``, ``weights`` ``[R, h'*w']`` at the output size."""
+        """The same for a conv layer: ``x`` ``[B, in, h, w]``, ``weights`` ``[R, h'*w']`` at the output size.
+        (Both products stay convolutions: a matrix product would round differently.)"""
         f = self._factors(x)
         down = f.down if f.down.dim() == 4 else f.down[:, :, None, None]
         z = F.conv2d(x, down, stride=stride, padding=padding, dilation=dilation)  # [B, sum r, h', w']

@@ -226,7 +226,9 @@ class RegionalSampling:
         def tokens(_m, args, out):
             x = args[0]
             w, present = self.lora_weights(*feature_hw_for_tokens(x.shape[-2], *self._latent_hw), x.device)
-            return out + bank.linear(x, w) if active(present) else out
+            if not active(present):
+                return out
+            return bank.add_up(bank.project(x, w), out)
 
         def context(_m, args, out):
             x, layout = args[0], self.layout(layer)
@@ -238,7 +240,7 @@ class RegionalSampling:
             w, present = self.lora_weights(out.shape[-2], out.shape[-1], out.device)
             if not active(present):
                 return out
-            return out + bank.conv(args[0], w, m.stride, m.padding, m.dilation, (out.shape[-2], out.shape[-1]))
+            return out.add_(bank.conv(args[0], w, m.stride, m.padding, m.dilation, (out.shape[-2], out.shape[-1])))
 
         def emb(_m, args, out):
             fh, fw = self._block_hw[id(module)]

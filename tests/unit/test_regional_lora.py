@@ -75,3 +75,28 @@ def test_broadcast_puts_a_per_row_delta_on_every_pixel_by_weight():
     for r, (up, down) in p.items():
         expected += (x @ (up @ down).T)[:, :, None] * weights[r][None, None, :]
     torch.testing.assert_close(got, expected)
+
+
+
+def test_in_place_add_equals_the_output_plus_the_product():
+    """The layer hooks add the up-projection into the layer's output in place: equal to the per-region loop,
+    and in float32 bit for bit equal to ``out + linear(x)`` (the rounding the pinned latents have)."""
+    p = {0: pairs(3, 12, 10)[0], 2: pairs(3, 12, 10)[2]}
+    bank = LowRankBank(p)
+    assert bank.rank == 2 + 3
+    weights = blend_weights(torch.rand(3, 6, generator=g)).double()
+    x, base = randn(2, 6, 10), randn(2, 6, 12)
+    got = bank.add_up(bank.project(x, weights), base.clone())
+    expected = base.clone()
+    for r, (up, down) in p.items():
+        expected += weights[r][None, :, None] * (x @ (up @ down).T)
+    torch.testing.assert_close(got, expected)
+    for x32, base32, w32 in ((x.float(), base.float(), weights.float()),
+                             (torch.randn(2, 2048, 320), torch.randn(2, 2048, 2560), torch.rand(3, 2048))):
+        bank32 = LowRankBank({r: (torch.randn(base32.shape[-1], 4), torch.randn(4, x32.shape[-1])) for r in (0, 2)})
+        into = base32.clone()
+        assert bank32.add_up(bank32.project(x32, w32), into).data_ptr() == into.data_ptr()  # in place
+        assert torch.equal(into, base32 + bank32.linear(x32, w32))
+        strided = base32.mT.contiguous().mT  # the same values, not contiguous: added through a temporary
+        assert not strided.is_contiguous()
+        assert torch.equal(bank32.add_up(bank32.project(x32, w32), strided), into)
