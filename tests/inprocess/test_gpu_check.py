@@ -15,6 +15,10 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 SD15_CHECKPOINT = REPO / ".host" / "models" / "sd15_random_fp16.safetensors"
 
 
+# what each formatter's figures look like in the report
+FIGURES = {"fusion": r"^\s+\d+\s+\d+\.\d", "solver": r"\bq_proj\b.*\d+x", "train": r"^\s+ours\s+\d+\.\d"}
+
+
 def check_rows() -> list[tuple[str, str]]:
     """(name, shown as) of each row of the script's CHECKS table."""
     table = re.search(r"^CHECKS=\($(.*?)^\)$", SCRIPT.read_text(), re.M | re.S)
@@ -43,6 +47,5 @@ def test_dry_run_reports_every_check(tmp_path):
         assert heading, f"row {name} is missing from the report:\n{report}"
         assert heading.group(1) == "ok", f"row {name}: {heading.group(1)}\n{(tmp_path / f'{name}.log').read_text()}"
         body = report[heading.end():].split(f"\n{number + 1}. ")[0]
-        patterns = {"fusion": r"^\s+\d+\s+\d+\.\d", "solver": r"\bq_proj\b.*\d+x", "train": r"^\s+ours\s+\d+\.\d"}
-        shown = patterns.get(how, how.split(":", 1)[1].lstrip("^"))  # lines:/after:REGEX (report lines are indented)
+        shown = FIGURES[how] if how in FIGURES else how.split(":", 1)[1].lstrip("^")  # lines:/after:REGEX (indented)
         assert re.search(shown, body, re.M), f"row {name} shows no figures:\n{body}"
