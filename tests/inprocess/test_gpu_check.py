@@ -44,5 +44,6 @@ def test_dry_run_reports_every_check(tmp_path):
         assert heading.group(1) == "ok", f"row {name}: {heading.group(1)}\n{(tmp_path / f'{name}.log').read_text()}"
         body = report[heading.end():].split(f"\n{number + 1}. ")[0]
         patterns = {"fusion": r"^\s+\d+\s+\d+\.\d", "solver": r"\bq_proj\b.*\d+x", "train": r"^\s+ours\s+\d+\.\d"}
-        shown = patterns.get(how, how.split(":", 1)[1].lstrip("^"))  # lines:/after:REGEX (report lines are indented)
+        # a formatter's figures, or lines:/after:REGEX (report lines are indented)
+        shown = patterns[how] if how in patterns else how.split(":", 1)[1].lstrip("^")
         assert re.search(shown, body, re.M), f"row {name} shows no figures:\n{body}"
