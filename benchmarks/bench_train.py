@@ -1,13 +1,14 @@
 """ED-LoRA training benchmark (issue 21): seconds per optimiser step and peak memory of Train ED-LoRA vs core's
 Train LoRA node at the same UNet rank, batch and resolution, side by side in one run on the full-size random SD1.5
-(interleaved repeats; the median of each run's steps after its first).
+(``--sdxl``: the full-size random SDXL) (interleaved repeats; the median of each run's steps after its first).
 
 * ``core``: ComfyUI's Train LoRA (``TrainLoraNode``) as it ships: a LoRA of the rank on every UNet weight (plus
   bias and norm differences), captions encoded once and detached (no text-side training), MSE on the x0
   prediction; gradient checkpointing as chosen here;
-* ``ours``: Train ED-LoRA with the MoS SD1.5 real preset at that rank: the concept rows of both tokens, the text
-  encoder's attention LoRA (rank 4) and the UNet's attention LoRA, every caption encoded 16 times with gradients,
-  the masked loss and the attention regulariser;
+* ``ours``: Train ED-LoRA with the family's reference preset ("auto": MoS SD1.5 real, on SDXL CC SDXL) at that
+  UNet rank: the concept rows of both tokens (one table per text encoder), each text encoder's attention LoRA at
+  the preset's rank and the UNet's attention LoRA, every caption encoded once per cross-attention layer with
+  gradients (16 times on SD1.5, 70 on SDXL), the masked loss and the attention regulariser;
 * ``ours, no regulariser``: the same with ``attn_reg_weight`` 0 (the attention runs ComfyUI's own kernel).
 
 The training images are the synthetic set of the tests (tests/support/synthetic.py) at the benchmark's
@@ -15,9 +16,12 @@ resolution. Peak memory: on the CPU the peak RSS (sampled every 20 ms) of a fres
 two steps, and what that adds to the RSS before training; with ``--gpu`` the peak of
 ``torch.cuda.max_memory_allocated`` per case.
 
+``--tiny`` runs the tiny SD1.5-layout test model, ``--sdxl --tiny`` the test fixture's tiny SDXL (the plumbing,
+for gpu_check.sh --dry-run). ``--sdxl`` needs ``bash tools/host/make_models.sh --sdxl`` (the 6.5 GiB checkpoint).
+
 usage: .host/venv/bin/python benchmarks/bench_train.py [--resolution 256] [--batch 1] [--rank 4] [--steps 2]
-       [--repeats 2] [--checkpointing] [--dtype fp32|bf16] [--gpu] [--no-memory] [--json] [--tiny]
-(full-size SD1.5: hold the big-model lock, flock /tmp/mixofshow-bigmodel.lock ...)
+       [--repeats 2] [--checkpointing] [--dtype fp32|bf16] [--gpu] [--no-memory] [--json] [--sdxl] [--tiny]
+(full-size SD1.5 or SDXL: hold the big-model lock, flock /tmp/mixofshow-bigmodel.lock ...)
 """
 import argparse
 import gc
@@ -48,7 +52,9 @@ ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default
 ap.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU")
 ap.add_argument("--no-memory", action="store_true")
 ap.add_argument("--json", action="store_true", help="also print one JSON line (JSON <list>)")
-ap.add_argument("--tiny", action="store_true", help="the tiny SD1.5-layout test model (plumbing only)")
+ap.add_argument("--sdxl", action="store_true", help="the full-size random SDXL (make_models.sh --sdxl)")
+ap.add_argument("--tiny", action="store_true", help="the tiny SD1.5-layout test model (with --sdxl: the tiny SDXL; "
+                "plumbing only)")
 ap.add_argument("--only", choices=CASES, help=argparse.SUPPRESS)  # memory child
 a = ap.parse_args()
 dtype = a.dtype or ("bf16" if a.gpu else "fp32")
@@ -66,10 +72,11 @@ dataset = env.pack("fusion.train.dataset")
 
 with torch.inference_mode():  # as a prompt loads a checkpoint (its weights are inference tensors)
     if a.tiny:
-        model, clip, vae = env.tiny.build_all("narrow", 0)
+        model, clip, vae = (env.tiny_xl if a.sdxl else env.tiny).build_all("narrow", 0)
     else:
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            str(REPO / ".host" / "models" / "sd15_random_fp16.safetensors"), output_vae=True)
+        checkpoint = "sdxl_random_fp16.safetensors" if a.sdxl else "sd15_random_fp16.safetensors"
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(REPO / ".host" / "models" / checkpoint),
+                                                                    output_vae=True)
     images = training_images(4, a.resolution, seed=0)
     trainset = dataset.make_training_set([i[0] for i in images], [i[1] for i in images], [i[2] for i in images])
     # core's inputs: the VAE latents of the images (cropped square) and one caption, encoded once
@@ -149,9 +156,10 @@ for _ in range(a.repeats):
             vram[name] = max(vram.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**20)
 base = statistics.median(times["core"])
 where = "GPU " + torch.cuda.get_device_name(0) if a.gpu else "CPU"
-print(f"## Training step vs core's Train LoRA, {'tiny' if a.tiny else 'full-size'} SD1.5, {a.resolution}x"
-      f"{a.resolution}, batch {a.batch}, UNet rank {a.rank}, {dtype}, checkpointing "
-      f"{'on' if a.checkpointing else 'off'}; {a.steps} steps x {a.repeats} interleaved runs ({where})")
+model_label = f"{'tiny' if a.tiny else 'full-size'} {'SDXL' if a.sdxl else 'SD1.5'}"
+print(f"## Training step vs core's Train LoRA, {model_label}, {a.resolution}x{a.resolution}, batch {a.batch}, "
+      f"UNet rank {a.rank}, {dtype}, checkpointing {'on' if a.checkpointing else 'off'}; {a.steps} steps x "
+      f"{a.repeats} interleaved runs ({where})")
 rows = []
 for name in CASES:
     m = statistics.median(times[name])
@@ -166,7 +174,7 @@ if not a.no_memory and not a.gpu:
     for name in CASES:
         args = [sys.executable, __file__, "--only", name, "--resolution", str(a.resolution), "--batch", str(a.batch),
                 "--rank", str(a.rank), "--dtype", dtype] + (["--checkpointing"] if a.checkpointing else []) + \
-            (["--tiny"] if a.tiny else [])
+            (["--sdxl"] if a.sdxl else []) + (["--tiny"] if a.tiny else [])
         out = subprocess.run(args, capture_output=True, text=True).stdout.strip().splitlines()
         got = json.loads(out[-1]) if out and out[-1].startswith("{") else None
         if got is None:

@@ -12,7 +12,8 @@
 #                        (target <= 1.10x for the LoRAs; needs the full-size random SDXL, made when missing);
 #   sdxl-encode          the SDXL layer-wise encode vs the stock encoder, and what the shared encodes save;
 #   train                ED-LoRA training vs core's Train LoRA (SD1.5, 512x512, batch 2, UNet rank 4, bf16):
-#                        seconds per step, steps per second, peak VRAM.
+#                        seconds per step, steps per second, peak VRAM;
+#   sdxl-train           the same on SDXL (1024x1024, batch 1, UNet rank 4, bf16; the full-size random SDXL).
 #
 #   bash benchmarks/gpu_check.sh            # from a checkout with .host (the test host) carried
 #   bash benchmarks/gpu_check.sh --dry-run  # every row's plumbing on the CPU with tiny settings (no GPU needed;
@@ -53,6 +54,7 @@ CHECKS=(
   "sdxl-encode | SDXL layer-wise encode: seconds, ratio to the stock encoder, sequences encoded | 300 | benchmarks/bench_conditioning.py --sdxl --gpu --repeats 3 | benchmarks/bench_conditioning.py --sdxl --tiny --repeats 1 | after:^## SDXL"
   # the trainer (issue 21)
   "train | ED-LoRA training vs core's Train LoRA (SD1.5, 512x512, batch 2, UNet rank 4, bf16) | 240 | benchmarks/bench_train.py --gpu --resolution 512 --batch 2 --steps 5 --repeats 2 --no-memory --json | benchmarks/bench_train.py --tiny --resolution 64 --batch 1 --steps 1 --repeats 1 --no-memory --json | train"
+  "sdxl-train | ED-LoRA training vs core's Train LoRA (SDXL, 1024x1024, batch 1, UNet rank 4, bf16; --dry-run: the tiny SDXL) | 300 | benchmarks/bench_train.py --sdxl --gpu --resolution 1024 --batch 1 --steps 5 --repeats 2 --no-memory --json | benchmarks/bench_train.py --sdxl --tiny --resolution 64 --batch 1 --steps 1 --repeats 1 --no-memory --json | train"
 )
 
 say() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*" >&2; }
