@@ -217,8 +217,9 @@ def small_ui_workflow() -> tuple[dict, dict]:
         "2": {"class_type": "MixOfShowLoadEDLoRA", "inputs": {"edlora_name": "srv_0.pth",
                                                               "text_encoder_strength": 0.7, "unet_strength": 0.7,
                                                               "model": ["1", 0], "clip": ["1", 1]}},
+        # the SDXL size inputs the workflow predates get their defaults, as the frontend gives them
         "3": {"class_type": "MixOfShowTextEncode", "inputs": {"text": "a <s1> <s2> on a beach", "clip": ["2", 1],
-                                                              "concepts": ["2", 2]}},
+                                                              "concepts": ["2", 2], **dict.fromkeys(SDXL_SIZES, 0)}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["2", 1]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "6": {"class_type": "KSampler", "inputs": {"seed": 3, "steps": 2, "cfg": 7.0, "sampler_name": "euler",
@@ -229,6 +230,9 @@ def small_ui_workflow() -> tuple[dict, dict]:
         "8": {"class_type": "SaveImage", "inputs": {"filename_prefix": "runner_ui", "images": ["7", 0]}},
     }
     return ui.workflow(), expected
+
+
+SDXL_SIZES = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
 
 
 def without_titles(prompt: dict) -> dict:
