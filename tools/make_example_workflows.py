@@ -70,9 +70,9 @@ def _sample(graph: dict, model, positive, negative, regions=None, width=WIDTH, h
     return graph
 
 
-def _adapter(graph: dict, positive, negative) -> tuple[list, list]:
+def _adapter(graph: dict, positive, negative, adapter: str = demo.ADAPTER) -> tuple[list, list]:
     """The OpenPose T2I-Adapter (32, 33) steered by the pose (30)."""
-    graph["32"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": demo.ADAPTER}}
+    graph["32"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": adapter}}
     graph["33"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
         "positive": positive, "negative": negative, "control_net": ["32", 0], "image": ["30", 0], "strength": 1.0,
         "start_percent": 0.0, "end_percent": 1.0}}
@@ -138,6 +138,20 @@ def fused_regions() -> dict:
     return _sample(g, model, positive, negative, ["31", 0], prefix="mixofshow_fused_regions")
 
 
+def _pose_region(graph: dict, person: int, loader: str, text: str, regions: list | None) -> list:
+    """Person ``person`` of the pose (30) as a Region (70 + person) with its box mask (50 + person), its prompt
+    ``text`` against the shared negative (63) and its loader's MODEL, chained after ``regions``; the new link."""
+    box, region = str(50 + person), str(70 + person)
+    graph[box] = {"class_type": "MixOfShowPoseBoxMask", "inputs": {"image": ["30", 0], "index": person,
+                                                                    "margin": 0.05}}
+    inputs = {"positive": [text, 0], "negative": ["63", 0], "mask": [box, 0], "control_strength": 1.0,
+              "model": [loader, 0]}
+    if regions:
+        inputs["regions"] = regions
+    graph[region] = {"class_type": "MixOfShowRegion", "inputs": inputs}
+    return [region, 0]
+
+
 def lora_per_region() -> dict:
     """Each character's own Load ED-LoRA from the base checkpoint; each Region gets its chain's MODEL and a
     prompt encoded with its chain's CLIP; the sampler runs the base model."""
@@ -145,17 +159,11 @@ def lora_per_region() -> dict:
     g["63"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}}
     regions = None
     for i, (name, prompt) in enumerate(PROMPTS.items()):
-        loader, box, text, region = (str(10 + i), str(50 + i), str(60 + i), str(70 + i))
+        loader, text = str(10 + i), str(60 + i)
         g[loader] = _loader(name, ["1", 0], ["1", 1])
-        g[box] = {"class_type": "MixOfShowPoseBoxMask", "inputs": {"image": ["30", 0], "index": i, "margin": 0.05}}
         g[text] = {"class_type": "MixOfShowTextEncode", "inputs": {"clip": [loader, 1], "concepts": [loader, 2],
                                                                    "text": prompt}}
-        inputs = {"positive": [text, 0], "negative": ["63", 0], "mask": [box, 0], "control_strength": 1.0,
-                  "model": [loader, 0]}
-        if regions:
-            inputs["regions"] = regions
-        g[region] = {"class_type": "MixOfShowRegion", "inputs": inputs}
-        regions = [region, 0]
+        regions = _pose_region(g, i, loader, text, regions)
     g["20"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": GLOBAL_PROMPT}}
     g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}}
     positive, negative = _adapter(g, ["20", 0], ["21", 0])
@@ -171,25 +179,16 @@ def sdxl_lora_per_region() -> dict:
     g["63"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}}
     regions = None
     for i, (name, words) in enumerate(demo.SDXL_LORAS.items()):
-        loader, box, text, region = (str(10 + i), str(50 + i), str(60 + i), str(70 + i))
+        loader, text = str(10 + i), str(60 + i)
         g[loader] = {"class_type": "MixOfShowLoRAConcept", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "lora_name": f"demo_sdxl_{name}.safetensors", "trigger_words": words,
             "strength_model": 1.0, "strength_clip": 1.0}}
-        g[box] = {"class_type": "MixOfShowPoseBoxMask", "inputs": {"image": ["30", 0], "index": i, "margin": 0.05}}
         g[text] = {"class_type": "CLIPTextEncode", "inputs": {"clip": [loader, 1], "text": SDXL_PROMPTS[i]}}
-        inputs = {"positive": [text, 0], "negative": ["63", 0], "mask": [box, 0], "control_strength": 1.0,
-                  "model": [loader, 0]}
-        if regions:
-            inputs["regions"] = regions
-        g[region] = {"class_type": "MixOfShowRegion", "inputs": inputs}
-        regions = [region, 0]
+        regions = _pose_region(g, i, loader, text, regions)
     g["20"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": GLOBAL_PROMPT}}
     g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}}
-    g["32"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": demo.SDXL_ADAPTER}}
-    g["33"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
-        "positive": ["20", 0], "negative": ["21", 0], "control_net": ["32", 0], "image": ["30", 0], "strength": 1.0,
-        "start_percent": 0.0, "end_percent": 1.0}}
-    return _sample(g, ["1", 0], ["33", 0], ["33", 1], regions, prefix="mixofshow_sdxl_lora_per_region")
+    positive, negative = _adapter(g, ["20", 0], ["21", 0], demo.SDXL_ADAPTER)
+    return _sample(g, ["1", 0], positive, negative, regions, prefix="mixofshow_sdxl_lora_per_region")
 
 
 SDXL_PROMPTS = ("a photo of ohwx wizard, in a school uniform", "a photo of sks witch, smiling",
