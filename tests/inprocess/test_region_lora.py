@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from comfy_env import execution_error, node, run_prompt
+from layer_io import record_layer_io
 from lora_files import TINY_LOCON, lora_factors, write_diffusers_lora, write_kohya_lora, write_loha
 
 import nodes as comfy_nodes
@@ -215,23 +216,8 @@ def test_a_region_empty_at_a_layer_leaves_that_layer_exact(env, tiny, loras):
     unet = model.model.diffusion_model
     watched = {"middle_block.1.transformer_blocks.0.attn1.to_q", "middle_block.1.transformer_blocks.0.ff.net.2",
                "middle_block.1.proj_in", "input_blocks.1.1.transformer_blocks.0.attn1.to_q"}
-    seen = {}
-
-    def recorder(path):
-        def hook(_module, args, out):
-            seen.setdefault(path, (args[0].clone(), out.clone()))  # returns None: the output is left alone
-        return hook
-
-    def record(executor, *args, **kwargs):  # inside the pack's wrapper: these hooks run after the pack's
-        handles = [unet.get_submodule(p).register_forward_hook(recorder(p)) for p in watched]
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-
     patched = install(env, model, regions)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.recorder", record)
+    seen = record_layer_io(patched, unet, watched)
     sample(patched, encode(clip, "a room"), encode(clip, "blurry"))
     for p in watched:
         x, out = seen[p]

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from comfy_env import node
+from layer_io import record_layer_io
 from lora_files import lora_factors, write_kohya_lora
 from safetensors.torch import save_file
 
@@ -323,23 +324,8 @@ def test_a_region_empty_at_a_layers_size_leaves_that_layer_exact(env, tiny_xl, x
     unet = model.model.diffusion_model
     watched = {"middle_block.1.transformer_blocks.4.attn1.to_q", "output_blocks.1.1.transformer_blocks.9.ff.net.2",
                "input_blocks.7.1.proj_in", "input_blocks.4.1.transformer_blocks.1.attn1.to_q"}
-    seen = {}
-
-    def recorder(path):
-        def hook(_module, args, out):
-            seen.setdefault(path, (args[0].clone(), out.clone()))  # returns None: the output is left alone
-        return hook
-
-    def record(executor, *args, **kwargs):  # inside the pack's wrapper: these hooks run after the pack's
-        handles = [unet.get_submodule(p).register_forward_hook(recorder(p)) for p in watched]
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-
     patched = rn(env).install_regions(model, regions)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.recorder", record)
+    seen = record_layer_io(patched, unet, watched)
     sample(patched, encode(clip, "a room"), encode(clip, "blurry"))
     for p in watched:
         x, out = seen[p]
