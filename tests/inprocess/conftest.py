@@ -45,21 +45,13 @@ def tiny(env):
 @pytest.fixture(scope="session")
 def write_edlora(env):
     """Write a synthetic ED-LoRA for the tiny model into models/edloras; returns its file name."""
-    import torch
     from synthetic import make_edlora_state
 
     def write(name: str, tokens=("<c1>", "<c2>"), seed=0, **kw):
         kw.setdefault("model_channels", 32)
         kw.setdefault("text_layers", 2)
         kw.setdefault("text_intermediate", 512)
-        path = env.base / "models" / "edloras" / name
-        state = make_edlora_state(tuple(tokens), seed=seed, **kw)
-        if name.endswith(".safetensors"):
-            from fusion.files.edlora import parse_edlora, save_edlora
-            save_edlora(parse_edlora(state, name), str(path))
-        else:
-            torch.save(state, path)
-        return name
+        return _save_edlora_state(env, make_edlora_state(tuple(tokens), seed=seed, **kw), name)
 
     return write
 
@@ -75,7 +67,6 @@ def tiny_xl(env):
 def write_xl_edlora(env):
     """Write a synthetic SDXL ED-LoRA (Concept Conductor's layout) for the tiny SDXL into models/edloras; returns its
     file name. ``state`` (optional) edits the state before it is written."""
-    import torch
     from synthetic import TINY_XL_SHAPES, make_edlora_state
 
     from fusion.families import SDXL
@@ -85,12 +76,19 @@ def write_xl_edlora(env):
         raw = make_edlora_state(tuple(tokens), seed=seed, family=SDXL, **kw)
         if state is not None:
             state(raw)
-        path = env.base / "models" / "edloras" / name
-        if name.endswith(".safetensors"):
-            from fusion.files.edlora import parse_edlora, save_edlora
-            save_edlora(parse_edlora(raw, name), str(path))
-        else:
-            torch.save(raw, path)
-        return name
+        return _save_edlora_state(env, raw, name)
 
     return write
+
+
+def _save_edlora_state(env, state: dict, name: str) -> str:
+    """Write a raw ED-LoRA state into models/edloras: the flat layout for .safetensors, else a torch.save."""
+    import torch
+
+    path = env.base / "models" / "edloras" / name
+    if name.endswith(".safetensors"):
+        from fusion.files.edlora import parse_edlora, save_edlora
+        save_edlora(parse_edlora(state, name), str(path))
+    else:
+        torch.save(state, path)
+    return name
