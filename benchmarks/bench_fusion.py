@@ -4,12 +4,19 @@ stage (recording / solving), peak memory and cache-entry size, one child process
     .host/venv/bin/python benchmarks/bench_fusion.py                       # full-size SD1.5, N = 3, 7, 14
     .host/venv/bin/python benchmarks/bench_fusion.py --concepts 3 --steps 20 --size 512   # reference settings
     .host/venv/bin/python benchmarks/bench_fusion.py --tiny --concepts 2,3  # tiny SD1.5 layout (seconds)
+    flock /tmp/mixofshow-bigmodel.lock .host/venv/bin/python benchmarks/bench_fusion.py --sdxl --concepts 3 \
+        --steps 2 --size 256 --attention-only                               # full-size random SDXL
+    .host/venv/bin/python benchmarks/bench_fusion.py --sdxl --tiny --concepts 3   # tiny SDXL (plumbing)
     python benchmarks/bench_fusion.py --gpu                                # CUDA (a CUDA build of torch)
 
 Defaults: the full-size random SD1.5 (``.host/models/sd15_random_fp16.safetensors``, made by
 tools/host/make_models.sh), recording 4 steps at 256×256 per concept (the reference: 20 at 512×512),
 the node's defaults otherwise (closed form, default ridge, the reference sampler), the fusion cache on
-(a fresh folder: the entry is written, its size reported; the key digests every base weight).
+(a fresh folder: the entry is written, its size reported; the key digests every base weight). ``--sdxl``: the
+full-size random SDXL (``bash tools/host/make_models.sh --sdxl``; ~20 GB peak on a CPU: hold the big-model lock)
+with SDXL ED-LoRAs (Concept Conductor's layout, both encoders), and the Gram memory of each stage's accumulators
+(``in²`` float32 per input group that folds its rows; a group with at most ``in`` rows keeps its rows instead) beside
+the spec's estimate for SDXL (3.06 GiB with shared inputs, attention-only; 5.36 GiB without).
 
 Each N runs in its own child process, so that its peak memory is its own: peak RSS is the process's
 high-water mark (``VmHWM``) after the fusion, counted from the resident size with the model and the
@@ -31,6 +38,7 @@ import dev_paths  # isort: split
 
 REPO = dev_paths.REPO
 FULL_CKPT = REPO / ".host" / "models" / "sd15_random_fp16.safetensors"
+FULL_SDXL_CKPT = REPO / ".host" / "models" / "sdxl_random_fp16.safetensors"
 STAGES = ("text", "cross_kv", "unet")
 
 
@@ -50,15 +58,30 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def load_model(full: bool, env):
+def load_model(full: bool, sdxl: bool, env):
+    """(MODEL, CLIP, make_edlora_state's shape arguments) of the benchmarked model."""
+    from synthetic import FULL_SDXL_TEXT, TINY_XL_SHAPES
+
+    from fusion.families import SD15, SDXL
+
+    family = {"family": SDXL if sdxl else SD15}
     if full:
         import comfy.sd
 
-        model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(str(FULL_CKPT), output_vae=False,
-                                                                     output_clipvision=False)
-        return model, clip, {}
+        model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(str(FULL_SDXL_CKPT if sdxl else FULL_CKPT),
+                                                                     output_vae=False, output_clipvision=False)
+        return model, clip, {**family, **({"text_sizes": FULL_SDXL_TEXT} if sdxl else {})}
+    if sdxl:
+        model, clip, _vae = env.tiny_xl.build_all("narrow", 0)
+        return model, clip, {**family, **TINY_XL_SHAPES}
     model, clip, _vae = env.tiny.build_all("narrow", 0)
-    return model, clip, {"model_channels": 32, "text_layers": 2, "text_intermediate": 512}
+    return model, clip, {**family, "model_channels": 32, "text_layers": 2, "text_intermediate": 512}
+
+
+def gram_gib(plan, stage: str, rows: dict) -> float:
+    """GiB of the stage's Gram accumulators: ``in²`` float32 for every input group with more rows than inputs."""
+    return sum(t[0].in_features ** 2 * 4 for g, t in plan.stage_groups(stage).items()
+               if rows.get(g, 0) > t[0].in_features) / 2**30
 
 
 def child(args) -> dict:
@@ -71,14 +94,14 @@ def child(args) -> dict:
     os.environ["MIXOFSHOW_FUSION_CACHE"] = tempfile.mkdtemp(prefix="mixofshow-bench-cache-")
     from synthetic import make_edlora_state
 
-    model, clip, shape = load_model(not args.tiny, env)
+    model, clip, shape = load_model(not args.tiny, args.sdxl, env)
     en = pack("nodes.glue.loading")
     folders = pack("nodes.glue.folders")
     concepts, m, c = None, model, clip
     folder = Path(folders.folder_paths.get_folder_paths("edloras")[0])
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(args.child):
-        name = f"bench_{'tiny' if args.tiny else 'full'}_{i}.pth"
+        name = f"bench_{'tiny' if args.tiny else 'full'}{'_xl' if args.sdxl else ''}_{i}.pth"
         torch.save(make_edlora_state((f"<bench{i}a>", f"<bench{i}b>"), seed=100 + i,
                                      whole_block=not args.attention_only, **shape), folder / name)
         m, c, concepts = en.apply_edlora(m, c, concepts, folders.edlora_path(name), 1.0, 1.0)
@@ -105,8 +128,14 @@ def child(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
+    rows: dict[str, int] = {}  # input group -> rows recorded (all concepts)
+
+    def tap(_stage, _i, group, x, channels_first):
+        rows[group] = rows.get(group, 0) + (x.shape[0] * x.shape[2] * x.shape[3] if channels_first
+                                            else x.reshape(-1, x.shape[-1]).shape[0])
+
     with torch.inference_mode():  # as ComfyUI runs nodes
-        fm, fc, _fcs, stats = run.fuse(model, clip, concepts, settings, use_cache=True)
+        fm, fc, _fcs, stats = run.fuse(model, clip, concepts, settings, use_cache=True, tap=tap)
     if args.gpu:
         torch.cuda.synchronize()
     total = time.perf_counter() - t
@@ -115,7 +144,8 @@ def child(args) -> dict:
            "peak_rss_mib": _status_kib("VmHWM") / 1024, "recorded": stats["recorded"],
            "cache_mib": os.path.getsize(stats["cache_file"]) / 2**20 if stats.get("cache_file") else 0.0,
            "device": str(comfy.model_management.get_torch_device()), "threads": torch.get_num_threads(),
-           "fused": len(fp.fused_of(fm)[0]) + len(fp.fused_of(fc.patcher)[0])}
+           "fused": len(fp.fused_of(fm)[0]) + len(fp.fused_of(fc.patcher)[0]),
+           "gram_gib": {stage: gram_gib(run.plan_for(model, clip, concepts), stage, rows) for stage in STAGES}}
     if args.gpu:
         out["peak_vram_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -124,7 +154,9 @@ def child(args) -> dict:
 def table(results: list[dict], args) -> str:
     gpu = any("peak_vram_mib" in r for r in results)
     threads = "" if gpu else f", {results[0]['threads']} torch threads"
-    lines = [f"model: {'tiny SD1.5 layout' if args.tiny else 'full-size random SD1.5'}; device {results[0]['device']}"
+    family = "SDXL" if args.sdxl else "SD1.5"
+    lines = [f"model: {'tiny ' + family + ' layout' if args.tiny else 'full-size random ' + family}; "
+             f"device {results[0]['device']}"
              f"{threads}; recording {args.steps} steps at "
              f"{args.size}x{args.size}; {'attention-only' if args.attention_only else 'whole-block'} rank-4 ED-LoRAs; "
              f"solver {args.solver}, sampler {args.sampler}; {results[0]['fused']} fused weights"]
@@ -148,6 +180,12 @@ def table(results: list[dict], args) -> str:
                      + (f" {r['peak_vram_mib']:9.0f}M" if gpu else ""))
     lines.append("(s/conc: total per concept; ident: base/concept digests and cache key; above: peak RSS above the "
                  "resident model + concepts; growth: of 'above' relative to the first row)")
+    for r in results:
+        g = r["gram_gib"]
+        lines.append(f"N={r['n']}: Gram accumulators text {g['text']:.2f} GiB, k/v {g['cross_kv']:.2f} GiB, UNet "
+                     f"{g['unet']:.2f} GiB (one stage's at a time; largest {max(g.values()):.2f} GiB)"
+                     + ("; spec's SDXL estimate: 3.06 GiB over all stages with shared inputs, attention-only"
+                        if args.sdxl else ""))
     r = results[0]
     lines.append(f"base identity alone: sha256 of all {r['weights_gib']:.2f} GiB of MODEL + CLIP weights in "
                  f"{r['digest_s']:.2f} s ({r['cpus']} hashing threads; "
@@ -161,6 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="sampling steps per concept (reference: 20)")
     ap.add_argument("--size", type=int, default=256, help="recording resolution, square (reference: 512)")
     ap.add_argument("--tiny", action="store_true", help="the tiny SD1.5-layout model instead of the full-size one")
+    ap.add_argument("--sdxl", action="store_true", help="SDXL: the full-size random SDXL (with --tiny: the tiny SDXL)")
     ap.add_argument("--attention-only", action="store_true", help="attention-only ED-LoRAs (default whole-block)")
     ap.add_argument("--solver", default="closed_form", choices=("closed_form", "lbfgs"))
     ap.add_argument("--sampler", default="reference", help="recording sampler (default: the reference schedule)")
@@ -169,8 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if not args.tiny and not FULL_CKPT.is_file():
-        print(f"SKIP: {FULL_CKPT} is missing (bash tools/host/make_models.sh makes it)")
+    ckpt = FULL_SDXL_CKPT if args.sdxl else FULL_CKPT
+    if not args.tiny and not ckpt.is_file():
+        print(f"SKIP: {ckpt} is missing (bash tools/host/make_models.sh{' --sdxl' if args.sdxl else ''} makes it)")
         return 0
     if args.child is not None:
         print("RESULT " + json.dumps(child(args)), flush=True)

@@ -2,6 +2,7 @@
 
     nice .host/venv/bin/python benchmarks/bench_fusion_quality.py                 # full-size SD1.5, ~30 min on 2 CPUs
     nice .host/venv/bin/python benchmarks/bench_fusion_quality.py --tiny --steps 2 --size 64   # plumbing check
+    nice .host/venv/bin/python benchmarks/bench_fusion_quality.py --sdxl --tiny --steps 2 --size 64  # tiny SDXL
 
 Three synthetic whole-block rank-4 ED-LoRAs on the full-size random SD1.5 (reduced recording: 4 steps at
 256×256 by default; the reference records 20 at 512×512). Every method runs the whole node pipeline
@@ -32,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_fusion import FULL_CKPT, load_model, start_comfy  # benchmarks/, beside this script
+from bench_fusion import FULL_CKPT, FULL_SDXL_CKPT, load_model, start_comfy  # benchmarks/, beside this script
 
 STAGES = ("text", "cross_kv", "unet")
 E2E_TIMESTEPS = (900, 600, 300, 100)
@@ -120,14 +121,17 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--concepts", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="the tiny SD1.5-layout model (a plumbing check)")
+    ap.add_argument("--sdxl", action="store_true", help="SDXL ED-LoRAs on the full-size random SDXL (with --tiny: "
+                                                        "the tiny SDXL)")
     ap.add_argument("--attention-only", action="store_true")
     ap.add_argument("--ridges", default="0,1e-3,1e-2,1e-1,1", help="closed-form ridge values")
     ap.add_argument("--rconds", default="1e-5,1e-3", help="closed-form eigenvalue cutoffs (no ridge)")
     ap.add_argument("--no-lbfgs", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
-    if not args.tiny and not FULL_CKPT.is_file():
-        print(f"SKIP: {FULL_CKPT} is missing (bash tools/host/make_models.sh makes it)")
+    ckpt = FULL_SDXL_CKPT if args.sdxl else FULL_CKPT
+    if not args.tiny and not ckpt.is_file():
+        print(f"SKIP: {ckpt} is missing (bash tools/host/make_models.sh{' --sdxl' if args.sdxl else ''} makes it)")
         return 0
     import torch
 
@@ -144,7 +148,7 @@ def main(argv=None) -> int:
     en = pack("nodes.glue.loading")
     folders = pack("nodes.glue.folders")
     t_start = time.perf_counter()
-    model, clip, shape = load_model(not args.tiny, env)
+    model, clip, shape = load_model(not args.tiny, args.sdxl, env)
     folder = Path(folders.folder_paths.get_folder_paths("edloras")[0])
     folder.mkdir(parents=True, exist_ok=True)
     concepts, names = None, []

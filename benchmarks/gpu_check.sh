@@ -11,6 +11,8 @@
 #   sdxl-regional        SDXL regional sampling at 1024x1024: stock vs 3 regions vs a LoRA per region vs N-pass
 #                        (target <= 1.10x for the LoRAs; needs the full-size random SDXL, made when missing);
 #   sdxl-encode          the SDXL layer-wise encode vs the stock encoder, and what the shared encodes save;
+#   sdxl-fusion          whole SDXL fusion, 3 attention-only SDXL ED-LoRAs at 1024x1024, 20 steps: per-stage times,
+#                        peak VRAM, Gram memory (goal: under a minute);
 #   train                ED-LoRA training vs core's Train LoRA (SD1.5, 512x512, batch 2, UNet rank 4, bf16):
 #                        seconds per step, steps per second, peak VRAM;
 #   sdxl-train           the same on SDXL (1024x1024, batch 1, UNet rank 4, bf16; the full-size random SDXL).
@@ -52,6 +54,8 @@ CHECKS=(
   # SDXL sampling (issue 19)
   "sdxl-regional | SDXL regional step vs the stock KSampler, 1024x1024 (--dry-run: the tiny SDXL) | 420 | benchmarks/bench_regional.py --sdxl --gpu --steps 4 --repeats 3 --width 1024 --height 1024 --no-memory | benchmarks/bench_regional.py --sdxl --tiny --steps 1 --repeats 1 --width 64 --height 64 --no-memory --cases 'stock,3 LoRAs' | lines:ratio"
   "sdxl-encode | SDXL layer-wise encode: seconds, ratio to the stock encoder, sequences encoded | 300 | benchmarks/bench_conditioning.py --sdxl --gpu --repeats 3 | benchmarks/bench_conditioning.py --sdxl --tiny --repeats 1 | after:^## SDXL"
+  # SDXL fusion (issue 20): Concept Conductor's attention-only files, 1024x1024, 20 steps (goal: under a minute)
+  "sdxl-fusion | whole SDXL fusion, 3 concepts, 1024x1024 (--dry-run: the tiny SDXL) | 240 | benchmarks/bench_fusion.py --sdxl --gpu --concepts 3 --steps 20 --size 1024 --attention-only --json | benchmarks/bench_fusion.py --sdxl --tiny --concepts 2 --steps 1 --size 64 --json | fusion"
   # the trainer (issue 21)
   "train | ED-LoRA training vs core's Train LoRA (SD1.5, 512x512, batch 2, UNet rank 4, bf16) | 240 | benchmarks/bench_train.py --gpu --resolution 512 --batch 2 --steps 5 --repeats 2 --no-memory --json | benchmarks/bench_train.py --tiny --resolution 64 --batch 1 --steps 1 --repeats 1 --no-memory --json | train"
   "sdxl-train | ED-LoRA training vs core's Train LoRA (SDXL, 1024x1024, batch 1, UNet rank 4, bf16; --dry-run: the tiny SDXL) | 300 | benchmarks/bench_train.py --sdxl --gpu --resolution 1024 --batch 1 --steps 5 --repeats 2 --no-memory --json | benchmarks/bench_train.py --sdxl --tiny --resolution 64 --batch 1 --steps 1 --repeats 1 --no-memory --json | train"

@@ -31,8 +31,9 @@ class GradientFusionNode(PackNode):
                         "concepts) into ONE model, so that each fused layer reproduces every concept's own tuned "
                         "layer on the inputs that concept produces. Three stages: text encoder, cross-attention "
                         "k/v, other UNet layers (by sampling each concept's prompt). The result is an exact "
-                        "low-rank LoRA on the base; it is cached on disk (models/edloras/.fusion_cache, 2 GiB "
-                        "at most) and Save Fused ED-LoRA Bundle writes it as a standard LoRA file.",
+                        "low-rank LoRA on the base (SD1.5 or SDXL: both SDXL text encoders are fused); it is cached "
+                        "on disk (models/edloras/.fusion_cache, 2 GiB at most) and Save Fused ED-LoRA Bundle writes "
+                        "it as a standard LoRA file.",
             search_aliases=("merge LoRA", "fuse ED-LoRA", "multi character", "multi concept", "gradient fusion"),
             inputs=[
                 io.Model.Input("model", tooltip="The BASE model: the checkpoint loader's MODEL, not a loader's "
@@ -45,9 +46,10 @@ class GradientFusionNode(PackNode):
                              tooltip="Sampling steps per concept for recording the UNet layers' inputs (20 in "
                                      "the paper)."),
                 io.Int.Input("width", default=512, min=64, max=MAX_FUSION_SIZE, step=8,
-                             tooltip="Width of the images sampled for recording."),
+                             tooltip="Width of the images sampled for recording (SDXL: 1024, also told to the "
+                                     "model as its size conditioning)."),
                 io.Int.Input("height", default=512, min=64, max=MAX_FUSION_SIZE, step=8,
-                             tooltip="Height of the images sampled for recording."),
+                             tooltip="Height of the images sampled for recording (SDXL: 1024)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
                              tooltip="Noise seed of the recording samples (concept i uses seed + i). Keep it "
                                      "fixed: another seed is another fusion."),
@@ -103,8 +105,9 @@ class SaveFusedBundle(PackNode):
             cls, node_id="MixOfShowSaveFusedBundle", display_name="Save Fused ED-LoRA Bundle (Mix-of-Show)",
             category=FUSION, is_output_node=True,
             description="Saves a fusion as one .safetensors in models/edloras: a standard LoRA (kohya keys: the "
-                        "stock Load LoRA at strength 1.0 gives the fused weights) plus every concept's tables and "
-                        "the metadata (base, concepts, settings). Load ED-LoRA loads it with the concept tokens.",
+                        "stock Load LoRA at strength 1.0 gives the fused weights; SDXL: lora_te1_/lora_te2_/"
+                        "lora_unet_) plus every concept's tables (both text encoders' on SDXL) and the metadata "
+                        "(base, concepts, settings, family). Load ED-LoRA loads it with the concept tokens.",
             search_aliases=("save fused", "fused bundle", "export fusion", "save LoRA"),
             inputs=[
                 io.Model.Input("model", tooltip="Fused MODEL from Gradient Fusion."),
@@ -126,7 +129,7 @@ class SaveFusedBundle(PackNode):
             raise BundleError("Save Fused Bundle: the MODEL/CLIP carry no fused LoRA -- connect the outputs of "
                               "Gradient Fusion (Mix-of-Show) or of a Load ED-LoRA that loaded a version-2 bundle "
                               "(0.1.0 bundles hold full weights and cannot be saved again: fuse once more)")
-        bundle = bundle_of(model_deltas, clip_deltas, model, clip, info, concepts.tables)
+        bundle = bundle_of(model_deltas, clip_deltas, model, clip, info, concepts)
         save_bundle(bundle, path)
         name = os.path.basename(path)
         return io.NodeOutput(name, ui={"text": [f"{name}: {concepts.describe()}"]})

@@ -41,6 +41,7 @@ class TextEncoder:
     lora_part: str           # the ED-LoRA file part with its LoRA factors ("text_encoder")
     comfy_lora_prefix: str   # ComfyUI's diffusers-LoRA key prefix for it ("text_encoder.")
     tokenizer_key: str       # its token stream in ComfyUI's tokenizer output ("l" of {"l": [...]})
+    kohya_prefix: str        # its modules' prefix in kohya LoRA files ("lora_te_"; SDXL: "lora_te1_", "lora_te2_")
 
     @staticmethod
     def is_lora_module(name: str) -> bool:
@@ -59,7 +60,9 @@ class ModelFamily:
     xti_keys: tuple[str, ...]                   # kohya XTI (P+) embedding keys, one per layer
     default_size: tuple[int, int]               # (width, height) in pixels the family is trained at
     model_channels: int                         # the full-size UNet's model_channels
-    supports_fusion: bool = True                # Gradient Fusion knows how to record and solve this family
+    size_conditioning: bool = False             # the UNet reads the image size (SDXL's time ids in ``y``)
+    kohya_unet_ldm_names: bool = False          # kohya names its UNet LoRA modules in ldm layout (SDXL:
+    #                                             lora_unet_input_blocks_4_1_…), not diffusers' (SD1.x)
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"

@@ -19,7 +19,8 @@ SD15 = ModelFamily(
     label="SD1.x",
     transformers=_transformers(),
     context_dim=768,
-    text_encoders=(TextEncoder("clip_l", 768, "new_concept_embedding", "text_encoder", "text_encoder.", "l"),),
+    text_encoders=(TextEncoder("clip_l", 768, "new_concept_embedding", "text_encoder", "text_encoder.", "l",
+                               "lora_te_"),),
     # kohya XTI (P+) embedding files name the 16 layers like this
     xti_keys=("IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
               "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"),

@@ -25,11 +25,12 @@ SDXL = ModelFamily(
     transformers=_transformers(),
     context_dim=2048,
     text_encoders=(
-        TextEncoder("clip_l", 768, "new_concept_embedding", "text_encoder", "text_encoder.", "l"),
-        TextEncoder("clip_g", 1280, "new_concept_embedding_2", "text_encoder_2", "text_encoder_2.", "g"),
+        TextEncoder("clip_l", 768, "new_concept_embedding", "text_encoder", "text_encoder.", "l", "lora_te1_"),
+        TextEncoder("clip_g", 1280, "new_concept_embedding_2", "text_encoder_2", "text_encoder_2.", "g", "lora_te2_"),
     ),
     xti_keys=(),  # kohya's XTI format exists for SD1.x only
     default_size=(1024, 1024),
     model_channels=320,
-    supports_fusion=False,  # gradient fusion of SDXL concepts is not implemented yet
+    size_conditioning=True,
+    kohya_unet_ldm_names=True,
 )

@@ -1,6 +1,6 @@
 """Fused ED-LoRA bundles: the result of gradient fusion as one ``.safetensors`` that is also a standard LoRA.
 
-Format version 2 (metadata ``format=mixofshow-fused-bundle``, ``version=2``)::
+Format version 2 (metadata ``format=mixofshow-fused-bundle``, ``version=2``), SD1.x::
 
     lora_unet_<diffusers module with _>.lora_up.weight    [out, R]      ([out, R, 1, 1] for 1×1 convs)
     lora_unet_<…>.lora_down.weight                         [R, in]       ([R, in, 1, 1])
@@ -8,11 +8,19 @@ Format version 2 (metadata ``format=mixofshow-fused-bundle``, ``version=2``)::
     lora_te_text_model_encoder_layers_<i>_<proj>.lora_up.weight / .lora_down.weight / .alpha
     new_concept_embedding.<token>                          [16, 768] or [16, n, 768]
 
+SDXL (metadata ``family=sdxl``): kohya's SDXL names -- ``lora_unet_<ldm module with _>`` (``input_blocks_4_1_…``),
+``lora_te1_…`` (CLIP-L) and ``lora_te2_…`` (bigG) -- and one table per token and text encoder:
+``new_concept_embedding.<token>`` ``[70, (n,) 768]`` and ``new_concept_embedding_2.<token>`` ``[70, (n,) 1280]``
+(the ED-LoRA file parts, :attr:`fusion.families.TextEncoder.table_part`). A file without ``family`` is SD1.x (every
+0.2.0 bundle): SDXL is still version 2, as the layout only gains parts that the family names, and a 0.2.0 reader
+refuses an SDXL bundle at its 70-row tables anyway.
+
 The LoRA part is kohya's key layout, float32, so the stock Load LoRA node (strength 1.0) applies the
 fused weights ``W0 + up @ down`` exactly; Load ED-LoRA also restores the concepts. Metadata: ``base``
 (digest of the original weights the deltas were solved against), ``concepts`` (JSON list, in set
 order: ``name``, ``digest``, ``tokens``, ``trigger_words``, ``text_encoder_strength``, ``unet_strength``),
-``settings`` (JSON of the fusion settings). The same files are the fusion cache's entries.
+``settings`` (JSON of the fusion settings), ``family`` (absent for SD1.x). The same files are the fusion cache's
+entries.
 
 Format version 1 (0.1.0, read only): full fused weights under ``model.<MODEL key>`` and
 ``clip.<CLIP key>``, same tables and metadata.
@@ -34,12 +42,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import BundleError, EDLoRAError
-from ..families import SD15
+from ..families import FAMILIES, SD15, ModelFamily, family_named
 from ..versions import BUNDLE_FORMAT, BUNDLE_VERSION, READABLE_BUNDLE_VERSIONS
 from .edlora import EDLoRA, _check_table, _Reader
 from .filecheck import check_file_tensor, check_lora_change
 
-EMBEDDING_PREFIX = "new_concept_embedding."
 _T = TypeVar("_T")
 _LORA_KEY = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+|text_encoders\.[A-Za-z0-9_.]+"
                        r"|diffusion_model\.[A-Za-z0-9_.]+)"
@@ -50,21 +57,24 @@ _LORA_KEY = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+|text_encoders\.[A-Z
 @dataclass
 class FusedBundle:
     """A fused result: LoRA factors by LoRA module name (``lora_unet_…`` / ``lora_te_…``, scale 1),
-    every concept's tables and the metadata. Version-1 files carry full weights in ``weights``."""
+    every concept's tables per text encoder of ``family`` and the metadata. Version-1 files carry full weights in
+    ``weights``."""
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     concepts: list[dict[str, Any]] = field(default_factory=list)
-    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> [16, n, 768]
+    tables: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # encoder -> token -> [L, n, width]
     base: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     version: str = BUNDLE_VERSION
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # v1: "model.<key>" / "clip.<key>"
+    family: ModelFamily = SD15
 
     def edloras(self) -> list[tuple[EDLoRA, str]]:
         """One embeddings-only :class:`EDLoRA` per fused concept with its trigger words (its LoRA is in the
         fused weights already)."""
-        encoder = SD15.text_encoders[0].name  # gradient fusion (and so a bundle) is SD1.x's only
-        return [(EDLoRA(name=c["name"], tables={encoder: {t: self.embeddings[t] for t in c["tokens"]}},
-                        digest=c.get("digest", "")), c.get("trigger_words", "")) for c in self.concepts]
+        return [(EDLoRA(name=c["name"], tables={e.name: {t: self.tables[e.name][t] for t in c["tokens"]}
+                                                for e in self.family.text_encoders},
+                        digest=c.get("digest", ""), family=self.family), c.get("trigger_words", ""))
+                for c in self.concepts]
 
 
 def save_bundle(bundle: FusedBundle, path: str, extra_metadata: dict[str, str] | None = None) -> None:
@@ -75,12 +85,14 @@ def save_bundle(bundle: FusedBundle, path: str, extra_metadata: dict[str, str] |
         tensors[f"{name}.lora_up.weight"] = up.detach().float().contiguous().cpu()
         tensors[f"{name}.lora_down.weight"] = down.detach().float().contiguous().cpu()
         tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
-    for tok, t in bundle.embeddings.items():
-        table = t.detach().float().cpu()
-        single = table.ndim == 3 and table.shape[1] == 1
-        tensors[EMBEDDING_PREFIX + tok] = (table[:, 0] if single else table).contiguous()
+    for encoder in bundle.family.text_encoders:
+        for tok, t in bundle.tables.get(encoder.name, {}).items():
+            table = t.detach().float().cpu()
+            single = table.ndim == 3 and table.shape[1] == 1
+            tensors[f"{encoder.table_part}.{tok}"] = (table[:, 0] if single else table).contiguous()
     meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "base": bundle.base,
             "concepts": json.dumps(bundle.concepts), "settings": json.dumps(bundle.settings, sort_keys=True),
+            **({} if bundle.family is SD15 else {"family": bundle.family.name}),  # SD1.x bytes as 0.2.0 wrote them
             **(extra_metadata or {})}
     tmp = path + ".part"
     try:
@@ -111,11 +123,11 @@ def _check_tensor(name: str, key: str, t: object, float32: bool = True) -> torch
         raise BundleError(str(e)) from None
 
 
-def _check_bundle_table(name: str, key: str, t: object) -> torch.Tensor:
-    """A token table by the ED-LoRA table rules (float, finite, ``[16, 768]`` or ``[16, n, 768]``), as a
-    bundle error."""
+def _check_bundle_table(name: str, key: str, t: object, family: ModelFamily, encoder: Any) -> torch.Tensor:
+    """A token table by the ED-LoRA table rules of the family and text encoder (float, finite, ``[L, width]`` or
+    ``[L, n, width]``), as a bundle error."""
     try:
-        return _check_table(_Reader(name), t, key)
+        return _check_table(_Reader(name), t, key, family, encoder)
     except EDLoRAError as e:
         raise BundleError(str(e)) from None
 
@@ -167,12 +179,20 @@ def load_bundle(path: str) -> FusedBundle:
     if version not in READABLE_BUNDLE_VERSIONS:
         raise BundleError(f"{name}: fused bundle format version {version!r}; this release reads versions "
                           f"{', '.join(READABLE_BUNDLE_VERSIONS)} (was it written by a newer release?)")
+    try:
+        family = family_named(meta.get("family", SD15.name))
+    except KeyError:
+        raise BundleError(f"{name}: fused for the model family {meta['family']!r}; this release knows "
+                          f"{', '.join(f.name for f in FAMILIES)}") from None
     b = FusedBundle(base=meta.get("base", ""), concepts=_check_concepts(name, _json(name, meta, "concepts", list)),
-                    settings=_json(name, meta, "settings", dict), version=version)
+                    settings=_json(name, meta, "settings", dict), version=version, family=family)
+    table_parts = {e.table_part: e for e in family.text_encoders}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        if key.startswith(EMBEDDING_PREFIX):
-            b.embeddings[key[len(EMBEDDING_PREFIX):]] = _check_bundle_table(name, key, t)
+        part, _, token = key.partition(".")
+        if part in table_parts:
+            encoder = table_parts[part]
+            b.tables.setdefault(encoder.name, {})[token] = _check_bundle_table(name, key, t, family, encoder)
         elif version == "1" and key.partition(".")[0] in ("model", "clip"):
             b.weights[key] = _check_tensor(name, key, t, float32=False)
         elif version == "2" and (m := _LORA_KEY.match(key)):
@@ -192,11 +212,14 @@ def load_bundle(path: str) -> FusedBundle:
             raise BundleError(str(e)) from None
         b.lora[module] = (up * (float(alpha) / down.shape[0]), down)
     listed = [t for c in b.concepts for t in c["tokens"]]
-    missing = [t for t in listed if t not in b.embeddings]
-    if missing:
-        raise BundleError(f"{name}: concepts list tokens {missing} that have no table in the file")
-    if set(b.embeddings) - set(listed):
-        raise BundleError(f"{name}: tables {sorted(set(b.embeddings) - set(listed))} belong to no listed concept")
+    for encoder in family.text_encoders:
+        have = b.tables.get(encoder.name, {})
+        missing = [t for t in listed if t not in have]
+        if missing:
+            raise BundleError(f"{name}: concepts list tokens {missing} that have no table in the file "
+                              f"({encoder.table_part})")
+        if set(have) - set(listed):
+            raise BundleError(f"{name}: tables {sorted(set(have) - set(listed))} belong to no listed concept")
     if not b.lora and not b.weights:
         raise BundleError(f"{name}: the bundle holds no fused weights")
     return b

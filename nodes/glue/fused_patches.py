@@ -19,11 +19,13 @@ import torch
 from comfy import weight_adapter
 
 from ...fusion.errors import BundleError
+from ...fusion.families import ModelFamily
 from ...fusion.files.bundle import FusedBundle, load_bundle
 from ...fusion.log import log
 from ...fusion.merge.cache import digest, tensor_digests
 from ...fusion.prompts.concepts import Concept, ConceptSet
 from ..names import CONCEPTS_USED_KEY
+from .family import check_base, model_family
 from .layerwise import install_layerwise
 
 Delta = tuple[torch.Tensor, torch.Tensor]  # (up, down) of one fused weight
@@ -85,10 +87,11 @@ def fused_of(patcher) -> tuple[dict[str, Delta], dict]:
     return out, info
 
 
-def lora_names(model, clip) -> tuple[dict[str, str], dict[str, str]]:
-    """Weight key -> LoRA module name in kohya's layout (``lora_unet_<diffusers name>``, ``lora_te_…``),
-    from ComfyUI's own key maps (so that the stock loader maps them back); keys without a kohya name get
-    the generic names ComfyUI also reads (``diffusion_model.…``, ``text_encoders.…``)."""
+def lora_names(model, clip, family: ModelFamily) -> tuple[dict[str, str], dict[str, str]]:
+    """Weight key -> LoRA module name in kohya's layout for ``family`` (SD1.x: ``lora_unet_<diffusers name>``,
+    ``lora_te_…``; SDXL: ``lora_unet_<ldm name>``, ``lora_te1_…``, ``lora_te2_…``), from ComfyUI's own key maps (so
+    that the stock loader maps them back); keys without a kohya name get the generic names ComfyUI also reads
+    (``diffusion_model.…``, ``text_encoders.…``)."""
     def invert(key_map: dict, prefer, fallback) -> dict[str, str]:
         out: dict[str, str] = {}
         for name, key in key_map.items():
@@ -97,37 +100,45 @@ def lora_names(model, clip) -> tuple[dict[str, str], dict[str, str]]:
             best = out.get(key)
             if best is None or (prefer(name, key) and not prefer(best, key)):
                 out[key] = name
+        kohya = ("lora_unet_", *(e.kohya_prefix for e in family.text_encoders))
         for key in list(out):
-            if not out[key].startswith(("lora_unet_", "lora_te_")):
+            if not out[key].startswith(kohya):
                 out[key] = fallback(key)
         return out
 
-    def unet_prefer(name: str, key: str) -> bool:  # the diffusers-named kohya key, not the ldm-named one
+    def unet_prefer(name: str, key: str) -> bool:  # the family's kohya naming: ldm- or diffusers-named
         ldm_named = "lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")
-        return name.startswith("lora_unet_") and name != ldm_named
+        return name.startswith("lora_unet_") and (name == ldm_named) == family.kohya_unet_ldm_names
+
+    def text_prefer(name: str, key: str) -> bool:  # the kohya prefix of the key's own text encoder
+        return any(key.startswith(e.name + ".") and name.startswith(e.kohya_prefix) for e in family.text_encoders)
 
     unet = invert(comfy.lora.model_lora_keys_unet(model.model, {}), unet_prefer, lambda k: k[:-len(".weight")])
-    text = invert(comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}),
-                  lambda name, _key: name.startswith("lora_te_"), lambda k: "text_encoders." + k[:-len(".weight")])
+    text = invert(comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}), text_prefer,
+                  lambda k: "text_encoders." + k[:-len(".weight")])
     return unet, text
 
 
 def bundle_of(model_deltas: Mapping[str, Delta], clip_deltas: Mapping[str, Delta], model, clip, fusion: dict,
-              tables: Mapping[str, torch.Tensor]) -> FusedBundle:
-    """A version-2 bundle of fused deltas (with the concepts' tables) for ``model``/``clip``'s layout."""
-    unet_names, text_names = lora_names(model, clip)
+              concepts: ConceptSet) -> FusedBundle:
+    """A version-2 bundle of fused deltas (with the concepts' tables for every text encoder) for
+    ``model``/``clip``'s family and layout."""
+    family = model_family(model, "Save Fused ED-LoRA Bundle")
+    unet_names, text_names = lora_names(model, clip, family)
     lora = {}
     for deltas, names, root in ((model_deltas, unet_names, model.model),
                                 (clip_deltas, text_names, clip.cond_stage_model)):
         for key, (up, down) in deltas.items():
             lora[names[key]] = shaped(up, down, comfy.utils.get_attr(root, key).shape)
     tokens = [t for c in fusion["concepts"] for t in c["tokens"]]
-    missing = [t for t in tokens if t not in tables]
+    tables = {e.name: concepts.tables_of(e.name) for e in family.text_encoders}
+    missing = [t for t in tokens if any(t not in per_token for per_token in tables.values())]
     if missing:
         raise BundleError(f"the concept set has no tables for {missing}: connect the concepts output of "
                           f"Gradient Fusion")
-    return FusedBundle(lora=lora, concepts=fusion["concepts"], embeddings={t: tables[t] for t in tokens},
-                       base=fusion.get("base", ""), settings=fusion.get("settings", {}))
+    return FusedBundle(lora=lora, concepts=fusion["concepts"],
+                       tables={e: {t: per_token[t] for t in tokens} for e, per_token in tables.items()},
+                       base=fusion.get("base", ""), settings=fusion.get("settings", {}), family=family)
 
 
 def original_weight(entry) -> torch.Tensor:
@@ -199,6 +210,7 @@ def apply_bundle(model, clip, path: str):
     version 1 from 0.1.0: "set" patches of the full weights), and its concepts (embeddings only)."""
     name = os.path.basename(path)
     b = load_bundle(path)
+    check_base(name, b.family, model, clip)  # names both families before any key is looked up
     concepts = fused_concepts(b.edloras())
     fusion = {"base": b.base, "settings": b.settings, "concepts": b.concepts}
     if b.version == "1":

@@ -243,7 +243,11 @@ class ComfyRecorder:
         fused_clip = self._fused_clip_for(fused)
         model_i = self._model(concept, fused)
         root = model_i.model
-        positive = encode_with_concepts(fused_clip, self.prompts(self._words(concept))[0], self.concepts)
+        # a UNet that reads the image size (SDXL's y) is told the recording size, uncropped
+        sizes = {"width": s.width, "height": s.height, "crop_w": 0, "crop_h": 0, "target_width": s.width,
+                 "target_height": s.height} if self.plan.family.size_conditioning else {}
+        positive = encode_with_concepts(fused_clip, self.prompts(self._words(concept))[0], self.concepts,
+                                        extra=sizes)
         channels = getattr(model_i.get_model_object("latent_format"), "latent_channels", 4)
         latent = torch.zeros(1, channels, s.height // 8, s.width // 8)
         seed = (s.seed + concept) % (1 << 64)  # each concept its own noise

@@ -20,7 +20,7 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
-from ...fusion.errors import BundleError, ConceptError, FusionError
+from ...fusion.errors import BundleError, ConceptError
 from ...fusion.files.bundle import load_bundle, save_bundle
 from ...fusion.log import log
 from ...fusion.merge import cache as fc
@@ -71,9 +71,6 @@ def _shapes(root, keys) -> dict[str, tuple[int, ...]]:
 def plan_for(model, clip, concepts: ConceptSet) -> gf.FusionPlan:
     """The fusion plan of a concept set (every concept checked against this MODEL/CLIP first)."""
     family = model_family(model, "Gradient Fusion")
-    if not family.supports_fusion:
-        raise FusionError(f"Gradient Fusion: the MODEL is {family.describe_unet()}; fusing {family.label} concepts "
-                          f"is not supported yet — use a LoRA per region instead (Region's model input)")
     for c in concepts.concepts:
         check_base(c.edlora.name, c.edlora.family, model, clip)
     loras = [gf.ConceptLoRA(concept_label(c), c.text_factors, c.unet_factors, c.text_encoder_strength,
@@ -177,7 +174,7 @@ def fuse(model, clip, concepts: ConceptSet | None, settings: gf.FusionSettings, 
                   "unrecorded": result.unrecorded, "result": result})
     if store is not None:
         t = time.perf_counter()
-        bundle = bundle_of(model_deltas, clip_deltas, model, clip, info, concepts.tables)
+        bundle = bundle_of(model_deltas, clip_deltas, model, clip, info, concepts)
         stats["cache_file"] = store.store(key, lambda path: save_bundle(bundle, path))
         stats["seconds"]["cache_write"] = time.perf_counter() - t
     mm.soft_empty_cache()

@@ -212,7 +212,7 @@ def test_tokens_route_reads_a_bundle_with_an_upper_case_extension(env):
     routes = env.pack("nodes.glue.routes")
     concepts = [{"name": "a.pth", "digest": "d", "tokens": ["<ub1>", "<ub2>"], "trigger_words": ""}]
     bundle = FusedBundle(lora={"lora_unet_x": (torch.zeros(4, 2), torch.zeros(2, 4))}, concepts=concepts,
-                         embeddings={"<ub1>": torch.zeros(16, 1, 768), "<ub2>": torch.zeros(16, 1, 768)})
+                         tables={"clip_l": {"<ub1>": torch.zeros(16, 1, 768), "<ub2>": torch.zeros(16, 1, 768)}})
     save_bundle(bundle, str(env.base / "models" / "edloras" / "upper_bundle.SAFETENSORS"))
     assert routes.tokens_of("upper_bundle.SAFETENSORS") == ["<ub1>", "<ub2>"]
 

@@ -5,6 +5,7 @@ Conductor ED-LoRAs and kohya/diffusers SDXL LoRAs map onto it through ComfyUI's 
 is there, has exactly that layout (its header only)."""
 from pathlib import Path
 
+import comfy.lora
 import comfy.model_detection
 import comfy.model_patcher
 import comfy.sd
@@ -104,3 +105,47 @@ def test_the_generated_checkpoint_has_that_layout(full):
             sliced = f.get_slice(key)
             assert (tuple(sliced.get_shape()), sliced.get_dtype()) == (tuple(layout[key].shape), {
                 torch.float16: "F16", torch.int64: "I64"}[layout[key].dtype]), key
+
+
+def test_a_fused_sdxl_bundle_has_kohya_sdxl_names_the_stock_loader_maps_on_the_full_layout(env, full):
+    """Issue 20: on the full-size layout (meta tensors), a fused bundle of every fusable weight -- each UNet
+    transformer-block linear and proj_in/out, each linear of both text encoders' 32 + 12 layers -- names its modules
+    as kohya's SDXL LoRAs do (``lora_unet_<ldm path>``, ``lora_te1_`` CLIP-L, ``lora_te2_`` bigG), and the stock
+    loader's key map (comfy.lora.load_lora) puts every module back on its weight at its shape."""
+    import re
+
+    from fusion.prompts.concepts import ConceptSet
+
+    _, _, model, clip = full
+    unet_linear = re.compile(r"^diffusion_model\..*\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|"
+                             r"out\.0)|ff\.net\.(0\.proj|2)))\.weight$")
+    text_linear = re.compile(r"^clip_[lg]\.transformer\.text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj"
+                             r"|mlp\.fc[12])\.weight$")
+
+    def deltas(root, pattern):
+        return {k: (torch.empty(v.shape[0], 4, device="meta"), torch.empty(4, *v.shape[1:], device="meta"))
+                for k, v in root.state_dict().items() if pattern.match(k)}
+
+    model_deltas, clip_deltas = deltas(model.model, unet_linear), deltas(clip.cond_stage_model, text_linear)
+    assert len(model_deltas) == 70 * 10 + 2 * 11 and len(clip_deltas) == (12 + 32) * 6
+    bundle = env.pack("nodes.glue.fused_patches").bundle_of(model_deltas, clip_deltas, model, clip,
+                                                            {"concepts": []}, ConceptSet())
+    expected = {"lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_"): k for k in model_deltas}
+    for k in clip_deltas:
+        encoder, _, rest = k.partition(".transformer.")
+        expected[("lora_te1_" if encoder == "clip_l" else "lora_te2_") + rest[:-len(".weight")].replace(".", "_")] = k
+    assert set(bundle.lora) == set(expected)
+    lora = {}
+    for name, (up, down) in bundle.lora.items():
+        lora.update({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down,
+                     f"{name}.alpha": torch.tensor(float(down.shape[0]))})
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    patches = comfy.lora.load_lora(lora, key_map)
+    assert {k: v.weights[0].shape[0] for k, v in patches.items()} == \
+        {k: v[0].shape[0] for k, v in {**model_deltas, **clip_deltas}.items()}
+    shapes = {**{k: v.shape for k, v in model.model.state_dict().items()},
+              **{k: v.shape for k, v in clip.cond_stage_model.state_dict().items()}}
+    for key, patch in patches.items():
+        up, down = patch.weights[0], patch.weights[1]
+        assert (up.shape[0], down.flatten(1).shape[1]) == (shapes[key][0], shapes[key][1:].numel()), key

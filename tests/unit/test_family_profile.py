@@ -91,7 +91,9 @@ def test_the_sdxl_profile():
     assert SDXL.describes_clip({"clip_l": 768, "clip_g": 1280}) and not SDXL.describes_clip({"clip_g": 1280})
     assert not any(f.describes_unet(1024, 16) or f.describes_clip({"clip_h": 1024}) for f in FAMILIES)
     assert family_named("sdxl") is SDXL and FAMILIES == (SD15, SDXL)
-    assert SD15.supports_fusion and not SDXL.supports_fusion
+    assert SDXL.size_conditioning and not SD15.size_conditioning
+    assert [e.kohya_prefix for e in SDXL.text_encoders] == ["lora_te1_", "lora_te2_"] and \
+        SD15.text_encoders[0].kohya_prefix == "lora_te_"
 
 
 def test_file_recognition_tells_the_families_apart():

@@ -23,8 +23,8 @@ def bundle():
     g = torch.Generator().manual_seed(0)
     return FusedBundle(lora={UNET: (torch.randn(32, 6, 1, 1, generator=g), torch.randn(6, 32, 1, 1, generator=g)),
                              TEXT: (torch.randn(768, 6, generator=g), torch.randn(6, 768, generator=g))},
-                       concepts=CONCEPTS, embeddings={"<a1>": torch.randn(16, 1, 768, generator=g),
-                                                      "<a2>": torch.randn(16, 2, 768, generator=g)},
+                       concepts=CONCEPTS, tables={"clip_l": {"<a1>": torch.randn(16, 1, 768, generator=g),
+                                                            "<a2>": torch.randn(16, 2, 768, generator=g)}},
                        base="base-digest", settings={"steps": 4, "ridge": 0.01})
 
 
@@ -57,7 +57,7 @@ def test_version_2_round_trip_is_a_kohya_lora(tmp_path):
     assert r.version == "2" and r.base == "base-digest" and r.settings == b.settings and r.concepts == CONCEPTS
     for name, (up, down) in b.lora.items():
         assert torch.equal(r.lora[name][0], up) and torch.equal(r.lora[name][1], down)
-    torch.testing.assert_close(r.embeddings["<a2>"], b.embeddings["<a2>"])
+    torch.testing.assert_close(r.tables["clip_l"]["<a2>"], b.tables["clip_l"]["<a2>"])
     (ea, wa), (eb, wb) = r.edloras()
     assert ea.tokens == ["<a1>", "<a2>"] and wa == "" and not ea.unet and ea.digest == "d1"
     assert eb.tokens == [] and wb == "ohwx woman"

