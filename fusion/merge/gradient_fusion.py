@@ -289,7 +289,7 @@ def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, p
         t1 = time.perf_counter()
         result.seconds[f"{stage}_record"] = t1 - t0
         for g, targets in groups.items():
-            acc = accs[g]
+            acc = accs.pop(g)  # solved groups' accumulators go while the others solve
             problems = [S.LayerProblem(t.key, {i: plan.deltas[i][t.key][0] for i in range(n)
                                                if t.key in plan.deltas[i]})
                         for t in targets]
@@ -309,7 +309,6 @@ def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, p
                     result.solved.append(SolvedLayer(t, acc, p))
             solved += len(targets)
             bar.report(len(targets), f"solving {solved}/{n_targets} layers")
-        accs.clear()  # the stage's accumulators go before the next stage records
         result.seconds[f"{stage}_solve"] = time.perf_counter() - t1
         result.seconds[stage] = time.perf_counter() - t0
     if progress is not None:

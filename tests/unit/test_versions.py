@@ -23,8 +23,8 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "04c69266e3493ac671f5cd6fe061607686045edcb58ced16029bb1b121fb5deb",
-    ("solver", 1): "7b1cd1e27b0aa322d765015b2aa7ef6b147c6307eb3447ed7ea73110d98460d7",
+    ("recording", 1): "e4c548b78d2e9fb14f114253830b757020db602c8e53f5f182aed6fdee99e56e",
+    ("solver", 1): "b7da591d5e9065c43b93469d22359710a9194a3dd9436f295a5a51b68de2ecae",
 }
 
 
