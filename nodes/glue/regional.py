@@ -27,7 +27,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ...fusion.errors import LoRAFormatError, RegionError
 from ...fusion.families import ModelFamily
-from ...fusion.regions.attention import ContextLayout, pack_region_contexts, regional_attention
+from ...fusion.regions.attention import ContextLayout, RegionRows, pack_region_contexts, region_rows, regional_attention
 from ...fusion.regions.blend import blend_regions, blend_weights
 from ...fusion.regions.lowrank import LowRankBank
 from ...fusion.regions.masks import feature_hw_for_tokens, region_layer_masks
@@ -128,7 +128,9 @@ class RegionalSampling:
         self.lora_layers = self._lora_layers(base, regions) if base is not None else []
         self._layouts: dict[int, ContextLayout] = {}  # per layer, for the UNet call under way
         self._contexts: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
-        self._masks: dict[tuple, torch.Tensor] = {}
+        self._context_keys: dict[int, tuple] = {}  # per layer, the _contexts key of the UNet call under way
+        self._context_deltas: dict[tuple, torch.Tensor] = {}  # (id(bank), _contexts key) -> k/v LoRA delta
+        self._masks: dict[tuple, Any] = {}
         self._weights: dict[tuple, tuple[torch.Tensor, frozenset]] = {}
         self._latent_hw = (1, 1)
         self._block_hw: dict[int, tuple[int, int]] = {}
@@ -149,6 +151,7 @@ class RegionalSampling:
         if isinstance(device_or_dtype, (torch.device, str)):
             device = torch.device(device_or_dtype)
             self._contexts = {k: v for k, v in self._contexts.items() if k[-2] == device}
+            self._context_deltas = {k: v for k, v in self._context_deltas.items() if k[1][-2] == device}
             self._masks = {k: v for k, v in self._masks.items() if k[-1] in (str(device), "cpu")}
         return self
 
@@ -158,6 +161,13 @@ class RegionalSampling:
         key = (fh, fw, str(device))
         if key not in self._masks:
             self._masks[key] = region_layer_masks(self.masks, self.boxes, fh, fw).to(device)
+        return self._masks[key]
+
+    def region_rows(self, fh: int, fw: int, device: Any) -> RegionRows:
+        """Where each region's attention is needed at a feature size (decided once per size on the CPU)."""
+        key = ("rows", fh, fw, str(device))
+        if key not in self._masks:
+            self._masks[key] = region_rows(self.flat_masks(fh, fw, "cpu")).to(device)
         return self._masks[key]
 
     def control_weights(self, fh: int, fw: int, device: Any) -> torch.Tensor:
@@ -192,6 +202,7 @@ class RegionalSampling:
             self._contexts[key] = pack_region_contexts(per_region, rows, global_context.device, global_context.dtype)
         regions, mask, tokens = self._contexts[key]
         self._layouts[layer] = ContextLayout(global_context.shape[1], tokens, mask)
+        self._context_keys[layer] = key
         return torch.cat([global_context, regions], dim=1)
 
     def layout(self, layer: int | None) -> ContextLayout | None:
@@ -232,9 +243,20 @@ class RegionalSampling:
 
         def context(_m, args, out):
             x, layout = args[0], self.layout(layer)
-            if layout is None or x.shape[-2] != layout.total_tokens(len(self)):
+            if layer is None or layout is None or x.shape[-2] != layout.total_tokens(len(self)):
                 return out  # not the regional attention's layout: nothing of a region here
-            return out + bank.segments(x, {r: layout.region_slice(r) for r in bank.regions})
+            # the regions' part of the context is the packed one of this layer (self.context), the same in
+            # every step: its delta is computed once and added into the output's region rows
+            key = (id(bank), self._context_keys[layer])
+            if key not in self._context_deltas:
+                t = layout.region_tokens
+                self._context_deltas[key] = bank.segments(self._contexts[key[1]][0],
+                                                          {r: slice(r * t, (r + 1) * t) for r in bank.regions})
+            if out.dtype == x.dtype:
+                out[..., layout.global_tokens:, :].add_(self._context_deltas[key])
+                return out
+            return torch.cat([out[..., :layout.global_tokens, :],
+                              out[..., layout.global_tokens:, :] + self._context_deltas[key]], dim=-2)
 
         def conv(m, args, out):
             w, present = self.lora_weights(out.shape[-2], out.shape[-1], out.device)
@@ -331,7 +353,7 @@ class RegionalAttn2Replace:
         fh, fw = (int(shape[-2]), int(shape[-1])) if shape else (0, 0)
         if fh * fw != n_tok:  # not reported, or not this layer's size: from the token count
             fh, fw = feature_hw_for_tokens(n_tok, *self.run.masks[0].shape)
-        return regional_attention(q, k, v, heads, layout, len(self.run), self.run.flat_masks(fh, fw, q.device),
+        return regional_attention(q, k, v, heads, layout, len(self.run), self.run.region_rows(fh, fw, q.device),
                                   attention, global_attention)
 
     def to(self, device_or_dtype):
