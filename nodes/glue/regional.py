@@ -27,7 +27,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ...fusion.errors import LoRAFormatError, RegionError
 from ...fusion.families import ModelFamily
-from ...fusion.regions.attention import ContextLayout, pack_region_contexts, regional_attention
+from ...fusion.regions.attention import ContextLayout, RegionRows, pack_region_contexts, region_rows, regional_attention
 from ...fusion.regions.blend import blend_regions, blend_weights
 from ...fusion.regions.lowrank import LowRankBank
 from ...fusion.regions.masks import feature_hw_for_tokens, region_layer_masks
@@ -126,9 +126,17 @@ class RegionalSampling:
                          for i, r in enumerate(regions)]
         self.control_strengths = torch.tensor([float(r.control_strength) for r in regions])
         self.lora_layers = self._lora_layers(base, regions) if base is not None else []
+        # each layer's cross-attention, to project the regions' contexts once per sampling (region_kv)
+        self._attn2 = {} if base is None or family is None else {
+            layer: module for path, module in base.model.diffusion_model.named_modules() if path.endswith(".attn2")
+            and (layer := family.layer_of_weight(f"{_UNET}{path}.to_k.weight")) is not None}
+        self._region_kv: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self._projecting_regions = False
         self._layouts: dict[int, ContextLayout] = {}  # per layer, for the UNet call under way
         self._contexts: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
-        self._masks: dict[tuple, torch.Tensor] = {}
+        self._context_keys: dict[int, tuple] = {}  # per layer, the _contexts key of the UNet call under way
+        self._context_deltas: dict[tuple, torch.Tensor] = {}  # (id(bank), _contexts key) -> k/v LoRA delta
+        self._masks: dict[tuple, Any] = {}
         self._weights: dict[tuple, tuple[torch.Tensor, frozenset]] = {}
         self._latent_hw = (1, 1)
         self._block_hw: dict[int, tuple[int, int]] = {}
@@ -149,6 +157,8 @@ class RegionalSampling:
         if isinstance(device_or_dtype, (torch.device, str)):
             device = torch.device(device_or_dtype)
             self._contexts = {k: v for k, v in self._contexts.items() if k[-2] == device}
+            self._context_deltas = {k: v for k, v in self._context_deltas.items() if k[1][-2] == device}
+            self._region_kv = {k: v for k, v in self._region_kv.items() if k[-2] == device}
             self._masks = {k: v for k, v in self._masks.items() if k[-1] in (str(device), "cpu")}
         return self
 
@@ -158,6 +168,13 @@ class RegionalSampling:
         key = (fh, fw, str(device))
         if key not in self._masks:
             self._masks[key] = region_layer_masks(self.masks, self.boxes, fh, fw).to(device)
+        return self._masks[key]
+
+    def region_rows(self, fh: int, fw: int, device: Any) -> RegionRows:
+        """Where each region's attention is needed at a feature size (decided once per size on the CPU)."""
+        key = ("rows", fh, fw, str(device))
+        if key not in self._masks:
+            self._masks[key] = region_rows(self.flat_masks(fh, fw, "cpu")).to(device)
         return self._masks[key]
 
     def control_weights(self, fh: int, fw: int, device: Any) -> torch.Tensor:
@@ -181,9 +198,11 @@ class RegionalSampling:
             self._weights[key] = (w.to(device), present)
         return self._weights[key]
 
-    def context(self, layer: int, global_context: torch.Tensor, chunks: Sequence[int]) -> torch.Tensor:
-        """The layer's concatenated context (global, then the regions'), its layout remembered for the
-        layer's attn2 replace and region LoRAs."""
+    def context(self, layer: int, global_context: torch.Tensor, chunks: Sequence[int],
+                sampling: Any = None) -> torch.Tensor:
+        """The layer's context, its layout (global, then the regions') remembered for the layer's attn2
+        replace and region LoRAs: the global context alone when the regions' keys and values are kept for
+        the sampling under way (``sampling``: its sigmas, :meth:`region_kv`), else the concatenation."""
         rows = global_context.shape[0] // len(chunks)
         key = (layer, tuple(chunks), rows, global_context.device, global_context.dtype)
         if key not in self._contexts:
@@ -192,7 +211,27 @@ class RegionalSampling:
             self._contexts[key] = pack_region_contexts(per_region, rows, global_context.device, global_context.dtype)
         regions, mask, tokens = self._contexts[key]
         self._layouts[layer] = ContextLayout(global_context.shape[1], tokens, mask)
+        self._context_keys[layer] = key
+        if sampling is not None and layer in self._attn2:
+            return global_context
         return torch.cat([global_context, regions], dim=1)
+
+    def region_kv(self, layer: int, sampling: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's cross-attention keys and values of the regions' contexts (``[B, R * T, D]``, with the
+        regions' LoRAs on to_k/to_v), projected once per sampling (``sampling``: its sigmas; the weights do
+        not change within one) and layer: the contexts are the same in every step. A linear layer's rows do
+        not depend on each other, so they equal the region rows of the projected concatenation."""
+        key = self._context_keys[layer]
+        cached = self._region_kv.get(key)
+        if cached is None or cached[0] is not sampling:
+            attn2, regions = self._attn2[layer], self._contexts[key][0]
+            self._projecting_regions = True
+            try:
+                cached = (sampling, attn2.to_k(regions), attn2.to_v(regions))
+            finally:
+                self._projecting_regions = False
+            self._region_kv[key] = cached
+        return cached[1], cached[2]
 
     def layout(self, layer: int | None) -> ContextLayout | None:
         return self._layouts.get(layer) if layer is not None else None
@@ -232,9 +271,25 @@ class RegionalSampling:
 
         def context(_m, args, out):
             x, layout = args[0], self.layout(layer)
-            if layout is None or x.shape[-2] != layout.total_tokens(len(self)):
-                return out  # not the regional attention's layout: nothing of a region here
-            return out + bank.segments(x, {r: layout.region_slice(r) for r in bank.regions})
+            if layer is None or layout is None:
+                return out
+            if self._projecting_regions:  # region_kv: the regions' contexts alone
+                start = 0
+            elif x.shape[-2] == layout.total_tokens(len(self)):  # the concatenated context
+                start = layout.global_tokens
+            else:
+                return out  # not the regional attention's layout (or the global context alone)
+            # the regions' part of the context is the packed one of this layer (self.context), the same in
+            # every step: its delta is computed once and added into the output's region rows
+            key = (id(bank), self._context_keys[layer])
+            if key not in self._context_deltas:
+                t = layout.region_tokens
+                self._context_deltas[key] = bank.segments(self._contexts[key[1]][0],
+                                                          {r: slice(r * t, (r + 1) * t) for r in bank.regions})
+            if out.dtype == x.dtype:
+                out[..., start:, :].add_(self._context_deltas[key])
+                return out
+            return torch.cat([out[..., :start, :], out[..., start:, :] + self._context_deltas[key]], dim=-2)
 
         def conv(m, args, out):
             w, present = self.lora_weights(out.shape[-2], out.shape[-1], out.device)
@@ -294,7 +349,8 @@ class RegionalAttn2Patch(LayerwiseAttn2Patch):
         layer = self.layer(extra_options)
         if layer is None or not len(self.run):
             return n, ctx, ctx
-        full = self.run.context(layer, ctx, list(extra_options.get("cond_or_uncond", [0])))
+        full = self.run.context(layer, ctx, list(extra_options.get("cond_or_uncond", [0])),
+                                extra_options.get("sample_sigmas"))
         return n, full, full
 
     def to(self, device_or_dtype):
@@ -324,6 +380,11 @@ class RegionalAttn2Replace:
             return optimized_attention(q_, k_, v_, heads_, **kwargs)
 
         layout = self.run.layout(self.layer)
+        sampling = extra_options.get("sample_sigmas")
+        if layout is not None and k.shape[1] == layout.global_tokens and sampling is not None \
+                and self.layer in self.run._attn2:  # the patch passed the global context alone (context)
+            kr, vr = self.run.region_kv(self.layer, sampling)
+            k, v = torch.cat([k, kr.to(k.dtype)], dim=1), torch.cat([v, vr.to(v.dtype)], dim=1)
         if layout is None or k.shape[1] != layout.total_tokens(len(self.run)):
             return global_attention(q, k, v, heads)
         n_tok = q.shape[1]
@@ -331,7 +392,7 @@ class RegionalAttn2Replace:
         fh, fw = (int(shape[-2]), int(shape[-1])) if shape else (0, 0)
         if fh * fw != n_tok:  # not reported, or not this layer's size: from the token count
             fh, fw = feature_hw_for_tokens(n_tok, *self.run.masks[0].shape)
-        return regional_attention(q, k, v, heads, layout, len(self.run), self.run.flat_masks(fh, fw, q.device),
+        return regional_attention(q, k, v, heads, layout, len(self.run), self.run.region_rows(fh, fw, q.device),
                                   attention, global_attention)
 
     def to(self, device_or_dtype):

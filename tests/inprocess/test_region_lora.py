@@ -142,10 +142,12 @@ def brute_force(env, base, regions_spec):
             x = args[0]
             out = out.clone()
             if path.endswith(("attn2.to_k", "attn2.to_v")):
-                t = x.shape[1] // (len(regions_spec) + 1)
+                # every prompt here is one 77-token chunk; the regions' contexts are the last R * 77 rows
+                # (after the global context, or alone: the pack projects them once per sampling)
+                start = x.shape[1] - len(regions_spec) * 77
                 for r, d in enumerate(deltas):
-                    if path in d:
-                        seg = slice((r + 1) * t, (r + 2) * t)
+                    if path in d and start >= 0:
+                        seg = slice(start + r * 77, start + (r + 1) * 77)
                         out[:, seg] += F.linear(x[:, seg], d[path].to(x.dtype))
                 return out
             if path.endswith("emb_layers.1"):
@@ -333,3 +335,30 @@ def test_full_size_sd15_full_region_equals_the_merged_model(env, sd15):
     scale = float(ref.abs().max())
     torch.testing.assert_close(ours, ref, atol=1e-5 * scale, rtol=0)
     assert (run(model, pos, neg) - ref).abs().max() > 1e-3 * scale  # the LoRA really acts
+
+
+def test_region_contexts_are_projected_once_per_sampling(env, tiny, loras):
+    """The regions' contexts are the same in every step: each layer's to_k/to_v projects them (with the
+    regions' LoRA deltas) once per sampling, and every UNet call projects the global context alone; a
+    second sampling projects them again (its weights may differ)."""
+    model, clip, _ = tiny
+    regions = None
+    for i, b in enumerate([(0, 0, 64, 72), (0, 56, 64, 128)]):
+        m_i, c_i, _ = concept(model, clip, loras[i], f"char{i} person")
+        regions = pn.region(encode(c_i, f"a photo of char{i} person"), encode(c_i, "blurry"), box(*b), regions,
+                            model=m_i)
+    patched = install(env, model, regions)
+    unet = model.model.diffusion_model
+    lengths: dict[str, list[int]] = {}
+    handles = [module.register_forward_hook(lambda _m, args, _out, p=path: lengths.setdefault(p, []).append(
+        args[0].shape[1])) for path, module in unet.named_modules() if path.endswith("attn2.to_k")]
+    try:
+        pos, neg = encode(clip, "two people"), encode(clip, "lowres")
+        sample(patched, pos, neg, steps=3)
+        first = {p: list(v) for p, v in lengths.items()}
+        sample(patched, pos, neg, steps=3)
+    finally:
+        for h in handles:
+            h.remove()
+    assert first and all(v.count(2 * 77) == 1 and v.count(77) == 3 and len(v) == 4 for v in first.values())
+    assert all(v.count(2 * 77) == 2 and v.count(77) == 6 for v in lengths.values())

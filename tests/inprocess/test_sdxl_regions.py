@@ -274,10 +274,13 @@ def test_regions_with_their_own_loras_match_brute_force(env, tiny_xl, xl_region_
         def hook(_m, args, out):
             x, out = args[0], out.clone()
             if path.endswith(("attn2.to_k", "attn2.to_v")):
-                t = x.shape[1] // (len(spec) + 1)
+                # every prompt here is one 77-token chunk; the regions' contexts are the last R * 77 rows
+                # (after the global context, or alone: the pack projects them once per sampling)
+                start = x.shape[1] - len(spec) * 77
                 for r, d in enumerate(deltas):
-                    if path in d:
-                        out[:, (r + 1) * t:(r + 2) * t] += F.linear(x[:, (r + 1) * t:(r + 2) * t], d[path].to(x.dtype))
+                    if path in d and start >= 0:
+                        seg = slice(start + r * 77, start + (r + 1) * 77)
+                        out[:, seg] += F.linear(x[:, seg], d[path].to(x.dtype))
                 return out
             if path.endswith("emb_layers.1"):
                 fh, fw = block_hw[path]

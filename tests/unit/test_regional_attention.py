@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from fusion.regions.attention import ContextLayout, pack_region_contexts, regional_attention, split_regions
+from fusion.regions.attention import ContextLayout, pack_region_contexts, region_rows, regional_attention, split_regions
+from fusion.regions.blend import blend_regions
 
 
 def plain_attention(q, k, v, heads, mask=None):
@@ -62,7 +63,7 @@ def test_regional_attention_equals_a_loop_over_regions():
     k = torch.cat([torch.randn(b, tg, dim, generator=g), packed], dim=1)
     v = torch.cat([torch.randn(b, tg, dim, generator=g), packed * 0.5], dim=1)
     masks = torch.tensor([[1, 1, 0.5, 0, 0, 0], [0, 1, 0.5, 1, 0, 0]], dtype=torch.float32)
-    got = regional_attention(q, k, v, heads, ContextLayout(tg, t, mask), 2, masks, plain_attention)
+    got = regional_attention(q, k, v, heads, ContextLayout(tg, t, mask), 2, region_rows(masks), plain_attention)
     h = plain_attention(q, k[:, :tg], v[:, :tg], heads)
     expected = h.clone()
     for p in range(n):
@@ -79,3 +80,50 @@ def test_regional_attention_equals_a_loop_over_regions():
         c = min(float(s), 1.0)
         expected[:, p] = (1 - c) * h[:, p] + c * mixed / s
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def row_by_row(q, k, v, heads, mask=None):
+    """An attention computed one query row at a time: a row's result cannot depend on which other rows
+    are computed with it (the property ComfyUI's attention has, checked on the real model by the
+    behaviour digests)."""
+    return torch.cat([plain_attention(q[:, p:p + 1], k, v, heads, mask) for p in range(q.shape[1])], dim=1)
+
+
+def test_regional_attention_on_each_regions_rows_is_the_all_rows_blend_bit_for_bit():
+    """Each region's attention on its own rows only, blended row by row, gives the same bits as every
+    region's attention on every row blended by blend_regions: rows no region covers, rows one region
+    covers fully or partly (soft masks), rows several regions share, a region absent at this size."""
+    g = torch.Generator().manual_seed(2)
+    b, n, heads, dim, tg, regions = 2, 24, 2, 8, 4, 4
+    q = torch.randn(b, n, dim, generator=g)
+    contexts = [[torch.randn(1, 3 + r, dim, generator=g)] for r in range(regions)]
+    packed, mask, t = pack_region_contexts(contexts, b, "cpu", torch.float32)
+    k = torch.cat([torch.randn(b, tg, dim, generator=g), packed], dim=1)
+    v = torch.cat([torch.randn(b, tg, dim, generator=g), packed * 0.5], dim=1)
+    masks = torch.zeros(regions, n)
+    masks[0, 2:10] = 1          # alone, then shared with region 1
+    masks[1, 8:14] = 1
+    masks[1, 14:17] = 0.25      # soft: partly covered
+    masks[2, 16:20] = 0.5       # shared with the soft part, and alone at 0.5
+    # region 3 is absent at this size; rows 0-1 and 20-23 are covered by none
+    layout = ContextLayout(tg, t, mask)
+    rows = region_rows(masks)
+    assert len(rows.alone_rows) and len(rows.single_rows) and len(rows.shared_rows)
+    got = regional_attention(q, k, v, heads, layout, regions, rows, row_by_row)
+    h = row_by_row(q, k[:, :tg], v[:, :tg], heads)
+    kr, vr = split_regions(k, layout, regions)[1], split_regions(v, layout, regions)[1]
+    every = row_by_row(q.repeat(regions, 1, 1), kr, vr, heads, mask).reshape(regions, b, n, dim)
+    assert torch.equal(got, blend_regions(h, every, masks))
+
+
+def test_regions_reaching_fewer_than_four_rows_are_computed_on_every_row():
+    """Below 4 query rows the CPU BLAS rounds differently: such a size keeps the every-row attention."""
+    masks = torch.zeros(2, 10)
+    masks[0, :3], masks[1, 3:5] = 1, 1
+    rows = region_rows(masks)
+    assert torch.equal(rows.gather, torch.arange(10).expand(2, -1))
+    masks[0, :6] = 1
+    rows = region_rows(masks)
+    assert torch.equal(rows.gather[0], torch.arange(6)) and torch.equal(rows.gather[1, :2], torch.tensor([3, 4]))
+    assert torch.equal(rows.shared_rows, torch.tensor([3, 4]))
+    assert torch.equal(rows.alone_rows, torch.tensor([0, 1, 2, 5]))
