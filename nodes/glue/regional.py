@@ -147,6 +147,13 @@ class RegionalSampling:
     def __deepcopy__(self, memo: dict) -> RegionalSampling:  # shared by the patched clone's options; never copied
         return self
 
+    def new_sampling(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        """OUTER_SAMPLE wrapper: a sampling starts, so the regions' keys and values projected by the last one
+        go. The sigmas alone cannot tell samplings apart (a cached SIGMAS output is the same tensor when a
+        LoRA downstream of the regions changed to_k/to_v between two queue runs)."""
+        self._region_kv.clear()
+        return executor(*args, **kwargs)
+
     @property
     def needs_wrapper(self) -> bool:
         """Region LoRAs or per-region control strengths need the DIFFUSION_MODEL wrapper."""
@@ -218,8 +225,8 @@ class RegionalSampling:
 
     def region_kv(self, layer: int, sampling: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's cross-attention keys and values of the regions' contexts (``[B, R * T, D]``, with the
-        regions' LoRAs on to_k/to_v), projected once per sampling (``sampling``: its sigmas; the weights do
-        not change within one) and layer: the contexts are the same in every step. A linear layer's rows do
+        regions' LoRAs on to_k/to_v), projected once per sampling (``sampling``: its sigmas; :meth:`new_sampling`
+        empties the cache when one starts; the weights do not change within one) and layer: the contexts are the same in every step. A linear layer's rows do
         not depend on each other, so they equal the region rows of the projected concatenation."""
         key = self._context_keys[layer]
         cached = self._region_kv.get(key)
@@ -444,6 +451,7 @@ def install_regions(model: Any, regions: Sequence[Region] | None) -> Any:
     run = RegionalSampling(regions, model, family)
     replaces = _chained_replaces(model.model_options, run, family)
     clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, REGIONAL_WRAPPER, run.new_sampling)
     if run.needs_wrapper:
         clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, REGIONAL_WRAPPER, run)
     install_layerwise(clone)  # wrappers for layer-wise conds (idempotent)

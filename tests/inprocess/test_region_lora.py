@@ -7,6 +7,7 @@ import math
 
 import comfy.patcher_extension
 import comfy.sample
+import comfy.samplers
 import comfy.utils
 import pack_nodes as pn
 import pytest
@@ -362,3 +363,31 @@ def test_region_contexts_are_projected_once_per_sampling(env, tiny, loras):
             h.remove()
     assert first and all(v.count(2 * 77) == 1 and v.count(77) == 3 and len(v) == 4 for v in first.values())
     assert all(v.count(2 * 77) == 2 and v.count(77) == 6 for v in lengths.values())
+
+
+def test_a_lora_changed_between_samplings_with_the_same_sigmas_is_seen(env, tiny, loras):
+    """The regions' projected keys and values are kept for one sampling only. A SIGMAS output cached by
+    ComfyUI is the same tensor in the next queue run, while a stock Load LoRA after the regions may have
+    changed to_k/to_v in between: the second sampling must use the new weights (equal to a sampling whose
+    sigmas are a fresh tensor), not the first one's keys and values."""
+    model, clip, _ = tiny
+    regions = None
+    for b, text in [((0, 0, 64, 72), "a knight"), ((0, 56, 64, 128), "a witch")]:
+        regions = pn.region(encode(clip, text), encode(clip, "blurry"), box(*b), regions)
+    patched = install(env, model, regions)
+    lora_d = comfy_nodes.LoraLoader().load_lora(patched, clip, loras[1], 1.0, 0.0)[0]
+    pos, neg = encode(clip, "two people"), encode(clip, "lowres")
+    latent = torch.zeros(1, 4, H // 8, W // 8)
+    noise = comfy.sample.prepare_noise(latent, 5)
+    sigmas = patched.get_model_object("model_sampling").sigma(torch.tensor([999.0, 500.0, 1.0]))
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    sampler = comfy.samplers.sampler_object("euler")
+
+    def run(m, s):
+        return comfy.sample.sample_custom(m, noise, 5.0, sampler, s, pos, neg, latent, disable_pbar=True, seed=5)
+
+    first = run(patched, sigmas)
+    same_sigmas = run(lora_d, sigmas)
+    fresh_sigmas = run(lora_d, sigmas.clone())
+    assert torch.equal(same_sigmas, fresh_sigmas)
+    assert (same_sigmas - first).abs().max() > 1e-3 * first.abs().max()  # the LoRA really changed to_k/to_v
