@@ -226,8 +226,9 @@ class RegionalSampling:
     def region_kv(self, layer: int, sampling: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's cross-attention keys and values of the regions' contexts (``[B, R * T, D]``, with the
         regions' LoRAs on to_k/to_v), projected once per sampling (``sampling``: its sigmas; :meth:`new_sampling`
-        empties the cache when one starts; the weights do not change within one) and layer: the contexts are the same in every step. A linear layer's rows do
-        not depend on each other, so they equal the region rows of the projected concatenation."""
+        empties the cache when one starts; the weights do not change within one) and layer: the contexts are
+        the same in every step. A linear layer's rows do not depend on each other, so they equal the region
+        rows of the projected concatenation."""
         key = self._context_keys[layer]
         cached = self._region_kv.get(key)
         if cached is None or cached[0] is not sampling:
