@@ -128,15 +128,6 @@ def test_family_mismatches_are_refused_naming_the_file_and_both_families(env, ti
                   "'mm_sd15.pth' is an SD1.x concept but the concept set holds 'mm_xl.pth', an SDXL one")
 
 
-def test_gradient_fusion_refuses_sdxl(env, tiny_xl, write_xl_edlora):
-    name = write_xl_edlora("mm_fuse.pth", tokens=("<mfu>",), seed=6)
-    model, clip, _ = tiny_xl
-    _, _, concepts = pn.load_edlora(model, clip, name, 1.0, 1.0)
-    _assert_names(_message(node, "MixOfShowGradientFusion", model=model, clip=clip, concepts=concepts, steps=1,
-                           width=64, height=64, seed=0, solver="closed_form", cache=False),
-                  "Gradient Fusion: the MODEL is SDXL-type", "fusing SDXL concepts is not supported yet")
-
-
 def test_a_concept_encoded_with_a_clip_of_another_family_is_refused(env, tiny, tiny_xl, write_edlora):
     name = write_edlora("mm_enc15.pth", tokens=("<me15>",), seed=7)
     model15, clip15, _ = tiny
