@@ -12,6 +12,7 @@ import shutil
 import pack_nodes as pn
 import pytest
 import torch
+from fusion_errors import check_fused_beats_summing, own_layer_errors
 from lora_files import lora_factors, write_kohya_lora
 from safetensors import safe_open
 from synthetic import TINY_XL_SHAPES
@@ -95,36 +96,11 @@ def test_closed_form_is_at_most_lbfgs_and_beats_weight_summing(env, tiny_xl, tri
     stages = {t.stage for t in plan.targets}
     assert stages == {"text", "cross_kv", "unet"} and not stats["unrecorded"]
     assert {t.key.split(".")[0] for t in plan.targets if t.part == "clip"} == {"clip_l", "clip_g"}
-    w0s = {**{k: v[0][0].double() for k, v in model.get_key_patches().items()},
-           **{k: v[0][0].double() for k, v in clip.patcher.get_key_patches().items()}}
-    errors = {}  # (concept, stage) -> [Σ fused err², Σ summed err², Σ ‖X Wᵢᵀ‖²]
     assert len(result.solved) == len(plan.targets)
-    for layer in result.solved:
-        t, acc, prob = layer.target, layer.inputs, layer.problem
-        o_cf = solver.layer_objective(acc, prob, result.deltas[t.key])
-        o_lb = solver.layer_objective(acc, prob, solver.solve_lbfgs(acc, prob, LBFGS_ITERATIONS[t.stage]))
-        assert o_cf <= o_lb * (1 + 1e-6) + 1e-9 * solver.layer_objective(acc, prob), (t.key, o_cf, o_lb)
-        fused_w = result.deltas[t.key][0].double() @ result.deltas[t.key][1].double()
-        summed = sum(d[t.key][0].double() @ d[t.key][1].double() for d in plan.deltas if t.key in d)
-        w0 = w0s[t.key].reshape(w0s[t.key].shape[0], -1)
-        for i, d in enumerate(plan.deltas):
-            if t.key not in d:
-                continue
-            x = torch.cat(rows[(t.stage, i, t.group)])
-            own = d[t.key][0].double() @ d[t.key][1].double()
-            e = errors.setdefault((i, t.stage), [0.0, 0.0, 0.0])
-            e[0] += float((x @ (fused_w - own).T).square().sum())
-            e[1] += float((x @ (summed - own).T).square().sum())
-            e[2] += float((x @ (w0 + own).T).square().sum())
-    names = ["plain A (ohwx woman)", "plain B (sks man)", "ED-LoRA xfu_c"]
-    with capsys.disabled():
-        print(f"\n[sdxl fusion] {len(result.solved)} solved layers; relative output error of each concept's own "
-              f"layers on its recordings")
-        for (i, stage), (ef, es, ref) in sorted(errors.items()):
-            print(f"  {names[i]:22s} {stage:9s} fused {(ef / ref) ** .5:10.3e} summed {(es / ref) ** .5:10.3e}")
-    assert {i for i, _ in errors} == {0, 1, 2} and (1, "text") not in errors  # B has no text LoRA
-    for (i, stage), (ef, es, _ref) in errors.items():
-        assert ef < 0.5 * es, (names[i], stage, ef, es)
+    errors = own_layer_errors(solver, result, plan, model, clip, lambda i, t: rows[(t.stage, i, t.group)],
+                              LBFGS_ITERATIONS.__getitem__)
+    check_fused_beats_summing(errors, ["plain A (ohwx woman)", "plain B (sks man)", "ED-LoRA xfu_c"],
+                              f"sdxl fusion, {len(result.solved)} solved layers", capsys)
 
 
 def test_stage_two_feeds_each_of_the_70_layers_its_own_context_rows(env, fused):
