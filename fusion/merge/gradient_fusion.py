@@ -32,6 +32,7 @@ import torch
 from ..errors import FusionError
 from ..families import SD15, ModelFamily
 from . import solver as S
+from .heap import release_free_heap
 
 STAGES = ("text", "cross_kv", "unet")
 SOLVERS = ("closed_form", "lbfgs")
@@ -307,6 +308,8 @@ def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, p
                 result.deltas[t.key] = (up.cpu(), down.cpu())
                 if keep_problems:
                     result.solved.append(SolvedLayer(t, acc, p))
+            del acc, changes
+            release_free_heap()  # the solve's float64 work and this group's accumulator, before the next solve
             solved += len(targets)
             bar.report(len(targets), f"solving {solved}/{n_targets} layers")
         result.seconds[f"{stage}_solve"] = time.perf_counter() - t1

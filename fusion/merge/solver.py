@@ -320,13 +320,14 @@ def _rhs(inputs: FoldedInputs, i: int, module: str, dtype: torch.dtype) -> Tenso
 
 def _solve_psd(A: Tensor, rhs: Tensor, ridge_abs: float, tol_abs: float | None,
                rcond: float | None) -> tuple[Tensor, SolveInfo]:
-    """``rhs (A + ridge·I)⁻¹`` for the symmetric PSD ``A`` (``rhs [k, d]``); returns (solution, info).
+    """``rhs (A + ridge·I)⁻¹`` for the symmetric PSD ``A`` (``rhs [k, d]``; ``A`` is overwritten); returns
+    (solution, info).
 
     With a ridge the matrix is positive definite: Cholesky. Without, eigen-directions at or below the
     cutoff (``tol_abs``, or ``rcond·λmax``) are left out (pseudo-inverse): Cholesky when the estimated
     λmin clears the cutoff by 10×, else an eigendecomposition."""
     if ridge_abs > 0.0:
-        A = A + ridge_abs * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        A.diagonal().add_(ridge_abs)  # in place: an identity and its multiple would be 2 more in² float64 temporaries
         L, status = torch.linalg.cholesky_ex(A)
         if int(status) == 0:
             return torch.cholesky_solve(rhs.mT, L).mT, {"method": "cholesky", "rank": A.shape[0], "ridge": ridge_abs}
@@ -423,8 +424,13 @@ def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ri
         sizes = [u.shape[1] for u in ups]
         space = "rows" if inputs.in_row_mode else "inputs"
         if inputs.in_row_mode:
-            xs = [inputs.rows(i).to(dev, cdt) for i in range(inputs.concepts)]
-            X = torch.cat(xs)
+            # every concept's rows up-cast straight into one X (no per-concept copies beside it: the peak of a
+            # wide group's solve, docs/design.md §5.7)
+            counts = [inputs.rows(i).shape[0] for i in range(inputs.concepts)]
+            starts = [sum(counts[:i]) for i in range(len(counts))]
+            X = torch.empty(sum(counts), in_f, dtype=cdt, device=dev)
+            for i, c0 in enumerate(starts):
+                X[c0:c0 + counts[i]] = inputs.rows(i)
             A = X @ X.mT  # K = X Xᵀ
             # Z: per module and concept, D_i X_iᵀ in the columns of concept i's rows
             Z = torch.zeros(sum(sizes), X.shape[0], dtype=cdt, device=dev)
@@ -432,13 +438,14 @@ def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ri
             for p in problems:
                 for i in sorted(p.ups):
                     d = _down(inputs, i, p.name).to(dev, cdt)
-                    c0 = sum(x.shape[0] for x in xs[:i])
-                    Z[r0:r0 + d.shape[0], c0:c0 + xs[i].shape[0]] = d @ xs[i].mT
+                    x_i = X[starts[i]:starts[i] + counts[i]]
+                    Z[r0:r0 + d.shape[0], starts[i]:starts[i] + counts[i]] = d @ x_i.mT
                     r0 += d.shape[0]
             rhs, finish = Z, (lambda c: c @ X)
         else:
             A = inputs.gram(cdt).to(dev)
-            A = 0.5 * (A + A.mT)  # GEMM-accumulated XᵀX is symmetric only up to rounding
+            A = A + A.mT  # GEMM-accumulated XᵀX is symmetric only up to rounding: the mean of A and Aᵀ
+            A.mul_(0.5)
             rhs = torch.cat([_rhs(inputs, i, p.name, cdt).to(dev) for p in problems for i in sorted(p.ups)])
             finish = lambda c: c  # noqa: E731
         trace = float(A.diagonal().sum())

@@ -24,9 +24,7 @@ recording works whatever way ComfyUI applies patches (in place, low-VRAM, per mo
 """
 from __future__ import annotations
 
-import ctypes
 import numbers
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,6 +37,7 @@ from comfy import weight_adapter
 from ...fusion.errors import FusionError
 from ...fusion.merge import cache as fc
 from ...fusion.merge import gradient_fusion as gf
+from ...fusion.merge.heap import release_free_heap
 from ...fusion.prompts.concepts import ConceptSet
 from ..names import CONCEPTS_USED_KEY, LAYERWISE_WRAPPER
 from .fused_patches import add_fused, strip_patches
@@ -289,30 +288,6 @@ def _linear(root, path: str):
         return module
     raise FusionError(f"'{path}' is a {type(module).__name__}; gradient fusion records linear and 1x1-conv "
                          f"layers only")
-
-
-def release_free_heap() -> bool:
-    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; False where there is none).
-
-    Each concept's recording patches a clone's weights and drops the copies afterwards; the rows it keeps land
-    between the freed copies, and glibc keeps the holes resident: without this the process grew by ~200 MiB of free
-    heap per text-encoder concept (docs/design.md §5.7). Nothing recorded changes."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        trim = None
-        if sys.platform.startswith("linux"):
-            try:
-                trim = getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
-            except OSError:  # musl and other C libraries without glibc's name
-                trim = None
-        _MALLOC_TRIM = trim or False
-    if _MALLOC_TRIM is False:
-        return False
-    _MALLOC_TRIM(0)
-    return True
-
-
-_MALLOC_TRIM: Any = None  # glibc's malloc_trim once looked up; False: none here
 
 
 # --------------------------------------------------------------------------- what the recordings read

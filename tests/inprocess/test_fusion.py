@@ -500,4 +500,4 @@ def test_each_groups_accumulator_is_bounded_whatever_the_number_of_concepts(env,
         if not rows2 and not rows5:
             assert big5 == big2 == width * width * 4, group
     assert any(not v[-1] for v in five.values()) and any(v[-1] for v in five.values())
-    assert env.pack("nodes.glue.fusion_recording").release_free_heap() is True
+    assert env.pack("fusion.merge.heap").release_free_heap() is True
