@@ -11,9 +11,11 @@ sampling at 512×256 (one character: 384×512; the trained character: 256×256) 
 256×256 with 4 steps, training 4 steps on a 128-pixel canvas.
 Their notes say, per model loader, what kind of file to pick and where people get it: the file names saved
 in the examples are the demo's random-weight models, the test fixtures, which a Registry install does not
-have (tests/browser/test_registry_install.py opens the examples there). The SDXL example runs here on the
+have (tests/browser/test_registry_install.py opens the examples there). Example 5 (SDXL) runs here on the
 full-size random SDXL (``bash tools/host/make_models.sh --sdxl``; run this tool under the big-model lock); the
-browser tier runs it on the test fixture's tiny SDXL instead (its ``tiny`` entry says what it swaps).
+browser tier runs the SDXL examples on the test fixture's tiny SDXL instead (their ``tiny`` entry says what it
+swaps), and so does this tool for example 7 (``thumbnail_on_tiny``: its fusion does not fit a 23 GiB machine
+at full size).
 
 usage: .host/venv/bin/python tools/make_example_workflows.py [--no-thumbnails] [--only 3]
 """
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -32,6 +36,7 @@ import demo
 from boxes import parse_box_file
 from browser import comfy_page, load_workflow
 from comfy_server import ComfyServer, error_message
+from server_setup import PACKS
 
 REPO = dev_paths.REPO
 
@@ -193,6 +198,36 @@ def sdxl_lora_per_region() -> dict:
 
 SDXL_PROMPTS = ("a photo of ohwx wizard, in a school uniform", "a photo of sks witch, smiling",
                 "a photo of zxq titan, in armor")
+
+
+def sdxl_fused_regions() -> dict:
+    """Example 3 on SDXL with plain LoRAs: the three LoRAs as Concept chained, Gradient Fusion of the chain on the
+    base SDXL, the Regions Editor with the authors' boxes and the SDXL prompts, the fused model sampled under the
+    SDXL OpenPose T2I-Adapter."""
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": demo.SDXL_CKPT}}}
+    model, clip, concepts = ["1", 0], ["1", 1], None
+    for i, (name, words) in enumerate(demo.SDXL_LORAS.items()):
+        inputs = {"model": model, "clip": clip, "lora_name": f"demo_sdxl_{name}.safetensors", "trigger_words": words,
+                  "strength_model": 1.0, "strength_clip": 1.0}
+        if concepts:
+            inputs["concepts"] = concepts
+        g[str(10 + i)] = {"class_type": "MixOfShowLoRAConcept", "inputs": inputs}
+        model, clip, concepts = [str(10 + i), 0], [str(10 + i), 1], [str(10 + i), 2]
+    g["40"] = {"class_type": "MixOfShowGradientFusion", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "concepts": concepts, "steps": FUSION_STEPS, "width": FUSION_SIZE,
+        "height": FUSION_SIZE, "seed": 0, "solver": "closed_form", "cache": True}}
+    model, clip, concepts = ["40", 0], ["40", 1], ["40", 2]
+    _pose_and_prompts(g, clip, concepts)
+    # labelled by character (a prompt without concept tokens would be labelled by its first words)
+    boxes = [dict(box, prompt=prompt, label=name)
+             for box, prompt, name in zip(reference_boxes(), SDXL_PROMPTS, demo.SDXL_LORAS, strict=True)]
+    g["31"] = {"class_type": "MixOfShowRegionsEditor", "inputs": {
+        "clip": clip, "concepts": concepts, "image": ["30", 0], "width": 1024, "height": 512,
+        "regions_json": json.dumps(boxes)}}
+    positive, negative = _adapter(g, ["20", 0], ["21", 0], demo.SDXL_ADAPTER)
+    return _sample(g, model, positive, negative, ["31", 0], prefix="mixofshow_sdxl_fused_regions")
+
+
 # what the browser tier runs instead of the full-size SDXL (tests/browser/test_examples.py): the fixture pack's
 # tiny SDXL for the checkpoint loader, files for it under the same inputs, and 2 sampling steps (a plumbing run:
 # 70 transformer blocks with three region LoRAs cost about 10 s a step on 2 CPU cores even at the tiny width)
@@ -200,6 +235,33 @@ TINY_SDXL = {"loader": ("1", "TinySDXLLoader", {"unet": "narrow", "seed": 0}),
              "widgets": {**{str(10 + i): {"lora_name": f"tiny_sdxl_{name}.safetensors"}
                             for i, name in enumerate(demo.SDXL_LORAS)},
                          "32": {"control_net_name": "tiny_sdxl_openpose.safetensors"}, "23": {"steps": 2}}}
+# example 7 on the tiny SDXL: the same swaps, and Gradient Fusion records 1 step at 64×64 (its text stage encodes
+# each concept's layer-wise prompts through both full-width encoders of the tiny SDXL)
+TINY_SDXL_FUSED = {"loader": TINY_SDXL["loader"],
+                   "widgets": {**TINY_SDXL["widgets"], "40": {"steps": 1, "width": 64, "height": 64}}}
+
+
+# the page-side swap of a `tiny` entry: the checkpoint loader replaced by `type` with `values`, its links kept, and the
+# entry's widget values set
+SWAP_TO_TINY = """([loaderId, type, values, widgets]) => {
+    const old = app.graph.getNodeById(Number(loaderId));
+    const node = LiteGraph.createNode(type);
+    node.pos = [...old.pos];
+    app.graph.add(node);
+    const set = (n, entries) => {
+        for (const [name, value] of Object.entries(entries)) n.widgets.find((w) => w.name === name).value = value;
+    };
+    set(node, values);
+    old.outputs.forEach((output, slot) => {
+        for (const id of [...(output.links ?? [])]) {
+            const link = app.graph.links.get ? app.graph.links.get(id) : app.graph.links[id];
+            node.connect(slot, app.graph.getNodeById(link.target_id), link.target_slot);
+        }
+    });
+    app.graph.remove(old);
+    for (const [id, entries] of Object.entries(widgets)) set(app.graph.getNodeById(Number(id)), entries);
+    return node.outputs.map((o) => (o.links ?? []).length);
+}"""
 
 
 TRAIN_STEPS, TRAIN_SIZE = 4, 128
@@ -405,6 +467,33 @@ EXAMPLES = {
         "previews": [],
         "thumbnail": "4",   # the loss graph (Plot Loss Graph's preview)
     },
+    "7 - SDXL characters fused, then in regions": {
+        "title": "Fuse three SDXL characters into one model, then sample the regions",
+        "graph": sdxl_fused_regions,
+        "note": ("Example 3 on **SDXL**, with plain character LoRAs: three **LoRA as Concept** chained into one "
+                 "concept set (each named by its trigger words), then **Gradient Fusion** merges them into one SDXL "
+                 "model and both text encoders (cached on disk; **Save Fused ED-LoRA Bundle** would write it as one "
+                 "SDXL LoRA that the stock Load LoRA applies). The **Regions Editor** holds one box per character "
+                 "over the pose, each with its trigger words in its prompt; the pose also steers an SDXL OpenPose "
+                 "T2I-Adapter, and the Regional KSampler samples the fused model.", "",
+                 f"{_CPU}; fusion records {FUSION_STEPS} steps at {FUSION_SIZE}×{FUSION_SIZE}",
+                 "the pose's 2:1 at SDXL's size, 1536×768 (Empty Latent Image), 25–30 steps, and let Gradient Fusion "
+                 "record 20 or more steps at 1024×1024"),
+        "loaders": SDXL_LOADER_NOTES,
+        "columns": [(320, ["1", "10", "11", "12"]), (300, ["40"]), (280, ["30"]), (460, ["31"]),
+                    (320, ["20", "21", "32", "33"]), (300, ["22", "23", "24", "25"])],
+        "groups": [("1. characters (SDXL LoRAs), fused", ["1", "10", "11", "12", "40"]), ("2. regions", ["30", "31"]),
+                   ("3. sample", ["20", "21", "32", "33", "22", "23", "24", "25"])],
+        "previews": ["31", "23"],
+        "preview_room": 150,  # as example 3: the note stays readable when the example opens fitted to the screen
+        "thumbnail": "31",
+        "tiny": TINY_SDXL_FUSED,
+        # its thumbnail run is on the tiny SDXL too: on the full-size random SDXL, recording a whole-block LoRA patches
+        # 2.2 G UNet weights (8.2 GiB of float32 copies) beside the 12 GiB model, ~22 GiB at the peak by
+        # bench_fusion.py --sdxl's attention-only figure, more than a 23 GiB machine can give (the thumbnail is
+        # the Regions Editor's preview over the pose, the same picture on either model)
+        "thumbnail_on_tiny": True,
+    },
 }
 
 GROUP_COLORS = ("#3f5f7f", "#7f5f3f", "#3f7f5f")
@@ -469,10 +558,14 @@ def build_ui_workflow(page, name: str, example: dict) -> dict:
                                                       example.get("preview_room", PREVIEW_ROOM), SCREEN]))
 
 
-def run_in_ui(page, server: ComfyServer, workflow: dict, timeout: float = 3600) -> dict:
-    """Open the workflow in the UI, queue it like the Run button; its finished /history entry."""
+def run_in_ui(page, server: ComfyServer, workflow: dict, timeout: float = 3600, tiny: dict | None = None) -> dict:
+    """Open the workflow in the UI (with ``tiny``: swapped onto the tiny SDXL in the page), queue it like the Run
+    button; its finished /history entry."""
     before = set(server.get("/history"))
     load_workflow(page, workflow)
+    if tiny is not None:
+        loader_id, node_type, values = tiny["loader"]
+        page.evaluate(SWAP_TO_TINY, [loader_id, node_type, values, tiny["widgets"]])
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -523,10 +616,13 @@ def main() -> int:
     args = ap.parse_args()
     base = REPO / ".host" / "examples-base"
     demo.prepare(base)
+    # the tiny SDXL's files, for the examples whose thumbnail run is on it (thumbnail_on_tiny)
+    subprocess.run([sys.executable, str(REPO / "tests" / "support" / "tiny_sdxl_files.py"), str(base / "models")],
+                   check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     out_dir = REPO / "example_workflows"
     out_dir.mkdir(exist_ok=True)
     failed = []
-    with ComfyServer(base, {"mixofshow": REPO}) as server, comfy_page(server.url) as (page, errors):
+    with ComfyServer(base, PACKS) as server, comfy_page(server.url) as (page, errors):
         # window.app is set once every extension's setup() has run; app.extensions lists the registered ones
         page.wait_for_function("() => (window.app?.extensions ?? []).some((e) => e.name === 'mixofshow.concepts')",
                                timeout=60000)
@@ -539,7 +635,7 @@ def main() -> int:
             if args.no_thumbnails:
                 continue
             t0 = time.time()
-            entry = run_in_ui(page, server, ui)
+            entry = run_in_ui(page, server, ui, tiny=example["tiny"] if example.get("thumbnail_on_tiny") else None)
             print(f"  ran in {time.time() - t0:.0f} s: {entry['status']['status_str']} {error_message(entry)}",
                   flush=True)
             if example["thumbnail"] not in entry.get("outputs", {}):

@@ -1,14 +1,14 @@
 """The example workflows as a user meets them: listed in the templates browser under the pack with
 their thumbnail, opened from there without missing nodes or invalid widgets (every frontend ×
 renderer), and run as shipped on the demo models (each once, on 1.58.1 in the classic canvas: the
-full-size random SD1.5 is slow on CPU). The SDXL example runs on the test fixture's tiny SDXL: its
-checkpoint loader becomes the fixture's TinySDXLLoader and its LoRAs and adapter files that fit it
-(make_example_workflows.TINY_SDXL; the full-size SDXL needs about 20 GB on a CPU)."""
+full-size random SD1.5 is slow on CPU). The SDXL examples run on the test fixture's tiny SDXL: the
+checkpoint loader becomes the fixture's TinySDXLLoader and the LoRAs and adapter files that fit it
+(make_example_workflows.TINY_SDXL, TINY_SDXL_FUSED; the full-size SDXL needs about 20 GB on a CPU)."""
 import json
 
 import pytest
 from comfy_server import error_message as execution_error
-from make_example_workflows import EXAMPLES, THUMBNAIL_SIZE
+from make_example_workflows import EXAMPLES, SWAP_TO_TINY, THUMBNAIL_SIZE
 from ui_support import PACK_MODULE, REPO, open_templates, template_card, wait_history
 
 NAMES = list(EXAMPLES)
@@ -34,27 +34,6 @@ WIDGET_PROBLEMS = """async () => {
         }
     }
     return problems;
-}"""
-
-
-SWAP_TO_TINY = """([loaderId, type, values, widgets]) => {
-    const old = app.graph.getNodeById(Number(loaderId));
-    const node = LiteGraph.createNode(type);
-    node.pos = [...old.pos];
-    app.graph.add(node);
-    const set = (n, entries) => {
-        for (const [name, value] of Object.entries(entries)) n.widgets.find((w) => w.name === name).value = value;
-    };
-    set(node, values);
-    old.outputs.forEach((output, slot) => {
-        for (const id of [...(output.links ?? [])]) {
-            const link = app.graph.links.get ? app.graph.links.get(id) : app.graph.links[id];
-            node.connect(slot, app.graph.getNodeById(link.target_id), link.target_slot);
-        }
-    });
-    app.graph.remove(old);
-    for (const [id, entries] of Object.entries(widgets)) set(app.graph.getNodeById(Number(id)), entries);
-    return node.outputs.map((o) => (o.links ?? []).length);
 }"""
 
 
@@ -97,7 +76,7 @@ def test_example_runs_as_shipped(ui, name):
     ui.page.wait_for_function("() => app.graph.nodes.length > 5", timeout=20000)
     ui.settle(1000)
     example = EXAMPLES[name]
-    if "tiny" in example:  # the SDXL example: on the tiny SDXL (module text)
+    if "tiny" in example:  # the SDXL examples: on the tiny SDXL (module text)
         loader_id, node_type, values = example["tiny"]["loader"]
         linked = ui.page.evaluate(SWAP_TO_TINY, [loader_id, node_type, values, example["tiny"]["widgets"]])
         assert all(linked), linked  # MODEL, CLIP and VAE all reconnected
