@@ -23,8 +23,8 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "e4c548b78d2e9fb14f114253830b757020db602c8e53f5f182aed6fdee99e56e",
-    ("solver", 1): "b7da591d5e9065c43b93469d22359710a9194a3dd9436f295a5a51b68de2ecae",
+    ("recording", 1): "47a46907ef962cdb4f5e172040dfb67790debe0f8229862bb9869b215949b87a",
+    ("solver", 1): "03f65d88a33c4e871fa1268af273f9d929a44c76938803184d5cb9dba954e0c4",
 }
 
 
