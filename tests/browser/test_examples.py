@@ -46,6 +46,9 @@ def test_example_opens_from_the_templates_browser_with_its_thumbnail(ui, name):
     open_templates(ui)
     card = template_card(ui, name)
     card.wait_for(state="visible", timeout=20000)
+    # as a user scrolls to it: the frontend loads a card's thumbnail once it is on screen (1.32.9 sorts by
+    # "Newest", file times, so with seven examples any of them may open below the fold)
+    card.scroll_into_view_if_needed()
     # the frontend fetches the thumbnail and shows it from a blob: URL (its fallback is a 224 px placeholder)
     assert ui.wait_response(f"/api/workflow_templates/{PACK_MODULE}/{name}.jpg") == 200
     thumbnail = card.locator("img").first
