@@ -253,7 +253,7 @@ def main(argv=None) -> int:
 
     print(f"\n## Held-out judgement: {args.concepts} synthetic "
           f"{'attention-only' if args.attention_only else 'whole-block'} rank-4 ED-LoRAs, "
-          f"{'tiny SD1.5 layout' if args.tiny else 'full-size random SD1.5'}, recording {args.steps} "
+          f"{'tiny ' if args.tiny else 'full-size random '}{'SDXL' if args.sdxl else 'SD1.5'}, recording {args.steps} "
           f"steps at {args.size}x{args.size}; held out (each concept's own model): other prompts / seed / "
           f"{args.steps + 1} steps")
     print("\nPer stage, fused layer vs each concept's own tuned layer on held-out rows (all layers, all concepts):")
