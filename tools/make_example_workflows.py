@@ -128,17 +128,24 @@ def reference_boxes() -> list[dict]:
                                                       strict=True)]
 
 
+def _fused_into_editor(graph: dict, concepts: list, boxes: list[dict]) -> list:
+    """Gradient Fusion (40) of ``concepts`` on the checkpoint (1), the pose and prompts with the fused CLIP (20, 21,
+    30) and a Regions Editor (31) holding ``boxes`` over the pose; the fused MODEL's link."""
+    graph["40"] = {"class_type": "MixOfShowGradientFusion", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "concepts": concepts, "steps": FUSION_STEPS, "width": FUSION_SIZE,
+        "height": FUSION_SIZE, "seed": 0, "solver": "closed_form", "cache": True}}
+    clip, concepts = ["40", 1], ["40", 2]
+    _pose_and_prompts(graph, clip, concepts)
+    graph["31"] = {"class_type": "MixOfShowRegionsEditor", "inputs": {
+        "clip": clip, "concepts": concepts, "image": ["30", 0], "width": 1024, "height": 512,
+        "regions_json": json.dumps(boxes)}}
+    return ["40", 0]
+
+
 def fused_regions() -> dict:
     g = {"1": _ckpt()}
     _, _, concepts = _chain(g, 1.0)
-    g["40"] = {"class_type": "MixOfShowGradientFusion", "inputs": {
-        "model": ["1", 0], "clip": ["1", 1], "concepts": concepts, "steps": FUSION_STEPS, "width": FUSION_SIZE,
-        "height": FUSION_SIZE, "seed": 0, "solver": "closed_form", "cache": True}}
-    model, clip, concepts = ["40", 0], ["40", 1], ["40", 2]
-    _pose_and_prompts(g, clip, concepts)
-    g["31"] = {"class_type": "MixOfShowRegionsEditor", "inputs": {
-        "clip": clip, "concepts": concepts, "image": ["30", 0], "width": 1024, "height": 512,
-        "regions_json": json.dumps(reference_boxes())}}
+    model = _fused_into_editor(g, concepts, reference_boxes())
     positive, negative = _adapter(g, ["20", 0], ["21", 0])
     return _sample(g, model, positive, negative, ["31", 0], prefix="mixofshow_fused_regions")
 
@@ -213,17 +220,10 @@ def sdxl_fused_regions() -> dict:
             inputs["concepts"] = concepts
         g[str(10 + i)] = {"class_type": "MixOfShowLoRAConcept", "inputs": inputs}
         model, clip, concepts = [str(10 + i), 0], [str(10 + i), 1], [str(10 + i), 2]
-    g["40"] = {"class_type": "MixOfShowGradientFusion", "inputs": {
-        "model": ["1", 0], "clip": ["1", 1], "concepts": concepts, "steps": FUSION_STEPS, "width": FUSION_SIZE,
-        "height": FUSION_SIZE, "seed": 0, "solver": "closed_form", "cache": True}}
-    model, clip, concepts = ["40", 0], ["40", 1], ["40", 2]
-    _pose_and_prompts(g, clip, concepts)
     # labelled by character (a prompt without concept tokens would be labelled by its first words)
     boxes = [dict(box, prompt=prompt, label=name)
              for box, prompt, name in zip(reference_boxes(), SDXL_PROMPTS, demo.SDXL_LORAS, strict=True)]
-    g["31"] = {"class_type": "MixOfShowRegionsEditor", "inputs": {
-        "clip": clip, "concepts": concepts, "image": ["30", 0], "width": 1024, "height": 512,
-        "regions_json": json.dumps(boxes)}}
+    model = _fused_into_editor(g, concepts, boxes)
     positive, negative = _adapter(g, ["20", 0], ["21", 0], demo.SDXL_ADAPTER)
     return _sample(g, model, positive, negative, ["31", 0], prefix="mixofshow_sdxl_fused_regions")
 
@@ -558,14 +558,20 @@ def build_ui_workflow(page, name: str, example: dict) -> dict:
                                                       example.get("preview_room", PREVIEW_ROOM), SCREEN]))
 
 
+def swap_to_tiny(page, tiny: dict) -> list[int]:
+    """Swap the loaded example onto the tiny SDXL in the page (its ``tiny`` entry); the new loader's link count per
+    output."""
+    loader_id, node_type, values = tiny["loader"]
+    return page.evaluate(SWAP_TO_TINY, [loader_id, node_type, values, tiny["widgets"]])
+
+
 def run_in_ui(page, server: ComfyServer, workflow: dict, timeout: float = 3600, tiny: dict | None = None) -> dict:
     """Open the workflow in the UI (with ``tiny``: swapped onto the tiny SDXL in the page), queue it like the Run
     button; its finished /history entry."""
     before = set(server.get("/history"))
     load_workflow(page, workflow)
     if tiny is not None:
-        loader_id, node_type, values = tiny["loader"]
-        page.evaluate(SWAP_TO_TINY, [loader_id, node_type, values, tiny["widgets"]])
+        swap_to_tiny(page, tiny)
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -616,9 +622,11 @@ def main() -> int:
     args = ap.parse_args()
     base = REPO / ".host" / "examples-base"
     demo.prepare(base)
-    # the tiny SDXL's files, for the examples whose thumbnail run is on it (thumbnail_on_tiny)
-    subprocess.run([sys.executable, str(REPO / "tests" / "support" / "tiny_sdxl_files.py"), str(base / "models")],
-                   check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if not args.no_thumbnails and any(e.get("thumbnail_on_tiny") for n, e in EXAMPLES.items()
+                                      if n.startswith(args.only)):
+        # the tiny SDXL's files, for the examples whose thumbnail run is on it
+        subprocess.run([sys.executable, str(REPO / "tests" / "support" / "tiny_sdxl_files.py"),
+                        str(base / "models")], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     out_dir = REPO / "example_workflows"
     out_dir.mkdir(exist_ok=True)
     failed = []

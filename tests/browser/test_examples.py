@@ -8,7 +8,7 @@ import json
 
 import pytest
 from comfy_server import error_message as execution_error
-from make_example_workflows import EXAMPLES, SWAP_TO_TINY, THUMBNAIL_SIZE
+from make_example_workflows import EXAMPLES, THUMBNAIL_SIZE, swap_to_tiny
 from ui_support import PACK_MODULE, REPO, open_templates, template_card, wait_history
 
 NAMES = list(EXAMPLES)
@@ -80,8 +80,7 @@ def test_example_runs_as_shipped(ui, name):
     ui.settle(1000)
     example = EXAMPLES[name]
     if "tiny" in example:  # the SDXL examples: on the tiny SDXL (module text)
-        loader_id, node_type, values = example["tiny"]["loader"]
-        linked = ui.page.evaluate(SWAP_TO_TINY, [loader_id, node_type, values, example["tiny"]["widgets"]])
+        linked = swap_to_tiny(ui.page, example["tiny"])
         assert all(linked), linked  # MODEL, CLIP and VAE all reconnected
     before = len(ui.server.get("/history"))
     ui.queue()
