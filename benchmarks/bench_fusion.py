@@ -79,9 +79,14 @@ def load_model(full: bool, sdxl: bool, env):
 
 
 def gram_gib(plan, stage: str, rows: dict) -> float:
-    """GiB of the stage's Gram accumulators: ``in²`` float32 for every input group with more rows than inputs."""
-    return sum(t[0].in_features ** 2 * 4 for g, t in plan.stage_groups(stage).items()
-               if rows.get(g, 0) > t[0].in_features) / 2**30
+    """GiB of the stage's Gram accumulators (upper-triangle strips) of the input groups whose rows were folded."""
+    from fusion.merge.solver import FoldedInputs
+
+    held = 0
+    for g, t in plan.stage_groups(stage).items():
+        acc = FoldedInputs(t[0].in_features)
+        held += acc.gram_bytes if rows.get(g, 0) > acc.row_limit else 0
+    return held / 2**30
 
 
 def child(args) -> dict:

@@ -37,16 +37,6 @@ _libc.mallinfo2.restype = _Mallinfo2
 MIB = 2 ** 20
 
 
-def folded_bytes(acc) -> dict[str, int]:
-    """Bytes one FoldedInputs holds, by kind."""
-    def nb(t) -> int:
-        return 0 if t is None else t.numel() * t.element_size()
-
-    rows = sum(nb(c) for chunks in (acc._rows or []) for c in chunks)
-    return {"rows": rows, "gram": nb(acc._gram), "rhs": sum(nb(m) for m in acc._rhs),
-            "downs": sum(nb(d) for d in acc._stacked) + sum(nb(d) for ds in acc._downs for d in ds.values())}
-
-
 def live_tensor_bytes() -> tuple[int, int]:
     """(bytes, count) of the distinct CPU storages of every tensor gc can see."""
     import torch
@@ -122,7 +112,7 @@ def main(argv=None) -> int:
         accs = [a for a in (r() for r in live) if a is not None]
         tot = {"rows": 0, "gram": 0, "rhs": 0, "downs": 0}
         for a in accs:
-            for k, v in folded_bytes(a).items():
+            for k, v in a.held_bytes().items():
                 tot[k] += v
         n_rows = sum(a.in_row_mode for a in accs)
         line = (f"{what:28s} {time.perf_counter() - t_start:6.1f} {rss / 1024:6.0f}M {hwm / 1024:6.0f}M "

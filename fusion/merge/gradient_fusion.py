@@ -289,7 +289,12 @@ def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, p
                 bar.report(1, _stage_text(stage, i, n))
         t1 = time.perf_counter()
         result.seconds[f"{stage}_record"] = t1 - t0
-        for g, targets in groups.items():
+        # cheapest solves first: the widest runs when the fewest accumulators are still held (design §5.7)
+        solve_order = sorted(groups, key=lambda g: S.solve_work_bytes(accs[g]))
+        staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        kept: dict[str, SolvedLayer] = {}
+        for g in solve_order:
+            targets = groups[g]
             acc = accs.pop(g)  # solved groups' accumulators go while the others solve
             problems = [S.LayerProblem(t.key, {i: plan.deltas[i][t.key][0] for i in range(n)
                                                if t.key in plan.deltas[i]})
@@ -305,13 +310,19 @@ def run_fusion(plan: FusionPlan, recorder: Recorder, settings: FusionSettings, p
                 changes = {p.name: S.solve_lbfgs(acc, p, LBFGS_ITERATIONS[stage]) for p in problems}
             for t, p in zip(targets, problems, strict=True):
                 up, down = changes[p.name]
-                result.deltas[t.key] = (up.cpu(), down.cpu())
+                staged[t.key] = (up.cpu(), down.cpu())
                 if keep_problems:
-                    result.solved.append(SolvedLayer(t, acc, p))
+                    kept[t.key] = SolvedLayer(t, acc, p)
             del acc, changes
             release_free_heap()  # the solve's float64 work and this group's accumulator, before the next solve
             solved += len(targets)
             bar.report(len(targets), f"solving {solved}/{n_targets} layers")
+        for targets in groups.values():  # the results in the plan's order, whatever the order of the solves
+            for t in targets:
+                if t.key in staged:
+                    result.deltas[t.key] = staged[t.key]
+                if t.key in kept:
+                    result.solved.append(kept[t.key])
         result.seconds[f"{stage}_solve"] = time.perf_counter() - t1
         result.seconds[stage] = time.perf_counter() - t0
     if progress is not None:

@@ -42,6 +42,7 @@ __all__ = [
     "LayerProblem",
     "solve_closed_form",
     "solve_lbfgs",
+    "solve_work_bytes",
     "layer_objective",
 ]
 
@@ -61,12 +62,13 @@ class FoldedInputs:
     Per concept, call :meth:`begin_concept` with the concept's LoRA down factors on the group's modules,
     then :meth:`add` its rows. What is kept does not grow with the number of concepts:
 
-    * ``G = Σ XᵀX`` over all rows (float32 by default, upper triangle accumulated in strips);
+    * ``G = Σ XᵀX`` over all rows (float32 by default), only its upper triangle, kept as strips of rows
+      (``[i1 − i0, in − i0]`` each: 53-75 % of ``in²`` for wide groups; one full ``in × in`` below 512 inputs);
     * per concept and module ``M = D XᵀX`` (``r × in``), accumulated with the rows;
-    * while there are at most ``in`` rows in all (text-encoder layers, cross-attention k/v, UNet blocks
-      recorded at low resolution) the rows themselves instead -- no more memory than ``G`` -- so that
-      :func:`solve_closed_form` can solve exactly in the row space. The first add beyond ``in`` rows
-      folds them into ``G`` and the ``M``.
+    * while they take no more memory than those strips (:attr:`row_limit` rows: text-encoder layers,
+      cross-attention k/v, UNet blocks recorded at low resolution) the rows themselves instead, so that
+      :func:`solve_closed_form` can solve exactly in the row space. The first add beyond that folds them
+      into ``G`` and the ``M``.
 
     ``device=None`` adopts the device of the first rows added; ``keep_rows=False`` folds from the first
     row on (the Gram path only: tests and benchmarks compare both paths).
@@ -86,14 +88,20 @@ class FoldedInputs:
         self.device = torch.device(device) if device is not None else None
         self.count = 0
         self._downs: list[dict[str, Tensor]] = []  # per concept: module -> D [r, in]
-        self._stacked: list[Tensor | None] = []  # per concept: all its D stacked [Σr, in], None without LoRA
+        # the current concept's D stacked [Σr, in] in the rows' device and dtype (earlier ones are stacked again
+        # only when kept rows are folded: a copy per concept would grow with the number of concepts)
+        self._current_down: tuple[int, Tensor] | None = None
         self._rhs: list[Tensor | None] = []  # per concept: stacked D XᵀX (Gram mode)
         self._rows: list[list[Tensor]] | None = [] if keep_rows else None  # per concept: row chunks; None once folded
-        self._gram: Tensor | None = None
-        self._lower_stale = False  # only the upper triangle is accumulated; mirrored on read
+        self._gram_strips: list[Tensor] | None = None  # G's upper triangle: rows i0:i1, columns i0: of each strip
         n_strips = min(8, max(1, self.in_features // self._STRIP))
         step = -(-self.in_features // n_strips)
         self._strips = [(i, min(i + step, self.in_features)) for i in range(0, self.in_features, step)]
+        strip_elements = sum((i1 - i0) * (self.in_features - i0) for i0, i1 in self._strips)
+        self.gram_bytes = strip_elements * torch.finfo(dtype).bits // 8
+        """What the Gram holds once the rows are folded in: its upper-triangle strips."""
+        self.row_limit = strip_elements // self.in_features
+        """Rows are kept while there are at most this many: no more memory than the Gram's strips."""
 
     # ---- recording
     def begin_concept(self, downs: Mapping[str, Tensor]) -> int:
@@ -106,7 +114,7 @@ class FoldedInputs:
                 raise ValueError(f"down factor of {name} is {tuple(d.shape)}; the inputs are {self.in_features} wide")
             flat[name] = d
         self._downs.append(flat)
-        self._stacked.append(torch.cat(list(flat.values())) if flat else None)
+        self._current_down = None
         self._rhs.append(None)
         if self._rows is not None:
             self._rows.append([])
@@ -144,7 +152,7 @@ class FoldedInputs:
         if n == 0:
             return
         self.device = self.device if self.device is not None else cols.device
-        if self._rows is not None and self.count + n <= self.in_features:
+        if self._rows is not None and self.count + n <= self.row_limit:
             self._rows[-1].append(cols.mT.clone(memory_format=torch.contiguous_format))
         else:
             self._fold_rows()
@@ -156,33 +164,50 @@ class FoldedInputs:
         if self._rows is None:
             return
         kept, self._rows = self._rows, None
-        for i, chunks in enumerate(kept):
+        for i in range(len(kept)):
+            chunks, kept[i] = kept[i], []  # each concept's rows go as soon as they are folded
             for r in chunks:
                 self._accumulate(i, r.mT)
 
+    def _stacked_down(self, i: int, like: Tensor) -> Tensor | None:
+        """Concept ``i``'s down factors stacked ``[Σr, in]`` in ``like``'s device and dtype (None: no LoRA)."""
+        if self._current_down is not None and self._current_down[0] == i:
+            return self._current_down[1]
+        downs = self._downs[i]
+        if not downs:
+            return None
+        d = torch.cat([dd.to(like.device, like.dtype) for dd in downs.values()])
+        if i == len(self._downs) - 1:
+            self._current_down = (i, d)  # moved once per concept, not per chunk
+        return d
+
     def _accumulate(self, i: int, cols: Tensor) -> None:
-        if self._gram is None:
-            self._gram = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=cols.device)
-        elif self._gram.is_inference() and not torch.is_inference_mode_enabled():
+        if self._gram_strips is None:
+            n = self.in_features
+            self._gram_strips = [torch.zeros(i1 - i0, n - i0, dtype=self.dtype, device=cols.device)
+                                 for i0, i1 in self._strips]
+        elif self._gram_strips[0].is_inference() and not torch.is_inference_mode_enabled():
             # created under inference_mode, now updated outside it: in-place would be refused
-            self._gram = self._gram.clone()
+            self._gram_strips = [g.clone() for g in self._gram_strips]
             self._rhs = [None if m is None else m.clone() for m in self._rhs]
-        g = self._gram
-        if len(self._strips) == 1:
-            g.addmm_(cols, cols.mT)
-        else:
-            for i0, i1 in self._strips:
-                g[i0:i1, i0:].addmm_(cols[i0:i1], cols[i0:].mT)
-            self._lower_stale = True
-        d = self._stacked[i]
+        for (i0, i1), strip in zip(self._strips, self._gram_strips, strict=True):
+            strip.addmm_(cols[i0:i1], cols[i0:].mT)
+        d = self._stacked_down(i, cols)
         if d is not None:
-            if d.device != cols.device or d.dtype != cols.dtype:
-                d = self._stacked[i] = d.to(cols.device, cols.dtype)  # moved once, not per chunk
             m = (d @ cols) @ cols.mT  # D XᵀX without forming XᵀX: [Σr, in]
             folded = self._rhs[i]
             self._rhs[i] = m if folded is None else folded.add_(m)
 
     # ---- reading
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes held now: ``rows``, ``gram`` (its strips), ``rhs`` (the ``M``), ``downs`` (the stacked ``D``
+        of the current concept; the factors themselves belong to the caller)."""
+        def nbytes(ts: Sequence[Tensor | None]) -> int:
+            return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return {"rows": nbytes([c for chunks in self._rows or [] for c in chunks]),
+                "gram": nbytes(self._gram_strips or []), "rhs": nbytes(self._rhs),
+                "downs": nbytes([self._current_down[1]] if self._current_down is not None else [])}
+
     @property
     def in_row_mode(self) -> bool:
         """True while the rows themselves are kept (at most ``in`` of them)."""
@@ -199,6 +224,12 @@ class FoldedInputs:
             self._rows[i] = chunks = [torch.cat(chunks)]
         return chunks[0]
 
+    @property
+    def gram_is_mirrored(self) -> bool:
+        """True when :meth:`gram` mirrors an accumulated upper triangle (exactly symmetric); False when it
+        comes from one GEMM (rows kept, or fewer than 512 inputs: symmetric up to rounding)."""
+        return self._rows is None and len(self._strips) > 1
+
     def gram(self, dtype: torch.dtype | None = None) -> Tensor:
         """``Σ XᵀX`` over every concept's rows: symmetric ``[in, in]`` (zeros when nothing was added), in
         ``dtype`` (default: the accumulation dtype; from kept rows it is computed in that precision)."""
@@ -208,12 +239,18 @@ class FoldedInputs:
                 x = torch.cat([self.rows(i) for i in range(self.concepts)]).to(dtype) if self.concepts else \
                     torch.zeros(0, self.in_features, dtype=dtype)
                 return x.mT @ x
-            if self._gram is None:
+            if self._gram_strips is None:
                 return torch.zeros(self.in_features, self.in_features, dtype=dtype, device=self.device or "cpu")
-            if self._lower_stale:
-                self._gram = torch.triu(self._gram) + torch.triu(self._gram, 1).mT
-                self._lower_stale = False
-            return self._gram.to(dtype)
+            if len(self._strips) == 1:
+                return self._gram_strips[0].to(dtype)
+            n = self.in_features
+            g = torch.empty(n, n, dtype=dtype, device=self._gram_strips[0].device)
+            for (i0, i1), strip in zip(self._strips, self._gram_strips, strict=True):
+                g[i0:i1, i0:] = strip
+                block = g[i0:i1, i0:i1]  # accumulated whole: its upper triangle is the one kept
+                block.copy_(torch.triu(block) + torch.triu(block, 1).mT)
+                g[i1:, i0:i1] = g[i0:i1, i1:].mT
+            return g
 
     def down(self, i: int, module: str) -> Tensor | None:
         """Concept ``i``'s down factor ``D [r, in]`` on ``module`` (None: no LoRA there)."""
@@ -444,8 +481,9 @@ def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ri
             rhs, finish = Z, (lambda c: c @ X)
         else:
             A = inputs.gram(cdt).to(dev)
-            A = A + A.mT  # GEMM-accumulated XᵀX is symmetric only up to rounding: the mean of A and Aᵀ
-            A.mul_(0.5)
+            if not inputs.gram_is_mirrored:  # one GEMM's XᵀX is symmetric only up to rounding: the mean of A and Aᵀ
+                A = A + A.mT
+                A.mul_(0.5)
             rhs = torch.cat([_rhs(inputs, i, p.name, cdt).to(dev) for p in problems for i in sorted(p.ups)])
             finish = lambda c: c  # noqa: E731
         trace = float(A.diagonal().sum())
@@ -467,6 +505,16 @@ def solve_closed_form(inputs: FoldedInputs, problems: Sequence[LayerProblem], ri
             r0 += r
         info = {**info, "space": space}
         return (out, info) if return_info else out
+
+
+def solve_work_bytes(inputs: FoldedInputs, compute_dtype: torch.dtype = torch.float64) -> int:
+    """About what :func:`solve_closed_form` allocates to solve ``inputs``: in the row space ``X``, ``K`` and its
+    factor, else ``G``'s copy and its factor. Solving the cheapest groups first leaves the widest solves for
+    when the fewest accumulators are still held (docs/design.md §5.7)."""
+    item = torch.finfo(compute_dtype).bits // 8
+    if inputs.in_row_mode:
+        return item * (inputs.count * inputs.in_features + 2 * inputs.count ** 2)
+    return item * 2 * inputs.in_features ** 2
 
 
 # --------------------------------------------------------------------------- objective

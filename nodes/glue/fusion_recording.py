@@ -262,6 +262,7 @@ class ComfyRecorder:
             return hook
 
         def callback(step, _x0, _x, total):
+            release_free_heap()  # the step's activations, freed between the kept rows and Grams (design §5.7)
             on_step(step + 1, total)
 
         with _Hooks() as hooks:

@@ -36,8 +36,9 @@ class PlainRecorder:
     """Rows from seeded noise per (stage, concept, group); cross-attention k/v rows depend on the fused
     text deltas (as the fused text encoder's outputs do), so that the stage order is visible."""
 
-    def __init__(self, rows=9, skip_groups=()):
+    def __init__(self, rows=9, skip_groups=(), rows_of=None):
         self.rows, self.skip_groups, self.calls = rows, set(skip_groups), []
+        self.rows_of = rows_of or {}  # group -> rows per concept, where not `rows`
 
     def record(self, stage, concept, fused, groups, sink, on_step):
         self.calls.append((stage, concept, sorted(fused), dict(groups)))
@@ -46,11 +47,12 @@ class PlainRecorder:
                 continue
             g = torch.Generator().manual_seed(1000 * concept + 10 * gf.STAGES.index(stage) + gi)
             width = next(s for (p, k), s in KEYS.items() if gf.input_group(k[:-7]) == group)[1]
-            x = torch.randn(self.rows, width, generator=g)
+            rows = self.rows_of.get(group, self.rows)
+            x = torch.randn(rows, width, generator=g)
             if stage == "cross_kv":
                 x = x + 0.01 * sum(float((up @ down).sum()) for up, down in fused.values())
             if stage == "unet" and group.endswith("proj_in"):
-                sink(group, x.T.reshape(1, width, self.rows, 1), True)  # a conv input [B, C, H, W]
+                sink(group, x.T.reshape(1, width, rows, 1), True)  # a conv input [B, C, H, W]
             else:
                 sink(group, x, False)
         if stage == "unet":
@@ -149,6 +151,28 @@ def test_run_fuses_in_stage_order_and_matches_the_closed_form():
     assert float((ridged.deltas[key][0] @ ridged.deltas[key][1]).norm()) < \
         float((result.deltas[key][0] @ result.deltas[key][1]).norm())
     assert set(result.seconds) >= {f"{s}_{p}" for s in gf.STAGES for p in ("record", "solve")}
+
+
+def test_cheapest_solves_run_first_and_the_results_keep_the_plan_order(monkeypatch):
+    """Issue 22: a stage solves its groups in increasing solve work (the widest when the fewest accumulators are
+    left); the result lists the layers in the plan's order, as before."""
+    plan = gf.make_plan([concept(i) for i in range(3)], SHAPES["clip"], SHAPES["model"])
+    text_groups = list(plan.stage_groups("text"))
+    assert len(text_groups) == 2
+    # the plan's first text group gets many rows (a Gram solve), the second few (a cheaper row-space solve)
+    rec = PlainRecorder(rows=9, rows_of={text_groups[1]: 2})
+    solved, real_solve = [], gf.S.solve_closed_form
+
+    def spy(inputs, problems, *args, **kwargs):
+        solved.append(([p.name for p in problems], gf.S.solve_work_bytes(inputs), inputs.in_row_mode))
+        return real_solve(inputs, problems, *args, **kwargs)
+
+    monkeypatch.setattr(gf.S, "solve_closed_form", spy)
+    result = gf.run_fusion(plan, rec, settings())
+    text = [entry for entry in solved if entry[0][0].startswith(T)]
+    assert [keys for keys, _, _ in text] == [[t.key for t in plan.stage_groups("text")[g]] for g in text_groups[::-1]]
+    assert text[0][2] and not text[1][2] and text[0][1] < text[1][1]
+    assert list(result.deltas) == [t.key for stage in gf.STAGES for g in plan.stage_groups(stage).values() for t in g]
 
 
 def test_one_progress_bar_with_stage_texts():

