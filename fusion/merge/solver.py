@@ -19,7 +19,7 @@ so the fused change is itself a LoRA of rank ``R = Σ ri``: ``W* − W0 = U C`` 
 With few rows (``n = Σ ni ≤ in``) the same ``C`` is computed in the row space: ``X`` the stacked rows,
 ``K = X Xᵀ``, ``Z`` the stacked ``Di Xiᵀ`` (in the columns of concept i's rows): ``C = Z (K + λI)⁻¹ X``.
 
-Only ``G``, the ``Mi`` and (while there are at most ``in`` of them) the rows are ever needed:
+Only ``G``, the ``Mi`` and (while they take less memory than ``G``'s upper triangle) the rows are ever needed:
 :class:`FoldedInputs` keeps exactly these for one input group, whatever the number of concepts.
 ``λ = ridge · tr(G) / in`` (:func:`solve_closed_form`); ``ridge = 0`` is the unregularised minimiser.
 
@@ -210,7 +210,7 @@ class FoldedInputs:
 
     @property
     def in_row_mode(self) -> bool:
-        """True while the rows themselves are kept (at most ``in`` of them)."""
+        """True while the rows themselves are kept (at most :attr:`row_limit` of them)."""
         return self._rows is not None
 
     def rows(self, i: int) -> Tensor:
