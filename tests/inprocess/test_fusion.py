@@ -473,6 +473,24 @@ def test_locon_conv_layers_are_refused_naming_file_and_module(env, tiny, two):
         run(env).fuse(model, clip, concepts, settings(env), use_cache=False)
 
 
+def test_the_recorder_hands_the_heap_back_after_every_unet_sampling_step(env, tiny, write_edlora, monkeypatch):
+    """Issue 22: the free heap a UNet step leaves between the kept rows and Grams is handed back after every
+    sampling step of every concept, not only after each recording (glibc; the real helper still runs)."""
+    names = [write_edlora(f"fu_trim_{i}.pth", tokens=(f"<t{i}a>", f"<t{i}b>"), seed=90 + i) for i in range(2)]
+    recording = env.pack("nodes.glue.fusion_recording")
+    calls, real = [], recording.release_free_heap
+
+    def counted() -> bool:
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(recording, "release_free_heap", counted)
+    _model, _clip, concepts = load_set(env, tiny, names)
+    run(env).fuse(tiny[0], tiny[1], concepts, settings(env), use_cache=False)
+    # per concept: one per UNet step, one after each of the three recordings
+    assert len(calls) == 2 * (STEPS + 3), len(calls)
+
+
 def test_each_groups_accumulator_is_bounded_whatever_the_number_of_concepts(env, tiny, write_edlora):
     """Issue 22: after a whole fusion, what each input group's FoldedInputs holds is at most its Gram (in² float32)
     plus M (r×in) per concept and LoRA'd module and the current concept's D: from 2 to 5 concepts only the M grow,
